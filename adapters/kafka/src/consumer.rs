@@ -1,0 +1,495 @@
+//! Consuming with manual offsets: only the contiguous prefix of finished offsets of each
+//! partition is committed, so concurrent handlers never commit past an unfinished message.
+//!
+//! - ack: the offset is finished.
+//! - nack(delay): the message is handed out again after the delay, in this process; its offset
+//!   stays uncommitted meanwhile, so a crash redelivers it from Kafka.
+//! - dead letter: produced (and acknowledged by Kafka) to the group's DLQ topic, then finished.
+//! - dropped unsettled: handed out again at once.
+//! - rebalance: before partitions are revoked, what finished on them is committed (in flight
+//!   work on them will be redelivered to their new owner).
+//! - shutdown: fetching stops; the consumer stays in the group until in-flight handlers have
+//!   settled (or 30 s passed), commits, and leaves.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busbar_core::{
+    Acknowledger, DeadLetter, DeadLetterInfo, Delivery, DeliveryStream, Error, ErrorKind, Message,
+    Result,
+};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::mapping::from_record;
+use crate::Inner;
+
+type Partition = (String, i32);
+
+#[derive(Default)]
+struct PartitionState {
+    in_flight: BTreeSet<i64>,
+    parked: BTreeSet<i64>,
+    next: i64,
+    committed: i64,
+    /// Keys with a message handed out (or waiting for its retry), and the later messages of
+    /// that key waiting their turn: one message per key at a time keeps per-key order, also
+    /// across retries.
+    keys: HashMap<String, VecDeque<(Arc<Message>, i64)>>,
+}
+
+/// In-flight offsets per partition, and what may be committed.
+#[derive(Default)]
+pub(crate) struct Tracker {
+    partitions: HashMap<Partition, PartitionState>,
+}
+
+impl Tracker {
+    /// Records a received message; returns whether it may be handed out now (false: an
+    /// earlier message of its key is still out, so it waits its turn).
+    fn received(&mut self, partition: &Partition, message: &Arc<Message>, offset: i64) -> bool {
+        let state = self.partitions.entry(partition.clone()).or_default();
+        state.in_flight.insert(offset);
+        state.next = state.next.max(offset + 1);
+        let Some(key) = &message.key else { return true };
+        match state.keys.get_mut(key) {
+            Some(waiting) => {
+                waiting.push_back((Arc::clone(message), offset));
+                state.parked.insert(offset);
+                false
+            }
+            None => {
+                state.keys.insert(key.clone(), VecDeque::new());
+                true
+            }
+        }
+    }
+
+    /// Records a finished message; returns the next message of its key to hand out, if any.
+    fn finished(
+        &mut self,
+        partition: &Partition,
+        key: Option<&str>,
+        offset: i64,
+    ) -> Option<(Arc<Message>, i64)> {
+        let state = self.partitions.get_mut(partition)?;
+        state.in_flight.remove(&offset);
+        state.parked.remove(&offset);
+        let key = key?;
+        let next = state.keys.get_mut(key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            state.keys.remove(key);
+        }
+        next
+    }
+
+    fn park(&mut self, partition: &Partition, offset: i64, parked: bool) {
+        if let Some(state) = self.partitions.get_mut(partition) {
+            if parked {
+                state.parked.insert(offset);
+            } else {
+                state.parked.remove(&offset);
+            }
+        }
+    }
+
+    fn owns(&self, partition: &Partition, offset: i64) -> bool {
+        self.partitions
+            .get(partition)
+            .is_some_and(|s| s.in_flight.contains(&offset))
+    }
+
+    /// Deliveries being handled (not finished, not parked for a delayed redelivery).
+    fn busy(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|s| s.in_flight.len() - s.parked.len())
+            .sum()
+    }
+
+    /// The positions to commit (first unfinished offset, or past the last received one), for
+    /// partitions that moved since the last commit; `only` restricts to some partitions.
+    fn take_commit(&mut self, only: Option<&[Partition]>) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        for (partition, state) in &mut self.partitions {
+            if only.is_some_and(|only| !only.contains(partition)) {
+                continue;
+            }
+            let position = state.in_flight.first().copied().unwrap_or(state.next);
+            if position > state.committed
+                && list
+                    .add_partition_offset(&partition.0, partition.1, Offset::Offset(position))
+                    .is_ok()
+            {
+                state.committed = position;
+            }
+        }
+        list
+    }
+
+    fn forget(&mut self, partitions: &[Partition]) {
+        for partition in partitions {
+            self.partitions.remove(partition);
+        }
+    }
+}
+
+fn lock(tracker: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
+    tracker.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Commits what finished on partitions before they are revoked.
+pub(crate) struct RebalanceContext {
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(revoked) = rebalance {
+            let partitions: Vec<Partition> = revoked
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            let list = {
+                let mut tracker = lock(&self.tracker);
+                let list = tracker.take_commit(Some(&partitions));
+                tracker.forget(&partitions);
+                list
+            };
+            if list.count() > 0 {
+                if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                    tracing::warn!(error = %e, "could not commit before a rebalance; the new owner redelivers from the last commit");
+                }
+            }
+        }
+    }
+}
+
+struct Redelivery {
+    message: Arc<Message>,
+    attempt: u32,
+    partition: Partition,
+    offset: i64,
+}
+
+pub(crate) fn consume(
+    inner: Arc<Inner>,
+    topic: &str,
+    group: &str,
+    max_in_flight: usize,
+) -> Result<DeliveryStream> {
+    let config = &inner.config;
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let consumer: StreamConsumer<RebalanceContext> = config
+        .client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        )
+        .create_with_context(RebalanceContext {
+            tracker: Arc::clone(&tracker),
+        })
+        .map_err(|e| inner.kafka_error("consume", "cannot create a consumer", e))?;
+    let redrive = config.redrive_topic(topic, group);
+    consumer
+        .subscribe(&[topic, redrive.as_str()])
+        .map_err(|e| inner.kafka_error("consume", format!("cannot subscribe to {topic:?}"), e))?;
+    let (tx, rx) = mpsc::channel(max_in_flight.max(1));
+    let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+    let route = Arc::new(Route {
+        topic: topic.to_string(),
+        dlq: config.dead_letter_topic(topic, group),
+    });
+    tokio::spawn(run(
+        inner,
+        Arc::new(consumer),
+        tracker,
+        route,
+        tx,
+        retry_tx,
+        retry_rx,
+    ));
+    Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })))
+}
+
+struct Route {
+    topic: String,
+    dlq: String,
+}
+
+async fn run(
+    inner: Arc<Inner>,
+    consumer: Arc<StreamConsumer<RebalanceContext>>,
+    tracker: Arc<Mutex<Tracker>>,
+    route: Arc<Route>,
+    tx: mpsc::Sender<Result<Delivery>>,
+    retry_tx: mpsc::UnboundedSender<Redelivery>,
+    mut retry_rx: mpsc::UnboundedReceiver<Redelivery>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let make = |message: Arc<Message>, attempt: u32, partition: Partition, offset: i64| {
+        Delivery::new(
+            Arc::clone(&message),
+            attempt,
+            Box::new(KafkaAck {
+                inner: Arc::clone(&inner),
+                tracker: Arc::clone(&tracker),
+                retry: retry_tx.clone(),
+                route: Arc::clone(&route),
+                message,
+                attempt,
+                partition,
+                offset,
+                settled: false,
+            }),
+        )
+    };
+    loop {
+        if inner.is_closed() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            () = tx.closed() => break,
+            Some(again) = retry_rx.recv() => {
+                if !lock(&tracker).owns(&again.partition, again.offset) {
+                    continue; // its partition was revoked: the new owner redelivers it
+                }
+                lock(&tracker).park(&again.partition, again.offset, false);
+                let delivery = make(again.message, again.attempt, again.partition, again.offset);
+                if tx.send(Ok(delivery)).await.is_err() {
+                    break;
+                }
+            }
+            _ = tick.tick() => commit(&consumer, &tracker, CommitMode::Async),
+            record = consumer.recv() => match record {
+                Ok(record) => {
+                    use rdkafka::Message as _;
+                    let partition = (record.topic().to_string(), record.partition());
+                    let offset = record.offset();
+                    let message = Arc::new(from_record(&route.topic, &record));
+                    drop(record);
+                    if !lock(&tracker).received(&partition, &message, offset) {
+                        continue; // waits behind an earlier message of its key
+                    }
+                    if tx.send(Ok(make(message, 1, partition, offset))).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let error = inner.kafka_error("consume", format!("consumer of {:?} reported an error", route.topic), e);
+                    if tx.send(Err(error)).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    // Stay in the group until the handlers still running have settled, then commit and leave.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while lock(&tracker).busy() > 0 && tokio::time::Instant::now() < deadline && !inner.is_closed()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    commit(&consumer, &tracker, CommitMode::Sync);
+}
+
+fn commit(consumer: &StreamConsumer<RebalanceContext>, tracker: &Mutex<Tracker>, mode: CommitMode) {
+    let list = lock(tracker).take_commit(None);
+    if list.count() > 0 {
+        if let Err(e) = consumer.commit(&list, mode) {
+            tracing::warn!(error = %e, "offset commit failed; those messages may be delivered again");
+        }
+    }
+}
+
+struct KafkaAck {
+    inner: Arc<Inner>,
+    tracker: Arc<Mutex<Tracker>>,
+    retry: mpsc::UnboundedSender<Redelivery>,
+    route: Arc<Route>,
+    message: Arc<Message>,
+    attempt: u32,
+    partition: Partition,
+    offset: i64,
+    settled: bool,
+}
+
+impl KafkaAck {
+    fn finish(&mut self) {
+        self.settled = true;
+        let next =
+            lock(&self.tracker).finished(&self.partition, self.message.key.as_deref(), self.offset);
+        if let Some((message, offset)) = next {
+            // The next message of this key gets its turn.
+            let _ = self.retry.send(Redelivery {
+                message,
+                attempt: 1,
+                partition: self.partition.clone(),
+                offset,
+            });
+        }
+    }
+
+    fn again(&mut self, delay: Duration) {
+        self.settled = true;
+        lock(&self.tracker).park(&self.partition, self.offset, true);
+        let redelivery = Redelivery {
+            message: Arc::clone(&self.message),
+            attempt: self.attempt.saturating_add(1),
+            partition: self.partition.clone(),
+            offset: self.offset,
+        };
+        let retry = self.retry.clone();
+        if delay.is_zero() {
+            let _ = retry.send(redelivery);
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep(delay).await;
+                // A closed channel means the consumer stopped: the offset stays uncommitted
+                // and Kafka redelivers the message to the group.
+                let _ = retry.send(redelivery);
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Acknowledger for KafkaAck {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.finish();
+        Ok(())
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
+        self.again(delay);
+        Ok(())
+    }
+
+    async fn dead_letter(
+        mut self: Box<Self>,
+        message: &Message,
+        info: &DeadLetterInfo,
+    ) -> Result<()> {
+        let mut dead = DeadLetter {
+            message: message.clone(),
+            info: info.clone(),
+        }
+        .to_message();
+        dead.topic = self.route.dlq.clone();
+        match crate::producer::send(&self.inner, vec![dead], "dead-letter").await {
+            Ok(()) => {
+                self.finish();
+                Ok(())
+            }
+            Err(e) => {
+                self.again(Duration::ZERO);
+                Err(Error::new(
+                    ErrorKind::Broker,
+                    "dead-letter",
+                    format!(
+                        "could not dead-letter {}; it will be delivered again",
+                        message.id
+                    ),
+                )
+                .with_source(e))
+            }
+        }
+    }
+}
+
+impl Drop for KafkaAck {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.again(Duration::ZERO);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> Partition {
+        ("t".into(), 0)
+    }
+
+    fn committed(tracker: &mut Tracker) -> Option<i64> {
+        let list = tracker.take_commit(None);
+        list.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn only_the_contiguous_prefix_of_finished_offsets_is_committed() {
+        let mut t = Tracker::default();
+        let m = Arc::new(Message::new("m", "t", ""));
+        for o in 0..5 {
+            assert!(t.received(&p(), &m, o));
+        }
+        t.finished(&p(), None, 1);
+        t.finished(&p(), None, 2);
+        assert_eq!(
+            committed(&mut t),
+            None,
+            "offset 0 is unfinished: nothing may be committed"
+        );
+        t.finished(&p(), None, 0);
+        assert_eq!(committed(&mut t), Some(3));
+        t.park(&p(), 3, true);
+        t.finished(&p(), None, 4);
+        assert_eq!(committed(&mut t), None, "a parked retry holds the position");
+        assert_eq!(t.busy(), 0, "a parked message is not busy");
+        t.finished(&p(), None, 3);
+        assert_eq!(committed(&mut t), Some(5));
+    }
+
+    #[test]
+    fn one_message_per_key_is_out_at_a_time_and_the_rest_follow_in_order() {
+        let mut t = Tracker::default();
+        let keyed = |id: &str, key: &str| {
+            let mut m = Message::new(id, "t", "");
+            m.key = Some(key.into());
+            Arc::new(m)
+        };
+        assert!(t.received(&p(), &keyed("a0", "a"), 0));
+        assert!(
+            !t.received(&p(), &keyed("a1", "a"), 1),
+            "a1 waits behind a0"
+        );
+        assert!(
+            t.received(&p(), &keyed("b0", "b"), 2),
+            "other keys are not held up"
+        );
+        assert!(!t.received(&p(), &keyed("a2", "a"), 3));
+        assert_eq!(t.busy(), 2, "waiting messages are not busy");
+        // a0 is retried: still out, so a1 keeps waiting. When a0 finally finishes, a1 follows.
+        t.park(&p(), 0, true);
+        let next = t.finished(&p(), Some("a"), 0).unwrap();
+        assert_eq!((next.0.id.as_str(), next.1), ("a1", 1));
+        let next = t.finished(&p(), Some("a"), 1).unwrap();
+        assert_eq!(next.0.id.as_str(), "a2");
+        assert!(t.finished(&p(), Some("a"), 3).is_none());
+        assert!(
+            t.received(&p(), &keyed("a3", "a"), 4),
+            "the key is free again"
+        );
+    }
+}

@@ -1,0 +1,309 @@
+//! busbar's Kafka transport, on rdkafka (bundled librdkafka).
+//!
+//! | busbar | Kafka |
+//! |---|---|
+//! | topic | a topic (created on declare/publish with `partitions` and `replication`) |
+//! | group | a consumer group; `auto.offset.reset=earliest`, so a new group reads the log from its start |
+//! | publish | `acks=all`, idempotent producer; the key is the record key (per-key order = partition order) |
+//! | ack | the offset is finished; only the contiguous finished prefix of a partition is committed |
+//! | nack(delay) | handed out again in this process after the delay; the offset stays uncommitted |
+//! | dead letter | produced to `<topic>.<group>.dlq` with the reason headers, acknowledged, then finished |
+//! | redrive | produced to `<topic>.<group>.redrive`, which only that group consumes |
+//!
+//! The envelope is the CloudEvents Kafka binding in binary mode (`ce_*` headers).
+
+// Library code never unwraps or panics on what a user or a broker can send; tests may.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod config;
+mod consumer;
+mod dead_letters;
+pub mod mapping;
+mod producer;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busbar_core::message::validate_name;
+use busbar_core::{
+    Capabilities, ConsumeOptions, DeadLetter, DeliveryStream, Error, ErrorKind, Message,
+    RedriveSelection, Result, Transport, TransportUrl,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+
+pub use config::KafkaConfig;
+
+pub(crate) struct Inner {
+    pub(crate) config: KafkaConfig,
+    pub(crate) producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    created: Mutex<HashSet<String>>,
+    closed: AtomicBool,
+}
+
+impl Inner {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn kafka_error(
+        &self,
+        operation: &'static str,
+        what: impl Into<String>,
+        e: rdkafka::error::KafkaError,
+    ) -> Error {
+        let retryable = e.rdkafka_error_code().is_none_or(|code| {
+            matches!(
+                code,
+                RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::MessageTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::NotCoordinator
+                    | RDKafkaErrorCode::LeaderNotAvailable
+                    | RDKafkaErrorCode::NotLeaderForPartition
+            )
+        });
+        let kind = if retryable {
+            ErrorKind::Connection
+        } else {
+            ErrorKind::Broker
+        };
+        Error::new(kind, operation, format!("{}: {e}", what.into()))
+            .with_resource(self.config.url.to_string())
+            .with_retryable(retryable)
+            .with_source(e)
+    }
+
+    /// Creates the topics not created yet through this transport (existing ones are fine).
+    async fn ensure_topics(&self, names: &[String]) -> Result<()> {
+        let missing: Vec<&String> = {
+            let created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+            names.iter().filter(|n| !created.contains(*n)).collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let topics: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|n| {
+                NewTopic::new(
+                    n,
+                    self.config.partitions,
+                    TopicReplication::Fixed(self.config.replication),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let results = self
+            .admin
+            .create_topics(&topics, &options)
+            .await
+            .map_err(|e| self.kafka_error("declare", "cannot create topics", e))?;
+        for result in results {
+            match result {
+                Ok(name) => self.remember(&name),
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => self.remember(&name),
+                Err((name, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        "declare",
+                        format!("cannot create topic {name:?}: {code}"),
+                    )
+                    .with_resource(self.config.url.to_string()))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(&self, name: &str) {
+        self.created
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+    }
+}
+
+/// The Kafka transport (`kafka://`).
+#[derive(Clone)]
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaTransport {
+    /// Connects to the cluster at `url`; fails when no broker answers within 10 s.
+    pub async fn connect(url: &TransportUrl) -> Result<Self> {
+        KafkaTransport::connect_with(KafkaConfig::from_url(url)?).await
+    }
+
+    /// Connects with explicit settings.
+    pub async fn connect_with(config: KafkaConfig) -> Result<Self> {
+        let config_error = |what: &str, e: rdkafka::error::KafkaError| {
+            Error::new(ErrorKind::Config, "connect", format!("{what}: {e}"))
+                .with_resource(config.url.to_string())
+                .with_source(e)
+        };
+        let producer: FutureProducer = config
+            .client_config()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                config.publish_timeout.as_millis().to_string(),
+            )
+            .create()
+            .map_err(|e| config_error("cannot create the producer", e))?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .client_config()
+            .create()
+            .map_err(|e| config_error("cannot create the admin client", e))?;
+        // Fail fast when the cluster is unreachable.
+        let probe = producer.clone();
+        let reached = tokio::task::spawn_blocking(move || {
+            probe.client().fetch_metadata(None, Duration::from_secs(10))
+        })
+        .await;
+        match reached {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    "connect",
+                    format!("no Kafka broker answered: {e}"),
+                )
+                .with_resource(config.url.to_string())
+                .with_source(e))
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    "connect",
+                    "the metadata probe failed",
+                )
+                .with_source(e))
+            }
+        }
+        Ok(KafkaTransport {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                admin,
+                created: Mutex::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn ensure_open(&self, operation: &'static str) -> Result<()> {
+        if self.inner.is_closed() {
+            Err(Error::closed(operation, "Kafka transport")
+                .with_resource(self.inner.config.url.to_string()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn group_topics(&self, topic: &str, group: &str) -> Vec<String> {
+        let config = &self.inner.config;
+        vec![
+            topic.to_string(),
+            config.dead_letter_topic(topic, group),
+            config.redrive_topic(topic, group),
+        ]
+    }
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.config.capabilities()
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        self.ensure_open("publish")?;
+        let max = self.capabilities().max_message_bytes.unwrap_or(usize::MAX);
+        let mut topics = Vec::new();
+        for message in &messages {
+            message.check_publishable(max, "Kafka")?;
+            if !topics.contains(&message.topic) {
+                topics.push(message.topic.clone());
+            }
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.inner.ensure_topics(&topics).await?;
+        producer::send(&self.inner, messages, "publish").await
+    }
+
+    async fn declare(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_open("declare")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.inner
+            .ensure_topics(&self.group_topics(topic, group))
+            .await
+    }
+
+    async fn consume(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream> {
+        self.declare(topic, group).await?;
+        consumer::consume(Arc::clone(&self.inner), topic, group, options.max_in_flight)
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        self.ensure_open("list dead letters")?;
+        dead_letters::list(&self.inner, topic, group, limit).await
+    }
+
+    async fn redrive(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.ensure_open("redrive")?;
+        dead_letters::redrive(&self.inner, topic, group, selection).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let producer = self.inner.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+        Ok(())
+    }
+}

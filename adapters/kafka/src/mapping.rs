@@ -1,0 +1,69 @@
+//! busbar [`Message`] ⇄ Kafka record, following the CloudEvents Kafka protocol binding.
+//!
+//! The binding's binary mode is busbar's neutral form already: attributes are `ce_*` headers,
+//! `datacontenttype` is the `content-type` header, the payload is the record value. The key is
+//! the record key, so one key stays in one partition and keeps its order.
+
+use busbar_core::envelope::attr;
+use busbar_core::{Headers, Message};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+
+/// Carries the message id when no `ce_id` header does (a message that is not a CloudEvent).
+pub const ID: &str = "busbar.id";
+
+/// The record headers of `message`.
+pub fn to_headers(message: &Message) -> OwnedHeaders {
+    let mut headers = message.headers.iter().fold(
+        OwnedHeaders::new_with_capacity(message.headers.len() + 1),
+        |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        },
+    );
+    if message.header(attr::ID) != Some(message.id.as_str()) {
+        headers = headers.insert(Header {
+            key: ID,
+            value: Some(message.id.as_bytes()),
+        });
+    }
+    headers
+}
+
+/// A received record as a busbar message of `topic` (the busbar topic, which differs from the
+/// record's for redriven messages).
+pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
+    let mut headers = Headers::new();
+    if let Some(h) = record.headers() {
+        for header in h.iter() {
+            let value = header
+                .value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            headers.insert(header.key.to_string(), value);
+        }
+    }
+    let own_id = headers.remove(ID);
+    let id = headers
+        .get(attr::ID)
+        .cloned()
+        .or(own_id)
+        .unwrap_or_else(|| {
+            format!(
+                "{}/{}/{}",
+                record.topic(),
+                record.partition(),
+                record.offset()
+            )
+        });
+    Message {
+        id,
+        topic: topic.to_string(),
+        key: record
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        headers,
+        payload: bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default()),
+    }
+}

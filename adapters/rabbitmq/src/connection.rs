@@ -1,0 +1,223 @@
+//! One AMQP connection that reconnects with backoff, and the channels made from it.
+//!
+//! busbar owns reconnection instead of lapin's automatic recovery, so what happens on a lost
+//! connection is explicit: publishes waiting for confirms are sent again on the new connection
+//! (nothing is reported published that the broker did not confirm), consumers open a new
+//! channel and consume again, and unacked deliveries of the lost channel are redelivered by
+//! the broker.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use busbar_core::{Error, ErrorKind, Result};
+use lapin::options::ConfirmSelectOptions;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::config::RabbitConfig;
+
+pub(crate) struct Connector {
+    pub(crate) config: RabbitConfig,
+    current: Mutex<Option<Arc<Connection>>>,
+    publisher: Mutex<Option<Channel>>,
+    closed: AtomicBool,
+}
+
+impl Connector {
+    pub(crate) fn new(config: RabbitConfig) -> Self {
+        Connector {
+            config,
+            current: Mutex::new(None),
+            publisher: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn ensure_open(&self, operation: &'static str) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::closed(operation, "RabbitMQ transport")
+                .with_resource(self.config.url.to_string()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Opens a new AMQP connection (TLS with the extra CA when configured).
+    async fn open(&self) -> lapin::Result<Connection> {
+        match &self.config.tls_ca_pem {
+            None => {
+                Connection::connect(&self.config.lapin_uri, ConnectionProperties::default()).await
+            }
+            Some(pem) => {
+                let tls = OwnedTLSConfig {
+                    identity: None,
+                    cert_chain: Some(pem.clone()),
+                };
+                let runtime = lapin::runtime::default_runtime()?;
+                Connection::connect_with_config(
+                    &self.config.lapin_uri,
+                    ConnectionProperties::default(),
+                    tls,
+                    runtime,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Connects once, without retrying: for the first connection, so a wrong URL or a broker
+    /// that is down fails fast.
+    pub(crate) async fn connect_once(&self) -> Result<Arc<Connection>> {
+        let connection = self
+            .open()
+            .await
+            .map_err(|e| self.connection_error("connect", "cannot connect to RabbitMQ", e))?;
+        let connection = Arc::new(connection);
+        *self.current.lock().await = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    /// The live connection, reconnecting with backoff until `deadline` if it was lost.
+    pub(crate) async fn connection(&self, deadline: Instant) -> Result<Arc<Connection>> {
+        let mut current = self.current.lock().await;
+        if let Some(connection) = current.as_ref() {
+            if connection.status().connected() {
+                return Ok(Arc::clone(connection));
+            }
+        }
+        let mut pause = Duration::from_millis(50);
+        loop {
+            self.ensure_open("connect")?;
+            match self.open().await {
+                Ok(connection) => {
+                    tracing::info!(url = %self.config.url, "connected to RabbitMQ");
+                    let connection = Arc::new(connection);
+                    *current = Some(Arc::clone(&connection));
+                    return Ok(connection);
+                }
+                Err(e) if Instant::now() + pause < deadline => {
+                    tracing::warn!(url = %self.config.url, error = %e, ?pause, "RabbitMQ unreachable; reconnecting");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(self.config.reconnect_max);
+                }
+                Err(e) => {
+                    return Err(self.connection_error(
+                        "connect",
+                        "RabbitMQ stayed unreachable until the deadline",
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// A new channel on the live connection.
+    pub(crate) async fn channel(&self, deadline: Instant) -> Result<Channel> {
+        loop {
+            let connection = self.connection(deadline).await?;
+            // A broker that accepts the connection but never answers must not hang us.
+            let opened = match tokio::time::timeout_at(deadline, connection.create_channel()).await
+            {
+                Ok(opened) => opened,
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        "open channel",
+                        "RabbitMQ did not open a channel before the deadline",
+                    )
+                    .with_resource(self.config.url.to_string()))
+                }
+            };
+            match opened {
+                Ok(channel) => return Ok(channel),
+                Err(e) if Instant::now() < deadline && !connection.status().connected() => {
+                    tracing::debug!(error = %e, "connection lost while opening a channel; retrying");
+                }
+                Err(e) => {
+                    return Err(self.connection_error("open channel", "cannot open a channel", e))
+                }
+            }
+        }
+    }
+
+    /// The shared publishing channel, in confirm mode.
+    pub(crate) async fn publisher(&self, deadline: Instant) -> Result<Channel> {
+        let mut publisher = self.publisher.lock().await;
+        if let Some(channel) = publisher.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = self.channel(deadline).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| self.connection_error("publish", "cannot enable publisher confirms", e))?;
+        *publisher = Some(channel.clone());
+        Ok(channel)
+    }
+
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(channel) = self.publisher.lock().await.take() {
+            let _ = channel.close(200, "busbar transport closed".into()).await;
+        }
+        if let Some(connection) = self.current.lock().await.take() {
+            let _ = connection
+                .close(200, "busbar transport closed".into())
+                .await;
+        }
+    }
+
+    pub(crate) fn connection_error(
+        &self,
+        operation: &'static str,
+        what: &str,
+        e: lapin::Error,
+    ) -> Error {
+        Error::new(ErrorKind::Connection, operation, format!("{what}: {e}"))
+            .with_resource(self.config.url.to_string())
+            .with_source(e)
+    }
+
+    pub(crate) fn broker_error(
+        &self,
+        operation: &'static str,
+        what: String,
+        e: lapin::Error,
+    ) -> Error {
+        let retryable = is_connection_loss(&e);
+        let kind = if retryable {
+            ErrorKind::Connection
+        } else {
+            ErrorKind::Broker
+        };
+        Error::new(kind, operation, format!("{what}: {e}"))
+            .with_resource(self.config.url.to_string())
+            .with_retryable(retryable)
+            .with_source(e)
+    }
+}
+
+/// Whether `e` means the connection or channel went away (as opposed to the broker refusing
+/// an operation, like a queue declared with different arguments).
+pub(crate) fn is_connection_loss(e: &lapin::Error) -> bool {
+    use lapin::protocol::AMQPErrorKind;
+    use lapin::ErrorKind as K;
+    match e.kind() {
+        K::IOError(_)
+        | K::InvalidConnectionState(_)
+        | K::InvalidChannelState(..)
+        | K::ChannelsLimitReached
+        | K::MissingHeartbeatError => true,
+        K::ProtocolError(amqp) => matches!(amqp.kind(), AMQPErrorKind::Hard(_)),
+        _ => false,
+    }
+}

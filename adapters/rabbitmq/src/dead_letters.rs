@@ -1,0 +1,161 @@
+//! Listing and redriving a group's dead letters.
+//!
+//! Listing reads the DLQ with `basic.get` without acking, then closes the channel, which puts
+//! every message back where it was. Redrive moves the selected ones back into the group queue
+//! (confirmed) before acking them out of the DLQ, so a failure in between duplicates a dead
+//! letter rather than losing it.
+
+use busbar_core::{DeadLetter, RedriveSelection, Result};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::Channel;
+use tokio::time::Instant;
+
+use crate::mapping::{death_count, from_amqp, to_amqp};
+use crate::publisher::{send_confirmed, Outgoing};
+use crate::Inner;
+
+/// A message read from a DLQ, still unacked on `channel`.
+struct Held {
+    dead: DeadLetter,
+    acker: lapin::Acker,
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// Reads up to `limit` messages of the DLQ of (`topic`, `group`) without acking them.
+async fn read(
+    inner: &Inner,
+    channel: &Channel,
+    topic: &str,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<Held>> {
+    let config = &inner.connector.config;
+    let dlq = config.dead_letter_queue(&config.queue(topic, group));
+    let mut held = Vec::new();
+    let settle_deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while held.len() < limit {
+        let got = match channel
+            .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+        {
+            Ok(got) => got,
+            // Never declared: no dead letters.
+            Err(e) if is_not_found(&e) => break,
+            Err(e) => {
+                return Err(inner.connector.broker_error(
+                    "list dead letters",
+                    format!("cannot read {dlq:?}"),
+                    e,
+                ))
+            }
+        };
+        let Some(got) = got else {
+            // Empty for now. Dead letters another channel just handed back (a listing closing
+            // its channel) are requeued asynchronously: done only when none are ready either.
+            if ready(channel, &dlq).await == 0 || Instant::now() >= settle_deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        let delivery = got.delivery;
+        let deaths = death_count(&delivery.properties);
+        let (message, _) = from_amqp(
+            topic,
+            &delivery.properties,
+            delivery.data,
+            delivery.redelivered,
+        );
+        // Without busbar's metadata, RabbitMQ moved it itself (x-delivery-limit).
+        let limit = config.delivery_limit;
+        let dead = DeadLetter::from_dlq(
+            message,
+            topic,
+            group,
+            limit.saturating_mul(deaths.unwrap_or(1)),
+            || {
+                format!("RabbitMQ dead-lettered the message when it reached its delivery limit ({limit}, x-delivery-limit)")
+            },
+        );
+        held.push(Held {
+            dead,
+            acker: delivery.acker,
+        });
+    }
+    Ok(held)
+}
+
+/// Messages ready in `queue` (0 when it does not exist).
+async fn ready(channel: &Channel, queue: &str) -> u32 {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .map_or(0, |q| q.message_count())
+}
+
+pub(crate) async fn list(
+    inner: &Inner,
+    topic: &str,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>> {
+    let deadline = Instant::now() + inner.connector.config.publish_timeout;
+    let channel = inner.connector.channel(deadline).await?;
+    let held = read(inner, &channel, topic, group, limit).await;
+    // Closing the channel returns every unacked message to the DLQ, in place.
+    let _ = channel.close(200, "listed".into()).await;
+    Ok(held?.into_iter().map(|h| h.dead).collect())
+}
+
+pub(crate) async fn redrive(
+    inner: &Inner,
+    topic: &str,
+    group: &str,
+    selection: RedriveSelection,
+) -> Result<usize> {
+    let connector = &inner.connector;
+    let deadline = Instant::now() + connector.config.publish_timeout;
+    let channel = connector.channel(deadline).await?;
+    let queue = connector.config.queue(topic, group);
+    let result = async {
+        let held = read(inner, &channel, topic, group, usize::MAX).await?;
+        let mut moved = 0;
+        for h in held {
+            if !selection.matches(&h.dead.message.id) {
+                continue;
+            }
+            let message = &h.dead.message;
+            let out = Outgoing {
+                id: message.id.clone(),
+                exchange: String::new(),
+                routing_key: queue.clone(),
+                properties: to_amqp(message, None)?,
+                payload: message.payload.clone(),
+            };
+            send_confirmed(connector, vec![out], "redrive").await?;
+            h.acker.ack(BasicAckOptions::default()).await.map_err(|e| {
+                connector.broker_error(
+                    "redrive",
+                    format!(
+                        "redriven {} but could not remove it from the DLQ",
+                        message.id
+                    ),
+                    e,
+                )
+            })?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+    .await;
+    let _ = channel.close(200, "redriven".into()).await;
+    result
+}

@@ -1,0 +1,156 @@
+//! Publishing with publisher confirms: a batch is sent in one go and its confirms awaited
+//! together; what the broker did not confirm because the connection dropped is sent again on
+//! the next connection, until the publish deadline. `Ok` means every message was confirmed.
+
+use busbar_core::{Error, ErrorKind, Result};
+use bytes::Bytes;
+use futures::future::join_all;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Confirmation};
+use tokio::time::Instant;
+
+use crate::connection::{is_connection_loss, Connector};
+
+/// One AMQP publish.
+#[derive(Clone)]
+pub(crate) struct Outgoing {
+    pub(crate) id: String,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) properties: BasicProperties,
+    pub(crate) payload: Bytes,
+}
+
+/// Publishes `batch` and waits for every confirm, re-sending after a lost connection.
+pub(crate) async fn send_confirmed(
+    connector: &Connector,
+    mut pending: Vec<Outgoing>,
+    operation: &'static str,
+) -> Result<()> {
+    let total = pending.len();
+    let deadline = Instant::now() + connector.config.publish_timeout;
+    loop {
+        connector.ensure_open(operation)?;
+        let channel = match connector.publisher(deadline).await {
+            Ok(channel) => channel,
+            Err(e) => {
+                let ids: Vec<&str> = pending.iter().map(|o| o.id.as_str()).collect();
+                return Err(Error::new(
+                    e.kind(),
+                    operation,
+                    format!(
+                        "{} of {total} messages were not published (no confirm from RabbitMQ): {}; {}",
+                        pending.len(),
+                        ids.join(", "),
+                        e.message()
+                    ),
+                )
+                .with_resource(connector.config.url.to_string())
+                .with_retryable(e.is_retryable())
+                .with_source(e));
+            }
+        };
+        let mut confirms = Vec::with_capacity(pending.len());
+        let mut lost: Option<lapin::Error> = None;
+        for out in &pending {
+            let sent = channel
+                .basic_publish(
+                    out.exchange.as_str().into(),
+                    out.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &out.payload,
+                    out.properties.clone(),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => confirms.push(confirm),
+                Err(e) if is_connection_loss(&e) => {
+                    lost = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    return Err(connector.broker_error(
+                        operation,
+                        format!("cannot publish message {}", out.id),
+                        e,
+                    ))
+                }
+            }
+        }
+        let sent = confirms.len();
+        let mut retry = Vec::new();
+        let mut nacked = Vec::new();
+        let Ok(results) = tokio::time::timeout_at(deadline, join_all(confirms)).await else {
+            let ids: Vec<&str> = pending.iter().map(|o| o.id.as_str()).collect();
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                operation,
+                format!(
+                    "RabbitMQ confirmed none of {} messages within {:?}; they may or may not be published (at-least-once: send again): {}",
+                    pending.len(),
+                    connector.config.publish_timeout,
+                    ids.join(", ")
+                ),
+            )
+            .with_resource(connector.config.url.to_string())
+            .with_retryable(true));
+        };
+        for (out, result) in pending.iter().zip(results) {
+            match result {
+                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {}
+                Ok(Confirmation::Nack(_)) => nacked.push(out.id.clone()),
+                Err(e) if is_connection_loss(&e) => {
+                    lost.get_or_insert(e);
+                    retry.push(out.clone());
+                }
+                Err(e) => {
+                    return Err(connector.broker_error(
+                        operation,
+                        format!("no confirm for message {}", out.id),
+                        e,
+                    ))
+                }
+            }
+        }
+        if !nacked.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                operation,
+                format!(
+                    "RabbitMQ refused (nacked) {} of {total} messages: {}; they were not published",
+                    nacked.len(),
+                    nacked.join(", ")
+                ),
+            )
+            .with_resource(connector.config.url.to_string())
+            .with_retryable(true));
+        }
+        retry.extend(pending.drain(sent..));
+        if retry.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let ids: Vec<&str> = retry.iter().map(|o| o.id.as_str()).collect();
+            let mut error = Error::new(
+                ErrorKind::Connection,
+                operation,
+                format!(
+                    "the connection to RabbitMQ was lost and {} of {total} messages were not confirmed within {:?}: {}",
+                    retry.len(),
+                    connector.config.publish_timeout,
+                    ids.join(", ")
+                ),
+            )
+            .with_resource(connector.config.url.to_string());
+            if let Some(e) = lost {
+                error = error.with_source(e);
+            }
+            return Err(error);
+        }
+        tracing::warn!(
+            unconfirmed = retry.len(),
+            "connection lost while publishing; sending again after reconnecting"
+        );
+        pending = retry;
+    }
+}

@@ -1,0 +1,372 @@
+//! Consuming: one channel per consumer with `basic.qos` = the in-flight limit, reconnecting
+//! when the connection drops; acks, delayed nacks through retry queues, and dead-lettering.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busbar_core::{
+    Acknowledger, DeadLetter, DeadLetterInfo, Delivery, DeliveryStream, Error, ErrorKind, Message,
+    Result,
+};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Acker, Channel, Consumer};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::mapping::{from_amqp, to_amqp};
+use crate::publisher::{send_confirmed, Outgoing};
+use crate::topology::{declare_group, declare_retry};
+use crate::Inner;
+
+/// Closes a consumer's channel once the consumer loop and every delivery it handed out are
+/// done, so acks of handlers still draining after a shutdown reach the broker.
+struct ChannelGuard {
+    channel: Channel,
+}
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        let channel = self.channel.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = channel.close(200, "consumer done".into()).await;
+            });
+        }
+    }
+}
+
+struct Route {
+    topic: String,
+    group: String,
+    queue: String,
+}
+
+pub(crate) fn consume(
+    inner: Arc<Inner>,
+    topic: &str,
+    group: &str,
+    queue: String,
+    prefetch: usize,
+) -> DeliveryStream {
+    let (tx, rx) = mpsc::channel(1);
+    let route = Arc::new(Route {
+        topic: topic.to_string(),
+        group: group.to_string(),
+        queue,
+    });
+    let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
+    tokio::spawn(consume_loop(inner, route, prefetch, tx));
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+async fn open(
+    inner: &Inner,
+    route: &Route,
+    prefetch: u16,
+) -> Result<(Arc<ChannelGuard>, Consumer)> {
+    let connector = &inner.connector;
+    let deadline = Instant::now() + connector.config.publish_timeout;
+    // Declare again on every (re)open: a broker that came back without its durable queues
+    // (a new node, a reset) gets them back instead of failing the consumer forever.
+    let dlq = connector.config.dead_letter_queue(&route.queue);
+    inner
+        .declared
+        .forget(&[&route.queue, &dlq, &connector.config.exchange]);
+    declare_group(
+        connector,
+        &inner.declared,
+        &route.topic,
+        &route.group,
+        deadline,
+    )
+    .await?;
+    let channel = connector.channel(deadline).await?;
+    let guard = Arc::new(ChannelGuard {
+        channel: channel.clone(),
+    });
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| connector.broker_error("consume", "cannot set the prefetch".into(), e))?;
+    let consumer = channel
+        .basic_consume(
+            route.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            connector.broker_error(
+                "consume",
+                format!("cannot consume from {:?}", route.queue),
+                e,
+            )
+        })?;
+    Ok((guard, consumer))
+}
+
+async fn consume_loop(
+    inner: Arc<Inner>,
+    route: Arc<Route>,
+    prefetch: u16,
+    tx: mpsc::Sender<Result<Delivery>>,
+) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        if inner.connector.is_closed() || tx.is_closed() {
+            return;
+        }
+        let (guard, mut consumer) = match open(&inner, &route, prefetch).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                if inner.connector.is_closed() || tx.send(Err(e)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(inner.connector.config.reconnect_max);
+                continue;
+            }
+        };
+        pause = Duration::from_millis(50);
+        loop {
+            let next = tokio::select! {
+                () = tx.closed() => {
+                    // The subscription stopped: stop fetching. The channel stays open (guard)
+                    // until handlers still running have settled their deliveries.
+                    let _ = guard.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    return;
+                }
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let delivery = to_delivery(&inner, &route, &guard, delivery);
+                    if tx.send(Ok(delivery)).await.is_err() {
+                        let _ = guard
+                            .channel
+                            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                            .await;
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    if inner.connector.is_closed() {
+                        return;
+                    }
+                    let error = inner.connector.broker_error(
+                        "consume",
+                        format!(
+                            "consumer of {:?} lost its channel; reconnecting",
+                            route.queue
+                        ),
+                        e,
+                    );
+                    if tx.send(Err(error)).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                None => {
+                    if inner.connector.is_closed() {
+                        return;
+                    }
+                    tracing::warn!(queue = %route.queue, "consumer cancelled by the broker; consuming again");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn to_delivery(
+    inner: &Arc<Inner>,
+    route: &Arc<Route>,
+    guard: &Arc<ChannelGuard>,
+    delivery: lapin::message::Delivery,
+) -> Delivery {
+    let (message, attempt) = from_amqp(
+        &route.topic,
+        &delivery.properties,
+        delivery.data,
+        delivery.redelivered,
+    );
+    let message = Arc::new(message);
+    Delivery::new(
+        Arc::clone(&message),
+        attempt,
+        Box::new(RabbitAck {
+            inner: Arc::clone(inner),
+            route: Arc::clone(route),
+            message,
+            acker: Some(delivery.acker),
+            attempt,
+            _guard: Arc::clone(guard),
+        }),
+    )
+}
+
+struct RabbitAck {
+    inner: Arc<Inner>,
+    route: Arc<Route>,
+    message: Arc<Message>,
+    acker: Option<Acker>,
+    attempt: u32,
+    _guard: Arc<ChannelGuard>,
+}
+
+impl RabbitAck {
+    fn settle_error(&self, operation: &'static str, e: lapin::Error) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            operation,
+            format!(
+                "could not {operation} on RabbitMQ: {e}; the broker will deliver the message again"
+            ),
+        )
+        .with_resource(format!("queue {}", self.route.queue))
+        .with_source(e)
+    }
+
+    async fn requeue(&mut self) -> Result<()> {
+        match self.acker.take() {
+            Some(acker) => acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .map(drop)
+                .map_err(|e| self.settle_error("nack", e)),
+            None => Ok(()),
+        }
+    }
+
+    async fn ack_now(&mut self) -> Result<()> {
+        match self.acker.take() {
+            Some(acker) => acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(drop)
+                .map_err(|e| self.settle_error("ack", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `message` to `queue` through the default exchange, confirmed.
+    async fn send_to_queue(
+        &self,
+        queue: String,
+        message: &Message,
+        attempt: Option<u32>,
+        operation: &'static str,
+    ) -> Result<()> {
+        let properties = to_amqp(message, attempt)?;
+        let out = Outgoing {
+            id: message.id.clone(),
+            exchange: String::new(),
+            routing_key: queue,
+            properties,
+            payload: message.payload.clone(),
+        };
+        send_confirmed(&self.inner.connector, vec![out], operation).await
+    }
+}
+
+#[async_trait]
+impl Acknowledger for RabbitAck {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.ack_now().await
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if delay_ms == 0 {
+            return self.requeue().await;
+        }
+        let deadline = Instant::now() + self.inner.connector.config.publish_timeout;
+        let retry = match declare_retry(
+            &self.inner.connector,
+            &self.inner.declared,
+            &self.route.queue,
+            delay_ms,
+            deadline,
+        )
+        .await
+        {
+            Ok(retry) => retry,
+            Err(e) => {
+                tracing::warn!(error = %e, "no retry queue; redelivering at once");
+                return self.requeue().await;
+            }
+        };
+        // The delayed copy is confirmed before the original is acked: a crash in between
+        // duplicates the message, never loses it.
+        let message = Arc::clone(&self.message);
+        match self
+            .send_to_queue(
+                retry,
+                &message,
+                Some(self.attempt.saturating_add(1)),
+                "nack",
+            )
+            .await
+        {
+            Ok(()) => self.ack_now().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not park the message for a delayed retry; redelivering at once");
+                self.requeue().await
+            }
+        }
+    }
+
+    async fn dead_letter(
+        mut self: Box<Self>,
+        message: &Message,
+        info: &DeadLetterInfo,
+    ) -> Result<()> {
+        let dead = DeadLetter {
+            message: message.clone(),
+            info: info.clone(),
+        }
+        .to_message();
+        let dlq = self
+            .inner
+            .connector
+            .config
+            .dead_letter_queue(&self.route.queue);
+        match self.send_to_queue(dlq, &dead, None, "dead-letter").await {
+            Ok(()) => self.ack_now().await,
+            Err(e) => {
+                let _ = self.requeue().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for RabbitAck {
+    fn drop(&mut self) {
+        // Unsettled (the handler was abandoned): hand the message back now rather than when
+        // the channel closes.
+        if let Some(acker) = self.acker.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+}

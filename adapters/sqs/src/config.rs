@@ -1,0 +1,184 @@
+//! Settings of the SQS transport, read from the `sqs://` URL.
+
+use std::time::Duration;
+
+use busbar_core::{Error, ErrorKind, Result, TransportUrl};
+
+/// How busbar topics and groups map onto SQS and SNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A topic is an SNS topic; each group is an SQS queue subscribed to it with raw delivery,
+    /// so every group gets every message.
+    FanOut,
+    /// A topic is one SQS queue that all groups share: no fan-out.
+    Queue,
+}
+
+/// Settings of a [`crate::SqsTransport`].
+///
+/// `sqs://?region=us-east-1&endpoint=http://127.0.0.1:4566&…`
+///
+/// | parameter | default | meaning |
+/// |---|---|---|
+/// | `region` | the provider chain's | AWS region |
+/// | `endpoint` | AWS | endpoint override (LocalStack, moto) |
+/// | `mode` | `fanout` | `fanout` (SNS topic + queue per group) or `queue` (one shared queue per topic) |
+/// | `prefix` | `busbar-` | prefix of every queue and topic name busbar creates |
+/// | `visibility_timeout_s` | `30` | how long a received message stays hidden (a heartbeat extends it while its handler runs) |
+/// | `wait_time_s` | `10` | long-polling wait of each receive |
+/// | `max_receive_count` | `10` | receives before SQS moves a message to the DLQ itself (crash backstop); keep it above the retry policy's attempts |
+/// | `access_key_id`, `secret_access_key` | the provider chain's | static credentials, for local servers |
+#[derive(Clone)]
+pub struct SqsConfig {
+    /// The URL (secrets redacted when printed).
+    pub url: TransportUrl,
+    /// AWS region.
+    pub region: Option<String>,
+    /// Endpoint override.
+    pub endpoint: Option<String>,
+    /// Topic mapping.
+    pub mode: Mode,
+    /// Name prefix.
+    pub prefix: String,
+    /// Visibility timeout.
+    pub visibility_timeout: Duration,
+    /// Long-poll wait.
+    pub wait_time: Duration,
+    /// Redrive policy threshold.
+    pub max_receive_count: u32,
+    pub(crate) credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for SqsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsConfig")
+            .field("url", &self.url)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("mode", &self.mode)
+            .field("prefix", &self.prefix)
+            .field("visibility_timeout", &self.visibility_timeout)
+            .field("wait_time", &self.wait_time)
+            .field("max_receive_count", &self.max_receive_count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SQS's size limit for one message: body plus attribute names, types and values.
+pub const SQS_MAX_BYTES: usize = 262_144;
+
+impl SqsConfig {
+    /// Reads the settings from an `sqs://` URL.
+    ///
+    /// ```
+    /// let config = busbar_sqs::SqsConfig::from_url(
+    ///     &"sqs://?region=eu-west-1&access_key_id=AKIA1&secret_access_key=hunter2".parse().unwrap(),
+    /// ).unwrap();
+    /// assert_eq!(config.region.as_deref(), Some("eu-west-1"));
+    /// assert!(!format!("{config:?}").contains("hunter2"));
+    /// ```
+    pub fn from_url(url: &TransportUrl) -> Result<Self> {
+        let config_error = |message: String| {
+            Error::new(ErrorKind::Config, "connect", message).with_resource(url.to_string())
+        };
+        if url.scheme() != "sqs" {
+            return Err(config_error(format!(
+                "the SQS transport takes sqs:// URLs, not {}://",
+                url.scheme()
+            )));
+        }
+        let mut config = SqsConfig {
+            url: url.clone(),
+            region: None,
+            endpoint: None,
+            mode: Mode::FanOut,
+            prefix: "busbar-".into(),
+            visibility_timeout: Duration::from_secs(30),
+            wait_time: Duration::from_secs(10),
+            max_receive_count: 10,
+            credentials: None,
+        };
+        let (mut key, mut secret) = (None, None);
+        let seconds = |name: &str, value: &str, max: u64| {
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| {
+                    config_error(format!(
+                        "`{name}` must be a whole number of seconds from 0 to {max}, got {value:?}"
+                    ))
+                })
+        };
+        for (name, value) in url.query_pairs() {
+            match name.as_str() {
+                "region" => config.region = Some(value),
+                "endpoint" => config.endpoint = Some(value),
+                "mode" => {
+                    config.mode = match value.as_str() {
+                        "fanout" => Mode::FanOut,
+                        "queue" => Mode::Queue,
+                        other => return Err(config_error(format!("`mode` must be `fanout` or `queue`, got {other:?}"))),
+                    }
+                }
+                "prefix" => {
+                    if !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                        return Err(config_error(format!("`prefix` may hold letters, digits, '-' and '_' only, got {value:?}")));
+                    }
+                    config.prefix = value;
+                }
+                "visibility_timeout_s" => config.visibility_timeout = Duration::from_secs(seconds(&name, &value, 43_200)?.max(1)),
+                "wait_time_s" => config.wait_time = Duration::from_secs(seconds(&name, &value, 20)?),
+                "max_receive_count" => {
+                    config.max_receive_count = u32::try_from(seconds(&name, &value, 1000)?.max(1)).unwrap_or(1000)
+                }
+                "access_key_id" => key = Some(value),
+                "secret_access_key" => secret = Some(value),
+                other => {
+                    return Err(config_error(format!(
+                        "unknown query parameter `{other}`; known: region, endpoint, mode, prefix, visibility_timeout_s, wait_time_s, max_receive_count, access_key_id, secret_access_key"
+                    )))
+                }
+            }
+        }
+        config.credentials = match (key, secret) {
+            (Some(k), Some(s)) => Some((k, s)),
+            (None, None) => None,
+            _ => {
+                return Err(config_error(
+                    "give both access_key_id and secret_access_key, or neither".into(),
+                ))
+            }
+        };
+        Ok(config)
+    }
+
+    /// The SQS/SNS name of a busbar name: `.` (not allowed there) becomes `_`.
+    pub(crate) fn aws_name(&self, parts: &[&str]) -> Result<String> {
+        let name = format!("{}{}", self.prefix, parts.join("__")).replace('.', "_");
+        if name.len() > 76 {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "declare",
+                format!("{name:?} is {} characters; SQS queue names allow 80 (with room for -dlq): use shorter topic and group names or prefix", name.len()),
+            ));
+        }
+        Ok(name)
+    }
+
+    /// What a transport with these settings guarantees.
+    pub fn capabilities(&self) -> busbar_core::Capabilities {
+        busbar_core::Capabilities {
+            fan_out: self.mode == Mode::FanOut,
+            competing_consumers: true,
+            ordered_by_key: false,
+            delayed_nack: true,
+            may_duplicate: true,
+            native_dead_letter: true,
+            redrive: true,
+            persistent: true,
+            // 256 KiB less room for the packed attributes' names and types.
+            max_message_bytes: Some(250_000),
+        }
+    }
+}

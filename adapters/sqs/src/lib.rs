@@ -1,0 +1,576 @@
+//! busbar's Amazon SQS transport, with SNS for fan-out.
+//!
+//! | busbar | fan-out mode (default) | queue mode (`mode=queue`) |
+//! |---|---|---|
+//! | topic | SNS topic `<prefix><topic>` | SQS queue `<prefix><topic>` |
+//! | group | SQS queue `<prefix><topic>__<group>` subscribed to the topic with raw delivery | shares the topic's queue |
+//! | publish | SNS `PublishBatch` (10 per call) | SQS `SendMessageBatch` (10 per call) |
+//! | ack | `DeleteMessage` | same |
+//! | nack(delay) | `ChangeMessageVisibility` to the delay | same |
+//! | dead letter | `SendMessage` to `<queue>-dlq` with the reason, then `DeleteMessage`; the queue's `RedrivePolicy` moves a message there after `max_receive_count` receives as crash backstop | same |
+//! | attempt | `ApproximateReceiveCount` | same |
+//!
+//! Names: `.` is not allowed in SQS and SNS names and becomes `_`.
+
+// Library code never unwraps or panics on what a user or a broker can send; tests may.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod config;
+mod consumer;
+mod dead_letters;
+pub mod mapping;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::QueueAttributeName;
+use busbar_core::message::validate_name;
+use busbar_core::{
+    Capabilities, ConsumeOptions, DeadLetter, DeliveryStream, Error, ErrorKind, Message,
+    RedriveSelection, Result, Transport, TransportUrl,
+};
+
+pub use config::{Mode, SqsConfig, SQS_MAX_BYTES};
+use mapping::{pack, Packed};
+
+/// A queue busbar created: its URL and ARN.
+#[derive(Debug, Clone)]
+pub(crate) struct Queue {
+    pub(crate) url: String,
+    pub(crate) arn: String,
+}
+
+/// The queues of one consumed (topic, group).
+#[derive(Debug, Clone)]
+pub(crate) struct GroupQueues {
+    pub(crate) queue: Queue,
+    pub(crate) dlq: Queue,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: SqsConfig,
+    pub(crate) sqs: aws_sdk_sqs::Client,
+    sns: aws_sdk_sns::Client,
+    topics: Mutex<HashMap<String, String>>,
+    groups: Mutex<HashMap<(String, String), GroupQueues>>,
+    closed: AtomicBool,
+}
+
+pub(crate) fn sdk_error<E: std::error::Error + Send + Sync + 'static>(
+    operation: &'static str,
+    what: String,
+    e: aws_sdk_sqs::error::SdkError<E, impl std::fmt::Debug + Send + Sync + 'static>,
+) -> Error {
+    use aws_sdk_sqs::error::SdkError;
+    let (kind, retryable) = match &e {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => (ErrorKind::Connection, true),
+        SdkError::ServiceError(_) => (ErrorKind::Broker, false),
+        _ => (ErrorKind::Broker, true),
+    };
+    let detail = match &e {
+        SdkError::ServiceError(service) => {
+            format!("{}", aws_sdk_sqs::error::DisplayErrorContext(service.err()))
+        }
+        other => format!("{}", aws_sdk_sqs::error::DisplayErrorContext(other)),
+    };
+    Error::new(kind, operation, format!("{what}: {detail}")).with_retryable(retryable)
+}
+
+impl Inner {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    async fn create_queue(
+        &self,
+        name: &str,
+        attributes: Vec<(QueueAttributeName, String)>,
+    ) -> Result<Queue> {
+        let mut request = self.sqs.create_queue().queue_name(name);
+        for (k, v) in attributes {
+            request = request.attributes(k, v);
+        }
+        let created = request
+            .send()
+            .await
+            .map_err(|e| sdk_error("declare", format!("cannot create queue {name:?}"), e))?;
+        let url = created.queue_url().unwrap_or_default().to_string();
+        let arn = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| sdk_error("declare", format!("cannot read the ARN of {name:?}"), e))?
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_default();
+        Ok(Queue { url, arn })
+    }
+
+    async fn topic_arn(&self, topic: &str) -> Result<String> {
+        if let Some(arn) = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+        {
+            return Ok(arn.clone());
+        }
+        let name = self.config.aws_name(&[topic])?;
+        let arn = match self.config.mode {
+            Mode::FanOut => self
+                .sns
+                .create_topic()
+                .name(&name)
+                .send()
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Broker,
+                        "declare",
+                        format!(
+                            "cannot create SNS topic {name:?}: {}",
+                            aws_sdk_sns::error::DisplayErrorContext(&e)
+                        ),
+                    )
+                })?
+                .topic_arn()
+                .unwrap_or_default()
+                .to_string(),
+            // In queue mode the "topic" is the shared queue, with its DLQ and redrive policy.
+            Mode::Queue => {
+                let dlq = self
+                    .create_queue(&format!("{name}-dlq"), self.queue_attributes(None))
+                    .await?;
+                self.create_queue(&name, self.queue_attributes(Some(&dlq.arn)))
+                    .await?
+                    .url
+            }
+        };
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_string(), arn.clone());
+        Ok(arn)
+    }
+
+    fn queue_attributes(&self, dlq_arn: Option<&str>) -> Vec<(QueueAttributeName, String)> {
+        let mut attributes = vec![(
+            QueueAttributeName::VisibilityTimeout,
+            self.config.visibility_timeout.as_secs().to_string(),
+        )];
+        if let Some(arn) = dlq_arn {
+            attributes.push((
+                QueueAttributeName::RedrivePolicy,
+                serde_json::json!({ "deadLetterTargetArn": arn, "maxReceiveCount": self.config.max_receive_count.to_string() }).to_string(),
+            ));
+        }
+        attributes
+    }
+
+    /// Declares what (`topic`, `group`) needs; returns its queues.
+    pub(crate) async fn declare(&self, topic: &str, group: &str) -> Result<GroupQueues> {
+        let id = (topic.to_string(), group.to_string());
+        if let Some(found) = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(found.clone());
+        }
+        // In queue mode the shared queue is declared below with its redrive policy.
+        let topic_ref = match self.config.mode {
+            Mode::FanOut => self.topic_arn(topic).await?,
+            Mode::Queue => String::new(),
+        };
+        let queues = match self.config.mode {
+            Mode::FanOut => {
+                let name = self.config.aws_name(&[topic, group])?;
+                let dlq = self
+                    .create_queue(&format!("{name}-dlq"), self.queue_attributes(None))
+                    .await?;
+                let mut attributes = self.queue_attributes(Some(&dlq.arn));
+                // Let the topic deliver into the queue (AWS checks this; local servers ignore it).
+                attributes.push((
+                    QueueAttributeName::Policy,
+                    serde_json::json!({
+                        "Version": "2012-10-17",
+                        "Statement": [{
+                            "Effect": "Allow",
+                            "Principal": { "Service": "sns.amazonaws.com" },
+                            "Action": "sqs:SendMessage",
+                            "Resource": "*",
+                            "Condition": { "ArnEquals": { "aws:SourceArn": topic_ref } }
+                        }]
+                    })
+                    .to_string(),
+                ));
+                let queue = self.create_queue(&name, attributes).await?;
+                self.sns
+                    .subscribe()
+                    .topic_arn(&topic_ref)
+                    .protocol("sqs")
+                    .endpoint(&queue.arn)
+                    .attributes("RawMessageDelivery", "true")
+                    .return_subscription_arn(true)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Broker,
+                            "declare",
+                            format!(
+                                "cannot subscribe {name:?} to the topic: {}",
+                                aws_sdk_sns::error::DisplayErrorContext(&e)
+                            ),
+                        )
+                    })?;
+                GroupQueues { queue, dlq }
+            }
+            Mode::Queue => {
+                let name = self.config.aws_name(&[topic])?;
+                let dlq = self
+                    .create_queue(&format!("{name}-dlq"), self.queue_attributes(None))
+                    .await?;
+                let queue = self
+                    .create_queue(&name, self.queue_attributes(Some(&dlq.arn)))
+                    .await?;
+                GroupQueues { queue, dlq }
+            }
+        };
+
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, queues.clone());
+        Ok(queues)
+    }
+
+    /// Sends packed messages straight to a queue, 10 per batch call, reporting every failed entry.
+    pub(crate) async fn send_to_queue(
+        &self,
+        queue_url: &str,
+        messages: Vec<(String, Packed)>,
+        operation: &'static str,
+    ) -> Result<()> {
+        for chunk in batches(messages) {
+            let mut request = self.sqs.send_message_batch().queue_url(queue_url);
+            for (i, (_, packed)) in chunk.iter().enumerate() {
+                let mut entry = aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&packed.body);
+                for (k, v) in &packed.attributes {
+                    entry = entry.message_attributes(k, sqs_attribute(v)?);
+                }
+                request = request.entries(entry.build().map_err(|e| build_error(operation, e))?);
+            }
+            let out = request.send().await.map_err(|e| {
+                sdk_error(
+                    operation,
+                    format!("cannot send {} messages", chunk.len()),
+                    e,
+                )
+            })?;
+            let failed = failed_entries(
+                &chunk,
+                out.failed().iter().map(|f| (f.id(), f.code(), f.message())),
+            );
+            if !failed.is_empty() {
+                return Err(not_accepted(operation, chunk.len(), &failed));
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_to_topic(
+        &self,
+        topic_arn: &str,
+        messages: Vec<(String, Packed)>,
+    ) -> Result<()> {
+        for chunk in batches(messages) {
+            let mut request = self.sns.publish_batch().topic_arn(topic_arn);
+            for (i, (_, packed)) in chunk.iter().enumerate() {
+                let mut entry = aws_sdk_sns::types::PublishBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message(&packed.body);
+                for (k, v) in &packed.attributes {
+                    let value = aws_sdk_sns::types::MessageAttributeValue::builder()
+                        .data_type("String")
+                        .string_value(v)
+                        .build()
+                        .map_err(|e| {
+                            Error::new(
+                                ErrorKind::Encode,
+                                "publish",
+                                format!("bad attribute {k:?}: {e}"),
+                            )
+                        })?;
+                    entry = entry.message_attributes(k, value);
+                }
+                request = request.publish_batch_request_entries(entry.build().map_err(|e| {
+                    Error::new(
+                        ErrorKind::Encode,
+                        "publish",
+                        format!("bad batch entry: {e}"),
+                    )
+                })?);
+            }
+            let out = request.send().await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    "publish",
+                    format!(
+                        "SNS PublishBatch failed: {}",
+                        aws_sdk_sns::error::DisplayErrorContext(&e)
+                    ),
+                )
+                .with_retryable(true)
+            })?;
+            let failed = failed_entries(
+                &chunk,
+                out.failed().iter().map(|f| (f.id(), f.code(), f.message())),
+            );
+            if !failed.is_empty() {
+                return Err(not_accepted("publish", chunk.len(), &failed));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Describes the failed entries of a batch call (entry ids are indexes into `chunk`).
+fn failed_entries<'a>(
+    chunk: &[(String, Packed)],
+    failed: impl Iterator<Item = (&'a str, &'a str, Option<&'a str>)>,
+) -> Vec<String> {
+    failed
+        .map(|(entry, code, message)| {
+            let id = entry
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| chunk.get(i))
+                .map_or("?", |m| m.0.as_str());
+            format!("{id} ({code}: {})", message.unwrap_or_default())
+        })
+        .collect()
+}
+
+fn not_accepted(operation: &'static str, total: usize, failed: &[String]) -> Error {
+    Error::new(
+        ErrorKind::Broker,
+        operation,
+        format!(
+            "{} of {total} messages were not accepted and not published: {}",
+            failed.len(),
+            failed.join(", ")
+        ),
+    )
+    .with_retryable(true)
+}
+
+fn build_error(operation: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Encode, operation, format!("bad request: {e}"))
+}
+
+pub(crate) fn sqs_attribute(value: &str) -> Result<aws_sdk_sqs::types::MessageAttributeValue> {
+    aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .map_err(|e| build_error("publish", e))
+}
+
+/// Splits into batch calls: at most 10 entries and at most 256 KiB together.
+fn batches(messages: Vec<(String, Packed)>) -> Vec<Vec<(String, Packed)>> {
+    let mut out: Vec<Vec<(String, Packed)>> = Vec::new();
+    let mut size = 0;
+    for message in messages {
+        let this = message.1.sqs_size();
+        match out.last_mut() {
+            Some(batch) if batch.len() < 10 && size + this <= SQS_MAX_BYTES => {
+                size += this;
+                batch.push(message);
+            }
+            _ => {
+                size = this;
+                out.push(vec![message]);
+            }
+        }
+    }
+    out
+}
+
+/// The SQS transport (`sqs://`).
+#[derive(Clone)]
+pub struct SqsTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SqsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqsTransport {
+    /// Connects with the settings of `url`, and checks the service answers.
+    pub async fn connect(url: &TransportUrl) -> Result<Self> {
+        SqsTransport::connect_with(SqsConfig::from_url(url)?).await
+    }
+
+    /// Connects with explicit settings.
+    pub async fn connect_with(config: SqsConfig) -> Result<Self> {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &config.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &config.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some((key, secret)) = &config.credentials {
+            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                key,
+                secret,
+                None,
+                None,
+                "busbar-url",
+            ));
+        }
+        let shared = loader.load().await;
+        let sqs = aws_sdk_sqs::Client::new(&shared);
+        let sns = aws_sdk_sns::Client::new(&shared);
+        // Fail fast when the service does not answer (or the credentials are refused).
+        sqs.list_queues().max_results(1).send().await.map_err(|e| {
+            sdk_error("connect", "SQS did not answer".into(), e)
+                .with_resource(config.url.to_string())
+        })?;
+        Ok(SqsTransport {
+            inner: Arc::new(Inner {
+                config,
+                sqs,
+                sns,
+                topics: Mutex::default(),
+                groups: Mutex::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn ensure_open(&self, operation: &'static str) -> Result<()> {
+        if self.inner.is_closed() {
+            Err(Error::closed(operation, "SQS transport")
+                .with_resource(self.inner.config.url.to_string()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for SqsTransport {
+    fn name(&self) -> &'static str {
+        "sqs"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.config.capabilities()
+    }
+
+    async fn publish(&self, messages: Vec<Message>) -> Result<()> {
+        self.ensure_open("publish")?;
+        let mut by_topic: BTreeMap<String, Vec<(String, Packed)>> = BTreeMap::new();
+        let max = self
+            .capabilities()
+            .max_message_bytes
+            .unwrap_or(SQS_MAX_BYTES);
+        for message in &messages {
+            message.check_publishable(max, "SQS")?;
+            let packed = pack(message)?;
+            if packed.sqs_size() > SQS_MAX_BYTES {
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    "publish",
+                    format!(
+                        "message is {} bytes as SQS counts it; SQS accepts at most {SQS_MAX_BYTES}",
+                        packed.sqs_size()
+                    ),
+                )
+                .with_resource(format!("message {} on topic {}", message.id, message.topic)));
+            }
+            by_topic
+                .entry(message.topic.clone())
+                .or_default()
+                .push((message.id.clone(), packed));
+        }
+        for (topic, packed) in by_topic {
+            let target = self.inner.topic_arn(&topic).await?;
+            match self.inner.config.mode {
+                Mode::FanOut => self.inner.publish_to_topic(&target, packed).await?,
+                Mode::Queue => self.inner.send_to_queue(&target, packed, "publish").await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn declare(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_open("declare")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.inner.declare(topic, group).await.map(drop)
+    }
+
+    async fn consume(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream> {
+        self.ensure_open("consume")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        let queues = self.inner.declare(topic, group).await?;
+        Ok(consumer::consume(
+            Arc::clone(&self.inner),
+            topic,
+            queues,
+            options.max_in_flight,
+        ))
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        self.ensure_open("list dead letters")?;
+        let queues = self.inner.declare(topic, group).await?;
+        dead_letters::list(&self.inner, topic, group, &queues, limit).await
+    }
+
+    async fn redrive(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.ensure_open("redrive")?;
+        let queues = self.inner.declare(topic, group).await?;
+        dead_letters::redrive(&self.inner, topic, group, &queues, selection).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}

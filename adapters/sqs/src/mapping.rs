@@ -1,0 +1,240 @@
+//! busbar [`Message`] ⇄ SQS/SNS message within SQS's limit of 10 message attributes.
+//!
+//! The CloudEvents core travels as individual attributes (`ce_specversion`, `ce_id`, `ce_type`,
+//! `ce_source`, `ce_time`, `content-type`), so SQS tooling and filter policies see them; the key,
+//! and every other header (correlation, causation, trace context, free-form and dead-letter
+//! headers) are packed into one JSON attribute, `busbar.headers`. That is at most 9 attributes,
+//! whatever the number of headers, and nothing is lost. A payload that is not UTF-8 (SQS bodies
+//! are text) is sent base64-encoded with `busbar.encoding = base64`.
+
+use std::collections::BTreeMap;
+
+use busbar_core::envelope::attr;
+use busbar_core::{Error, ErrorKind, Headers, Message, Result};
+
+/// Headers sent as attributes of their own.
+const OWN_ATTRIBUTES: [&str; 6] = [
+    attr::SPECVERSION,
+    attr::ID,
+    attr::TYPE,
+    attr::SOURCE,
+    attr::TIME,
+    attr::CONTENT_TYPE,
+];
+/// The attribute holding every other header, as a JSON object.
+pub const PACKED: &str = "busbar.headers";
+/// The attribute holding the key.
+pub const KEY: &str = "busbar.key";
+/// The message id when no `ce_id` carries it.
+pub const ID: &str = "busbar.id";
+/// How the body is encoded when it is not UTF-8.
+pub const ENCODING: &str = "busbar.encoding";
+
+/// A message ready for SQS/SNS: a text body and string attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    /// The body.
+    pub body: String,
+    /// The message attributes (all of type `String`).
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Packed {
+    /// The size SQS counts: body plus each attribute's name, type (`String`) and value.
+    pub fn sqs_size(&self) -> usize {
+        self.body.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| k.len() + "String".len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// Packs `message`.
+pub fn pack(message: &Message) -> Result<Packed> {
+    let mut attributes = BTreeMap::new();
+    let mut rest = BTreeMap::new();
+    for (name, value) in &message.headers {
+        // SQS refuses empty attribute values: those go into the packed object.
+        if OWN_ATTRIBUTES.contains(&name.as_str()) && !value.is_empty() {
+            attributes.insert(name.clone(), value.clone());
+        } else {
+            rest.insert(name.as_str(), value.as_str());
+        }
+    }
+    if !rest.is_empty() {
+        let json = serde_json::to_string(&rest).map_err(|e| {
+            Error::new(
+                ErrorKind::Encode,
+                "publish",
+                format!("cannot pack headers: {e}"),
+            )
+            .with_source(e)
+        })?;
+        attributes.insert(PACKED.to_string(), json);
+    }
+    if let Some(key) = message.key.as_ref().filter(|k| !k.is_empty()) {
+        attributes.insert(KEY.to_string(), key.clone());
+    }
+    if message.header(attr::ID) != Some(message.id.as_str()) && !message.id.is_empty() {
+        attributes.insert(ID.to_string(), message.id.clone());
+    }
+    let body = match std::str::from_utf8(&message.payload) {
+        Ok(text) if !text.is_empty() => text.to_string(),
+        // SQS bodies must be non-empty text.
+        _ => {
+            attributes.insert(ENCODING.to_string(), "base64".to_string());
+            base64(&message.payload)
+        }
+    };
+    Ok(Packed { body, attributes })
+}
+
+/// Unpacks a received message of `topic`; `fallback_id` (the SQS message id) names a message
+/// that carries no id of its own.
+pub fn unpack(
+    topic: &str,
+    body: &str,
+    attributes: &BTreeMap<String, String>,
+    fallback_id: &str,
+) -> Message {
+    let mut headers = Headers::new();
+    let mut key = None;
+    let mut id = None;
+    let mut base64_body = false;
+    for (name, value) in attributes {
+        match name.as_str() {
+            PACKED => match serde_json::from_str::<BTreeMap<String, String>>(value) {
+                Ok(packed) => headers.extend(packed),
+                // A foreign producer's attribute of that name: keep it as it is.
+                Err(_) => {
+                    headers.insert(name.clone(), value.clone());
+                }
+            },
+            KEY => key = Some(value.clone()),
+            ID => id = Some(value.clone()),
+            ENCODING => base64_body = value == "base64",
+            _ => {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    let payload = if base64_body {
+        unbase64(body).unwrap_or_else(|| body.as_bytes().to_vec())
+    } else {
+        body.as_bytes().to_vec()
+    };
+    let id = headers
+        .get(attr::ID)
+        .cloned()
+        .or(id)
+        .unwrap_or_else(|| fallback_id.to_string());
+    Message {
+        id,
+        topic: topic.to_string(),
+        key,
+        headers,
+        payload: bytes::Bytes::from(payload),
+    }
+}
+
+const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn base64(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4 + 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push('=');
+    }
+    out
+}
+
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    if text == "=" {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use busbar_core::codec::Json;
+    use busbar_core::{Envelope, Event};
+
+    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Ping {
+        n: u32,
+    }
+    impl Event for Ping {
+        const TYPE: &'static str = "test.ping.v1";
+    }
+
+    #[test]
+    fn twenty_headers_fit_in_at_most_nine_attributes_and_round_trip() {
+        let mut envelope = Envelope::new("/svc", Ping { n: 1 })
+            .with_key("k-1")
+            .with_causation_id("c");
+        for i in 0..20 {
+            envelope = envelope.with_header(format!("h{i}-ü"), format!("v{i} \"q\" \t"));
+        }
+        let message = envelope.to_message(&Json, "t").unwrap();
+        let packed = pack(&message).unwrap();
+        assert!(
+            packed.attributes.len() <= 9,
+            "{:?}",
+            packed.attributes.keys()
+        );
+        let back = unpack("t", &packed.body, &packed.attributes, "sqs-id");
+        assert_eq!(back, message);
+        assert_eq!(
+            Envelope::<Ping>::from_message(&Json, &back).unwrap(),
+            envelope
+        );
+    }
+
+    #[test]
+    fn binary_and_empty_payloads_and_foreign_ids_survive() {
+        for payload in [
+            vec![0xff, 0x00, 0x10, 0x80],
+            Vec::new(),
+            b"ab".to_vec(),
+            b"abc".to_vec(),
+        ] {
+            let message = Message::new("m-1", "t", payload.clone());
+            let packed = pack(&message).unwrap();
+            let back = unpack("t", &packed.body, &packed.attributes, "sqs-id");
+            assert_eq!(back.payload.to_vec(), payload);
+            assert_eq!(back.id, "m-1");
+        }
+        let foreign = unpack("t", "hello", &BTreeMap::new(), "sqs-id");
+        assert_eq!(foreign.id, "sqs-id");
+    }
+}

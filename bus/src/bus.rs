@@ -1,0 +1,309 @@
+//! [`Bus`]: what services hold. A transport plus the codec and defaults.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tracing::Instrument;
+
+use crate::codec::Json;
+use crate::config::BusConfig;
+use crate::consumer::{Interceptor, SubscriptionBuilder};
+use crate::dead_letter::DeadLetter;
+use crate::envelope::{Envelope, Event};
+use crate::error::{Error, Result};
+use crate::memory::MemoryTransport;
+use crate::message::{validate_name, Message};
+use crate::retry::RetryPolicy;
+use crate::transport::{RedriveSelection, Transport};
+use crate::Capabilities;
+
+/// The CloudEvents `source` used when none is configured.
+pub const DEFAULT_SOURCE: &str = "/busbar";
+/// Handlers run at once per subscription when none is configured.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+
+/// Publishes typed events and starts subscriptions, over any [`Transport`].
+///
+/// Cheap to clone: clones share the transport.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use serde::{Deserialize, Serialize};
+/// use busbar_core::{Bus, Event};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct OrderPlaced { order_id: u32 }
+/// impl Event for OrderPlaced { const TYPE: &'static str = "orders.order_placed.v1"; }
+///
+/// let bus = Bus::memory();
+/// bus.declare("orders", "billing").await?;
+/// let id = bus.publish("orders", OrderPlaced { order_id: 1 }).await?;
+/// assert!(!id.is_empty());
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+}
+
+struct BusInner {
+    transport: Arc<dyn Transport>,
+    source: String,
+    retry: RetryPolicy,
+    concurrency: usize,
+    interceptor: Option<Arc<dyn Interceptor>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("transport", &self.inner.transport)
+            .field("source", &self.inner.source)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Bus`] with non-default settings.
+#[derive(Debug)]
+pub struct BusBuilder {
+    transport: Arc<dyn Transport>,
+    source: String,
+    retry: RetryPolicy,
+    concurrency: usize,
+    interceptor: Option<Arc<dyn Interceptor>>,
+}
+
+impl std::fmt::Debug for dyn Interceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Interceptor")
+    }
+}
+
+impl BusBuilder {
+    /// The CloudEvents `source` of events this service publishes (e.g. `/orders-service`).
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// The retry policy subscriptions use unless they set their own.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Handlers running at once per subscription, unless set per subscription.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Consults `interceptor` before every handler attempt of every subscription of this bus.
+    pub fn interceptor(mut self, interceptor: Arc<dyn Interceptor>) -> Self {
+        self.interceptor = Some(interceptor);
+        self
+    }
+
+    /// Applies the non-URL parts of `config`.
+    pub fn config(self, config: &BusConfig) -> Self {
+        self.source(config.source.clone())
+            .retry(config.retry.clone())
+            .concurrency(config.concurrency)
+    }
+
+    /// The bus.
+    pub fn build(self) -> Bus {
+        Bus {
+            inner: Arc::new(BusInner {
+                transport: self.transport,
+                source: self.source,
+                retry: self.retry,
+                concurrency: self.concurrency,
+                interceptor: self.interceptor,
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl Bus {
+    /// A bus over `transport` with default settings.
+    pub fn new(transport: impl Transport) -> Self {
+        Bus::builder(Arc::new(transport)).build()
+    }
+
+    /// A bus over a fresh in-process [`MemoryTransport`].
+    pub fn memory() -> Self {
+        Bus::new(MemoryTransport::new())
+    }
+
+    /// A builder over a shared transport.
+    pub fn builder(transport: Arc<dyn Transport>) -> BusBuilder {
+        BusBuilder {
+            transport,
+            source: DEFAULT_SOURCE.to_string(),
+            retry: RetryPolicy::default(),
+            concurrency: DEFAULT_CONCURRENCY,
+            interceptor: None,
+        }
+    }
+
+    /// The transport underneath.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// What the transport guarantees.
+    pub fn capabilities(&self) -> Capabilities {
+        self.inner.transport.capabilities()
+    }
+
+    /// The CloudEvents `source` of this bus's events.
+    pub fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    pub(crate) fn default_retry(&self) -> &RetryPolicy {
+        &self.inner.retry
+    }
+
+    pub(crate) fn interceptor(&self) -> Option<&Arc<dyn Interceptor>> {
+        self.inner.interceptor.as_ref()
+    }
+
+    pub(crate) fn default_concurrency(&self) -> usize {
+        self.inner.concurrency
+    }
+
+    /// A fresh envelope for `event` from this bus's source, to adjust before publishing.
+    pub fn envelope<E: Event>(&self, event: E) -> Envelope<E> {
+        Envelope::new(self.inner.source.clone(), event)
+    }
+
+    /// Publishes `event` to `topic` as a new conversation. Returns the message id once the
+    /// broker durably accepted it.
+    pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<String> {
+        let envelope = self.envelope(event);
+        self.publish_envelope(topic, &envelope).await?;
+        Ok(envelope.id)
+    }
+
+    /// Publishes a prepared envelope (its id, correlation and headers as they are).
+    pub async fn publish_envelope<E: Event>(
+        &self,
+        topic: &str,
+        envelope: &Envelope<E>,
+    ) -> Result<()> {
+        let message = envelope.to_message(&Json, topic)?;
+        self.publish_messages(vec![message]).await
+    }
+
+    /// Publishes several events to `topic` in one batch. Returns their ids in order once all
+    /// were durably accepted; on error, none of them should be assumed published.
+    pub async fn publish_batch<E: Event>(
+        &self,
+        topic: &str,
+        events: impl IntoIterator<Item = E>,
+    ) -> Result<Vec<String>> {
+        let envelopes: Vec<Envelope<E>> = events.into_iter().map(|e| self.envelope(e)).collect();
+        let messages = envelopes
+            .iter()
+            .map(|envelope| envelope.to_message(&Json, topic))
+            .collect::<Result<Vec<_>>>()?;
+        self.publish_messages(messages).await?;
+        Ok(envelopes.into_iter().map(|e| e.id).collect())
+    }
+
+    /// Publishes already-encoded messages (for bridges and tools; services use
+    /// [`Bus::publish`]).
+    pub async fn publish_messages(&self, messages: Vec<Message>) -> Result<()> {
+        self.ensure_open("publish")?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        for message in &messages {
+            validate_name("topic", &message.topic)?;
+        }
+        let span = tracing::info_span!(
+            "busbar.publish",
+            messaging.system = self.inner.transport.name(),
+            messaging.operation.type = "publish",
+            messaging.destination.name = %messages[0].topic,
+            messaging.batch.message_count = messages.len(),
+            messaging.message.id = %messages[0].id,
+        );
+        self.inner
+            .transport
+            .publish(messages)
+            .instrument(span)
+            .await
+    }
+
+    /// Declares `group`'s durable subscription to `topic`: from now on the group receives every
+    /// message published to the topic, even while none of its consumers runs.
+    pub async fn declare(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_open("declare")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.inner.transport.declare(topic, group).await
+    }
+
+    /// Starts building a subscription of `group` to events of type `E` on `topic`.
+    pub fn subscribe<E: Event>(&self, topic: &str, group: &str) -> SubscriptionBuilder<E> {
+        SubscriptionBuilder::new(self.clone(), topic, group)
+    }
+
+    /// Up to `limit` dead letters of (`topic`, `group`), oldest first.
+    pub async fn dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        self.ensure_open("list dead letters")?;
+        self.inner.transport.dead_letters(topic, group, limit).await
+    }
+
+    /// Sends every dead letter of (`topic`, `group`) back to the group, with fresh attempts.
+    /// Returns how many were redriven.
+    pub async fn redrive(&self, topic: &str, group: &str) -> Result<usize> {
+        self.redrive_selected(topic, group, RedriveSelection::All)
+            .await
+    }
+
+    /// Sends the selected dead letters back to the group.
+    pub async fn redrive_selected(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.ensure_open("redrive")?;
+        self.inner.transport.redrive(topic, group, selection).await
+    }
+
+    /// Closes the bus and its transport: later publishes fail with a `Closed` error and
+    /// subscriptions stop receiving. Shut subscriptions down first to drain them gracefully.
+    pub async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.inner.transport.close().await
+    }
+
+    /// Whether [`Bus::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    fn ensure_open(&self, operation: &'static str) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::closed(operation, "bus"))
+        } else {
+            Ok(())
+        }
+    }
+}

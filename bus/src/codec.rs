@@ -1,0 +1,149 @@
+//! Payload codecs: how an event value becomes bytes and back.
+//!
+//! busbar ships JSON ([`Json`]). Decode errors name the event type and the path of the field
+//! that failed (`items[0].sku: missing field`), so a dead letter explains itself.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Encodes event values to bytes and decodes them back.
+pub trait Codec: Send + Sync + 'static {
+    /// The MIME type written to the envelope's `datacontenttype`.
+    fn content_type(&self) -> &'static str;
+
+    /// Whether this codec can read payloads of `content_type`.
+    fn accepts(&self, content_type: &str) -> bool;
+
+    /// Encodes `value`, an event of type `event_type`.
+    fn encode<T: Serialize>(&self, event_type: &str, value: &T) -> Result<Bytes>;
+
+    /// Decodes `bytes` as an event of type `event_type`.
+    fn decode<T: DeserializeOwned>(&self, event_type: &str, bytes: &[u8]) -> Result<T>;
+}
+
+/// The JSON codec (`application/json`).
+///
+/// ```
+/// use busbar_core::codec::{Codec, Json};
+///
+/// let bytes = Json.encode("demo.v1", &vec![1, 2, 3]).unwrap();
+/// let back: Vec<u32> = Json.decode("demo.v1", &bytes).unwrap();
+/// assert_eq!(back, [1, 2, 3]);
+///
+/// let err = Json.decode::<Vec<u32>>("demo.v1", b"[1, \"x\"]").unwrap_err();
+/// assert!(err.to_string().contains("demo.v1"));
+/// assert!(err.to_string().contains("[1]"));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json;
+
+impl Codec for Json {
+    fn content_type(&self) -> &'static str {
+        "application/json"
+    }
+
+    fn accepts(&self, content_type: &str) -> bool {
+        // `application/json; charset=utf-8`, `application/cloudevents+json`, `text/json`.
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+    }
+
+    fn encode<T: Serialize>(&self, event_type: &str, value: &T) -> Result<Bytes> {
+        serde_json::to_vec(value).map(Bytes::from).map_err(|e| {
+            Error::new(
+                ErrorKind::Encode,
+                "encode",
+                format!("cannot encode the payload as JSON: {e}"),
+            )
+            .with_resource(format!("event type {event_type}"))
+            .with_source(e)
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(&self, event_type: &str, bytes: &[u8]) -> Result<T> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let at = if path == "." {
+                String::new()
+            } else {
+                format!(" at `{path}`")
+            };
+            Error::new(
+                ErrorKind::Decode,
+                "decode",
+                format!("payload is not a valid {event_type}{at}: {inner}"),
+            )
+            .with_resource(format!("event type {event_type}"))
+            .with_source(inner)
+        })?;
+        de.end().map_err(|e| {
+            Error::new(
+                ErrorKind::Decode,
+                "decode",
+                format!("payload has trailing data after the {event_type} value: {e}"),
+            )
+            .with_resource(format!("event type {event_type}"))
+            .with_source(e)
+        })?;
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Order {
+        id: u64,
+        items: Vec<Item>,
+    }
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Item {
+        sku: String,
+    }
+
+    #[test]
+    fn decode_error_names_type_and_field_path() {
+        let err = Json
+            .decode::<Order>(
+                "orders.order_created.v1",
+                br#"{"id":1,"items":[{"qty":2}]}"#,
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Decode);
+        let text = err.to_string();
+        assert!(text.contains("orders.order_created.v1"), "{text}");
+        assert!(text.contains("items[0]"), "{text}");
+        assert!(text.contains("missing field `sku`"), "{text}");
+    }
+
+    #[test]
+    fn non_json_and_trailing_garbage_are_decode_errors() {
+        assert!(Json.decode::<Vec<u8>>("t", b"not json").is_err());
+        assert!(Json.decode::<Vec<u8>>("t", b"[1] [2]").is_err());
+        assert!(Json.decode::<Vec<u8>>("t", b"").is_err());
+    }
+
+    #[test]
+    fn accepts_json_content_types_only() {
+        assert!(Json.accepts("application/json"));
+        assert!(Json.accepts("Application/JSON; charset=utf-8"));
+        assert!(Json.accepts("application/cloudevents+json"));
+        assert!(!Json.accepts("application/avro"));
+        assert!(!Json.accepts("text/plain"));
+    }
+}

@@ -1,0 +1,331 @@
+//! The consumer runtime, written once for every transport: concurrency with per-key order,
+//! retry then dead-letter, idempotency, correlation, tracing and graceful shutdown.
+
+mod context;
+mod handler;
+mod runtime;
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use context::Context;
+pub use handler::{Handler, HandlerError, Interceptor};
+
+use crate::bus::Bus;
+use crate::envelope::{Envelope, Event};
+use crate::error::{Error, ErrorKind, Result};
+use crate::idempotency::IdempotencyStore;
+use crate::message::validate_name;
+use crate::retry::RetryPolicy;
+use crate::transport::ConsumeOptions;
+
+type KeyFn<E> = Arc<dyn Fn(&Envelope<E>) -> String + Send + Sync>;
+
+pub(crate) struct Idempotency<E> {
+    store: Arc<dyn IdempotencyStore>,
+    key: Option<KeyFn<E>>,
+    lease: Duration,
+    retention: Duration,
+}
+
+/// Configures and starts a subscription; made by [`Bus::subscribe`].
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)] struct OrderPlaced { id: u32 }
+/// # impl busbar_core::Event for OrderPlaced { const TYPE: &'static str = "orders.placed.v1"; }
+/// use std::{sync::Arc, time::Duration};
+/// use busbar_core::{Bus, Context, Envelope, HandlerError, RetryPolicy};
+/// use busbar_core::idempotency::MemoryIdempotencyStore;
+///
+/// let bus = Bus::memory();
+/// let subscription = bus
+///     .subscribe::<OrderPlaced>("orders", "billing")
+///     .concurrency(16)
+///     .retry(RetryPolicy::exponential(3))
+///     .idempotent(Arc::new(MemoryIdempotencyStore::new(100_000)))
+///     .start(|order: Envelope<OrderPlaced>, ctx: Context| async move {
+///         if order.payload.id == 0 {
+///             return Err(HandlerError::permanent("order 0 does not exist"));
+///         }
+///         Ok(())
+///     })
+///     .await?;
+/// subscription.shutdown(Duration::from_secs(5)).await?;
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
+pub struct SubscriptionBuilder<E> {
+    bus: Bus,
+    topic: String,
+    group: String,
+    concurrency: Option<usize>,
+    max_in_flight: Option<usize>,
+    retry: Option<RetryPolicy>,
+    key_ordered: bool,
+    idempotency: Option<Idempotency<E>>,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E: Event> SubscriptionBuilder<E> {
+    pub(crate) fn new(bus: Bus, topic: &str, group: &str) -> Self {
+        SubscriptionBuilder {
+            bus,
+            topic: topic.to_string(),
+            group: group.to_string(),
+            concurrency: None,
+            max_in_flight: None,
+            retry: None,
+            key_ordered: true,
+            idempotency: None,
+            _event: PhantomData,
+        }
+    }
+
+    /// Handlers running at once (default: the bus's, 8).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = Some(concurrency.max(1));
+        self
+    }
+
+    /// Deliveries held at once, running or waiting behind their key (prefetch). Default: twice
+    /// the concurrency. Never below the concurrency.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = Some(max_in_flight.max(1));
+        self
+    }
+
+    /// The retry policy (default: the bus's).
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// Whether messages with the same key are handled one at a time, in delivery order
+    /// (default `true`; messages without a key always run in parallel).
+    pub fn key_ordered(mut self, key_ordered: bool) -> Self {
+        self.key_ordered = key_ordered;
+        self
+    }
+
+    /// Makes the handler idempotent: its effect happens once per message id per group, even
+    /// when the message is delivered again. Claims are leases of 30 s by default
+    /// ([`lease`](Self::lease)), done marks are kept 24 h ([`retention`](Self::retention)).
+    pub fn idempotent(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.idempotency = Some(Idempotency {
+            store,
+            key: None,
+            lease: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+        });
+        self
+    }
+
+    /// Uses `key` instead of the message id as the idempotency key (e.g. a business id, so two
+    /// messages about the same payment count as one). Needs [`idempotent`](Self::idempotent).
+    pub fn idempotency_key(
+        mut self,
+        key: impl Fn(&Envelope<E>) -> String + Send + Sync + 'static,
+    ) -> Self {
+        if let Some(idempotency) = &mut self.idempotency {
+            idempotency.key = Some(Arc::new(key));
+        }
+        self
+    }
+
+    /// How long an idempotency claim holds before another consumer may take it over. Set it
+    /// above the handler's longest run.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        if let Some(idempotency) = &mut self.idempotency {
+            idempotency.lease = lease;
+        }
+        self
+    }
+
+    /// How long a done mark is kept (the window in which duplicates are recognised).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        if let Some(idempotency) = &mut self.idempotency {
+            idempotency.retention = retention;
+        }
+        self
+    }
+
+    /// Declares the subscription and starts consuming with `handler`.
+    pub async fn start(self, handler: impl Handler<E>) -> Result<Subscription> {
+        validate_name("topic", &self.topic)?;
+        validate_name("group", &self.group)?;
+        if self.bus.is_closed() {
+            return Err(Error::closed("subscribe", "bus"));
+        }
+        let concurrency = self
+            .concurrency
+            .unwrap_or(self.bus.default_concurrency())
+            .max(1);
+        let max_in_flight = self
+            .max_in_flight
+            .unwrap_or(concurrency * 2)
+            .max(concurrency);
+        let transport = Arc::clone(self.bus.transport());
+        let stream = transport
+            .consume(&self.topic, &self.group, ConsumeOptions { max_in_flight })
+            .await?;
+        let counters = Arc::new(Counters::default());
+        let shared = Arc::new(runtime::Shared {
+            retry: self
+                .retry
+                .unwrap_or_else(|| self.bus.default_retry().clone()),
+            system: transport.name(),
+            bus: self.bus,
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            handler: Arc::new(handler),
+            idempotency: self.idempotency,
+            counters: Arc::clone(&counters),
+        });
+        let (stop, stop_rx) = watch::channel(None);
+        let limits = runtime::Limits {
+            concurrency,
+            max_in_flight,
+            key_ordered: self.key_ordered,
+        };
+        let task = tokio::spawn(runtime::run(shared, stream, stop_rx, limits));
+        tracing::debug!(topic = %self.topic, group = %self.group, concurrency, max_in_flight, "subscription started");
+        Ok(Subscription {
+            topic: self.topic,
+            group: self.group,
+            stop,
+            task: Some(task),
+            counters,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    received: AtomicU64,
+    handled: AtomicU64,
+    failed_attempts: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    duplicates_skipped: AtomicU64,
+    panics: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts of what a subscription did so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SubscriptionStats {
+    /// Deliveries received from the transport (redeliveries included).
+    pub received: u64,
+    /// Messages whose handler succeeded and that were acked.
+    pub handled: u64,
+    /// Handler attempts that failed (errors and panics).
+    pub failed_attempts: u64,
+    /// Failed attempts that were scheduled for another try.
+    pub retried: u64,
+    /// Messages sent to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Deliveries skipped because the idempotency store had them done.
+    pub duplicates_skipped: u64,
+    /// Handler attempts that panicked (also counted in `failed_attempts`).
+    pub panics: u64,
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShutdownReport {
+    /// Handlers that were running when shutdown began and finished before the deadline.
+    pub drained: usize,
+    /// Handlers still running at the deadline: stopped, their messages not acked (they will be
+    /// delivered again).
+    pub abandoned: usize,
+    /// Deliveries received but not started: returned unacked.
+    pub returned: usize,
+}
+
+/// A running subscription. Shut it down with [`Subscription::shutdown`]; dropping it stops it
+/// at once, abandoning (not acking) whatever handlers were running.
+#[must_use = "dropping a Subscription stops it"]
+pub struct Subscription {
+    topic: String,
+    group: String,
+    stop: watch::Sender<Option<Instant>>,
+    task: Option<JoinHandle<ShutdownReport>>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The subscribed topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The subscription group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// What the subscription did so far.
+    pub fn stats(&self) -> SubscriptionStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SubscriptionStats {
+            received: get(&c.received),
+            handled: get(&c.handled),
+            failed_attempts: get(&c.failed_attempts),
+            retried: get(&c.retried),
+            dead_lettered: get(&c.dead_lettered),
+            duplicates_skipped: get(&c.duplicates_skipped),
+            panics: get(&c.panics),
+        }
+    }
+
+    /// Whether the consumer has stopped (shut down, or its transport closed and it drained).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops fetching, lets running handlers finish for up to `grace` (acking what succeeds),
+    /// returns the rest unacked, and waits until the consumer has stopped.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<ShutdownReport> {
+        let _ = self.stop.send(Some(Instant::now() + grace));
+        let Some(task) = self.task.take() else {
+            return Ok(ShutdownReport::default());
+        };
+        task.await.map_err(|e| {
+            Error::new(ErrorKind::Closed, "shutdown", "the consumer task failed")
+                .with_resource(format!("topic {}, group {}", self.topic, self.group))
+                .with_source(e)
+        })
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            let _ = self.stop.send(Some(Instant::now()));
+        }
+    }
+}

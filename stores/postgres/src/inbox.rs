@@ -1,0 +1,134 @@
+//! The transactional inbox: the handler's writes and the "done" mark commit in one
+//! PostgreSQL transaction.
+//!
+//! For each message the inbox opens a transaction, inserts and locks the message's row (a
+//! duplicate being handled concurrently waits on that lock), skips the message if it is marked
+//! done, and otherwise hands the transaction to the handler. When the handler returns it, the
+//! inbox marks the message done and commits; when the handler fails, the transaction is rolled
+//! back, so neither its writes nor the mark remain, and the message is retried. A crashed
+//! holder's transaction dies with its connection, releasing the lock: no lease is needed.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use busbar_core::{Context, Envelope, Event, Handler, HandlerError};
+use futures::future::BoxFuture;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::{millis, sql, store_error, Statements};
+
+/// Runs handlers inside a transaction together with their dedup record. Made by
+/// [`crate::PostgresIdempotencyStore::inbox`].
+///
+/// ```no_run
+/// # async fn demo(bus: busbar_core::Bus, store: busbar_postgres::PostgresIdempotencyStore) -> busbar_core::Result<()> {
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct Paid { order: String, cents: i64 }
+/// # impl busbar_core::Event for Paid { const TYPE: &'static str = "paid.v1"; }
+/// use std::time::Duration;
+///
+/// let inbox = store.inbox(Duration::from_secs(7 * 24 * 3600));
+/// let _sub = bus
+///     .subscribe::<Paid>("payments", "ledger")
+///     .start(inbox.handler(|paid: busbar_core::Envelope<Paid>, _ctx, mut tx| async move {
+///         sqlx::query("INSERT INTO ledger (order_id, cents) VALUES ($1, $2)")
+///             .bind(&paid.payload.order)
+///             .bind(paid.payload.cents)
+///             .execute(&mut *tx)
+///             .await?;
+///         Ok(tx) // committed together with the message's done mark
+///     }))
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresInbox {
+    pool: PgPool,
+    statements: Arc<Statements>,
+    retention: Duration,
+}
+
+impl PostgresInbox {
+    pub(crate) fn new(pool: PgPool, statements: Arc<Statements>, retention: Duration) -> Self {
+        PostgresInbox {
+            pool,
+            statements,
+            retention,
+        }
+    }
+
+    /// Wraps `handler`, which gets the transaction and returns it to have it committed.
+    pub fn handler<E, F, Fut>(&self, handler: F) -> InboxHandler<E, F>
+    where
+        E: Event,
+        F: Fn(Envelope<E>, Context, Transaction<'static, Postgres>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Transaction<'static, Postgres>, HandlerError>> + Send + 'static,
+    {
+        InboxHandler {
+            inbox: self.clone(),
+            handler: Arc::new(handler),
+            _event: PhantomData,
+        }
+    }
+}
+
+/// A handler run inside the inbox's transaction; see [`PostgresInbox::handler`].
+pub struct InboxHandler<E, F> {
+    inbox: PostgresInbox,
+    handler: Arc<F>,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E, F, Fut> Handler<E> for InboxHandler<E, F>
+where
+    E: Event,
+    F: Fn(Envelope<E>, Context, Transaction<'static, Postgres>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Transaction<'static, Postgres>, HandlerError>> + Send + 'static,
+{
+    fn handle(
+        &self,
+        envelope: Envelope<E>,
+        context: Context,
+    ) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let inbox = self.inbox.clone();
+        let handler = Arc::clone(&self.handler);
+        Box::pin(async move {
+            let statements = &inbox.statements;
+            let (scope, key) = (context.group().to_string(), envelope.id.clone());
+            let mut tx =
+                inbox.pool.begin().await.map_err(|e| {
+                    HandlerError::transient(store_error("begin inbox transaction", e))
+                })?;
+            sqlx::query(sql(&statements.inbox_insert))
+                .bind(&scope)
+                .bind(&key)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| HandlerError::transient(store_error("inbox", e)))?;
+            let handled: bool = sqlx::query(sql(&statements.inbox_lock))
+                .bind(&scope)
+                .bind(&key)
+                .fetch_one(&mut *tx)
+                .await
+                .and_then(|row| row.try_get("handled"))
+                .map_err(|e| HandlerError::transient(store_error("inbox", e)))?;
+            if handled {
+                tracing::debug!(message_id = %key, group = %scope, "inbox: already handled; skipping duplicate");
+                let _ = tx.rollback().await;
+                return Ok(());
+            }
+            let mut tx = handler(envelope, context, tx).await?;
+            sqlx::query(sql(&statements.mark_done))
+                .bind(&scope)
+                .bind(&key)
+                .bind(millis(inbox.retention))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| HandlerError::transient(store_error("inbox", e)))?;
+            tx.commit()
+                .await
+                .map_err(|e| HandlerError::transient(store_error("commit inbox transaction", e)))
+        })
+    }
+}

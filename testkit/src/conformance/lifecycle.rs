@@ -1,0 +1,145 @@
+//! Lifecycle: closing, resubscribing, shutdown.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use busbar_core::{Context, Envelope, ErrorKind, Message};
+
+use super::{probe, unique, wait_for, Harness, Ledger, Probe};
+
+const GRACE: Duration = Duration::from_secs(10);
+
+/// A closed subscription receives nothing more; subscribing the group again resumes with
+/// exactly the messages published in between.
+pub async fn closed_subscription_stops_and_resubscribing_resumes(h: Harness) {
+    let Some(bus) = h.bus().await else { return };
+    let caps = bus.capabilities();
+    let (topic, group) = (unique("resume"), unique("g"));
+    let first = Ledger::default();
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .start(first.handler())
+        .await
+        .expect("subscribe");
+    let before = bus
+        .publish_batch(&topic, (0..10).map(|i| probe(i, "")))
+        .await
+        .expect("publish");
+    wait_for("first ten handled", || first.distinct().len() == 10).await;
+    sub.shutdown(GRACE).await.expect("shutdown");
+    let seen_by_first = first.len();
+
+    let after = bus
+        .publish_batch(&topic, (10..20).map(|i| probe(i, "")))
+        .await
+        .expect("publish while closed");
+    let second = Ledger::default();
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .start(second.handler())
+        .await
+        .expect("resubscribe");
+    wait_for("the ten published while closed", || {
+        second.distinct().len() >= 10
+    })
+    .await;
+    assert_eq!(
+        first.len(),
+        seen_by_first,
+        "a closed subscription kept receiving"
+    );
+    second.assert_nothing_lost(&after);
+    second.assert_nothing_duplicated(&caps);
+    if !caps.may_duplicate {
+        let replayed: Vec<_> = before
+            .iter()
+            .filter(|id| second.distinct().contains(*id))
+            .collect();
+        assert!(
+            replayed.is_empty(),
+            "acked messages were delivered again: {replayed:?}"
+        );
+    }
+    let _ = sub.shutdown(GRACE).await;
+}
+
+/// Publishing through a closed bus, or a closed transport, is a `Closed` error.
+pub async fn publishing_after_close_is_a_clear_error(h: Harness) {
+    let Some(bus) = h.bus().await else { return };
+    let topic = unique("closed");
+    bus.close().await.expect("close");
+    let err = bus
+        .publish(&topic, probe(1, ""))
+        .await
+        .expect_err("publish after close must fail");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+
+    let Some(transport) = h.transport().await else {
+        return;
+    };
+    transport.close().await.expect("close transport");
+    let err = transport
+        .publish(vec![Message::new("m", topic, "{}")])
+        .await
+        .expect_err("a closed transport must refuse publishes");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+}
+
+/// Shutdown lets running handlers finish within the grace period and acks them: they are not
+/// delivered again.
+pub async fn shutdown_drains_in_flight_handlers(h: Harness) {
+    let Some(bus) = h.bus().await else { return };
+    let caps = bus.capabilities();
+    let (topic, group) = (unique("drain"), unique("g"));
+    let started = Arc::new(AtomicUsize::new(0));
+    let ledger = Ledger::default();
+    let (count, record) = (Arc::clone(&started), ledger.clone());
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .concurrency(4)
+        .start(move |env: Envelope<Probe>, _ctx: Context| {
+            count.fetch_add(1, Ordering::SeqCst);
+            let record = record.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                record.record(env);
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    let ids = bus
+        .publish_batch(&topic, (0..4).map(|i| probe(i, "")))
+        .await
+        .expect("publish");
+    wait_for("four handlers running", || {
+        started.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    let report = sub.shutdown(GRACE).await.expect("shutdown");
+    assert_eq!((report.drained, report.abandoned), (4, 0), "{report:?}");
+    ledger.assert_nothing_lost(&ids);
+
+    // They were acked: a new consumer of the group gets only what comes next.
+    let after = Ledger::default();
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .start(after.handler())
+        .await
+        .expect("resubscribe");
+    let marker = bus
+        .publish(&topic, probe(99, ""))
+        .await
+        .expect("publish marker");
+    wait_for("the marker", || after.distinct().contains(&marker)).await;
+    if !caps.may_duplicate {
+        assert_eq!(
+            after.distinct().len(),
+            1,
+            "drained messages came back: {:?}",
+            after.distinct()
+        );
+    }
+    let _ = sub.shutdown(GRACE).await;
+}

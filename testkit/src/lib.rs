@@ -1,0 +1,17 @@
+//! busbar's testkit: unit-test event handlers with no broker, inject faults, and prove a
+//! transport correct with the conformance suite.
+//!
+//! - [`TestBus`]: the memory transport plus a record of everything published, typed
+//!   assertions, fault injection ([`Faults`]) and [`TestBus::run_until_idle`].
+//! - [`FaultyTransport`]: the same faults around any transport.
+//! - [`conformance`]: the scenarios every transport must pass, and
+//!   [`conformance_suite!`] to run them all as named tests.
+//! - [`idempotency`]: the scenarios every shared idempotency store must pass.
+
+pub mod conformance;
+pub mod faults;
+pub mod idempotency;
+mod test_bus;
+
+pub use faults::{Faults, FaultyTransport, SettleCounts};
+pub use test_bus::{TestBus, IDLE_TIMEOUT};
