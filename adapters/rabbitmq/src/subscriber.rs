@@ -33,8 +33,13 @@ impl Drop for ChannelGuard {
     fn drop(&mut self) {
         let channel = self.channel.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // Bounded: lapin may never answer on a connection that is already gone.
             runtime.spawn(async move {
-                let _ = channel.close(200, "consumer done".into()).await;
+                let _ = tokio::time::timeout(
+                    BACKGROUND_LIMIT,
+                    channel.close(200, "consumer done".into()),
+                )
+                .await;
             });
         }
     }
@@ -213,6 +218,13 @@ fn to_delivery(
     )
 }
 
+/// How long a background close or requeue may take before it is given up (the broker
+/// redelivers unsettled messages of a closed channel anyway).
+const BACKGROUND_LIMIT: Duration = Duration::from_secs(30);
+
+/// How often a pending ack looks whether its channel is still open.
+const SETTLE_WATCH: Duration = Duration::from_millis(100);
+
 struct RabbitAck {
     inner: Arc<Inner>,
     route: Arc<Route>,
@@ -223,41 +235,67 @@ struct RabbitAck {
 }
 
 impl RabbitAck {
-    fn settle_error(&self, operation: &'static str, e: lapin::Error) -> Error {
+    fn settle_error(&self, operation: &'static str, why: String) -> Error {
         Error::new(
             ErrorKind::Connection,
             operation,
-            format!(
-                "could not {operation} on RabbitMQ: {e}; the broker will deliver the message again"
-            ),
+            format!("could not {operation} on RabbitMQ: {why}; the broker will deliver the message again"),
         )
         .with_resource(format!("queue {}", self.route.queue))
-        .with_source(e)
+    }
+
+    /// Acks (or requeues, with `requeue`) the delivery on its channel.
+    ///
+    /// lapin can leave an ack pending forever when the channel dies as it is sent, and reports
+    /// an ack on an already dead channel as `Ok(false)`. Neither may pass for success or hold
+    /// up the consumer (its key would wait behind it for good), so the settle races a watch on
+    /// the channel: once the channel is gone the broker redelivers the message anyway, and the
+    /// caller gets a `Connection` error saying so.
+    async fn settle(&mut self, requeue: bool) -> Result<()> {
+        let operation = if requeue { "nack" } else { "ack" };
+        let Some(acker) = self.acker.take() else {
+            return Ok(());
+        };
+        let channel = self._guard.channel.clone();
+        let settling = async {
+            if requeue {
+                let options = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                acker.nack(options).await
+            } else {
+                acker.ack(BasicAckOptions::default()).await
+            }
+        };
+        let watch = async {
+            let mut tick = tokio::time::interval(SETTLE_WATCH);
+            loop {
+                tick.tick().await;
+                if acker.poisoned() || !channel.status().connected() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            settled = settling => match settled {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(self.settle_error(operation, "its channel was closed".into())),
+                Err(e) => Err(self.settle_error(operation, e.to_string()).with_source(e)),
+            },
+            () = watch => {
+                tracing::debug!(queue = %self.route.queue, operation, "channel closed while settling a delivery");
+                Err(self.settle_error(operation, "its channel closed while settling".into()))
+            }
+        }
     }
 
     async fn requeue(&mut self) -> Result<()> {
-        match self.acker.take() {
-            Some(acker) => acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-                .map(drop)
-                .map_err(|e| self.settle_error("nack", e)),
-            None => Ok(()),
-        }
+        self.settle(true).await
     }
 
     async fn ack_now(&mut self) -> Result<()> {
-        match self.acker.take() {
-            Some(acker) => acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(drop)
-                .map_err(|e| self.settle_error("ack", e)),
-            None => Ok(()),
-        }
+        self.settle(false).await
     }
 
     /// Sends `message` to `queue` through the default exchange, confirmed.
@@ -359,12 +397,11 @@ impl Drop for RabbitAck {
         if let Some(acker) = self.acker.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    let _ = acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await;
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    };
+                    let _ = tokio::time::timeout(BACKGROUND_LIMIT, acker.nack(requeue)).await;
                 });
             }
         }

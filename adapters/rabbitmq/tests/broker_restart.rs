@@ -47,6 +47,10 @@ async fn broker_restart_mid_run_loses_nothing() {
         eprintln!("SKIPPED: restarts the local RabbitMQ; set CI=true or BUSBAR_RESTART_TESTS=1");
         return;
     }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     const N: u64 = 5_000;
     let url = format!(
         "{}?publish_timeout_ms=60000&reconnect_max_ms=500&queue_expires_ms=600000",

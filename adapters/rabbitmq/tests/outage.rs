@@ -132,3 +132,73 @@ async fn a_publish_during_an_outage_fails_clearly_and_everything_recovers_after(
             .map(|d| d.map(|d| d.message().id.clone()))
     );
 }
+
+/// A delivery whose channel dies before it is acked: the ack must fail (not hang, and not
+/// pass for success, which lapin reports as `Ok(false)` or leaves pending forever), and the
+/// message comes back on the next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_after_the_connection_dropped_fails_and_the_message_comes_back() {
+    let proxy = Proxy::start().await;
+    let url = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f?publish_timeout_ms=5000&reconnect_max_ms=100&queue_expires_ms=600000",
+        proxy.port
+    );
+    let transport: Arc<dyn Transport> = match RabbitTransport::connect(&url.parse().unwrap()).await
+    {
+        Ok(t) => Arc::new(t),
+        Err(e) if !brokers_required() => return eprintln!("SKIPPED: {e}"),
+        Err(e) => panic!("RabbitMQ unreachable: {e}"),
+    };
+    let bus = Bus::builder(Arc::clone(&transport)).build();
+    let (topic, group) = (unique("ackloss"), unique("g"));
+    bus.declare(&topic, &group).await.unwrap();
+    let id = bus.publish(&topic, probe(1, "")).await.unwrap();
+    let mut stream = transport
+        .consume(&topic, &group, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("delivered")
+        .expect("stream open")
+        .expect("a delivery");
+    assert_eq!(first.message().id, id);
+
+    proxy.cut();
+    // Once the consumer has noticed the loss (the stream says so), the ack cannot reach the
+    // broker. (An ack written just before the client notices is indistinguishable from a
+    // delivered one: AMQP does not confirm acks.)
+    let noticed = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the consumer notices the lost connection")
+        .expect("stream open");
+    let Err(lost) = noticed else {
+        panic!("no delivery can arrive through a cut connection")
+    };
+    assert_eq!(lost.kind(), ErrorKind::Connection, "{lost}");
+    let acked = tokio::time::timeout(Duration::from_secs(10), first.ack())
+        .await
+        .expect("an ack on a dead channel must not hang");
+    let err = acked.expect_err("an ack that never reached the broker must not pass for success");
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert!(
+        err.to_string().contains("deliver the message again"),
+        "{err}"
+    );
+
+    proxy.restore();
+    // The consumer reconnects by itself and the broker hands the message out again.
+    let again = loop {
+        let next = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("redelivered after the outage")
+            .expect("stream open");
+        match next {
+            Ok(delivery) => break delivery,
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Connection, "{e}"),
+        }
+    };
+    assert_eq!(again.message().id, id);
+    assert!(again.attempt() >= 2, "a redelivery counts as a new attempt");
+    again.ack().await.unwrap();
+}
