@@ -29,6 +29,11 @@ fn readme_matrix_rows_match_the_transports_capabilities() {
     for (name, url) in [
         ("SQS (fan-out, default)", "sqs://"),
         ("SQS (`mode=queue`)", "sqs://?mode=queue"),
+        ("SQS (`fifo=true`)", "sqs://?fifo=true"),
+        (
+            "SQS (`mode=queue&fifo=true`)",
+            "sqs://?mode=queue&fifo=true",
+        ),
     ] {
         let config = busbar::sqs::SqsConfig::from_url(&url.parse().unwrap()).unwrap();
         rows.push(config.capabilities().matrix_row(name));

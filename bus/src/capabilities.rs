@@ -20,6 +20,9 @@ pub struct Capabilities {
     pub competing_consumers: bool,
     /// Messages with the same key (and the same group) are delivered in publish order.
     pub ordered_by_key: bool,
+    /// Per-key order holds across retries too: while a message waits for its retry, the later
+    /// messages of its key wait for it.
+    pub ordered_across_retries: bool,
     /// `nack(delay)` holds the message back for about `delay` before redelivering it.
     pub delayed_nack: bool,
     /// The broker may deliver a message more than once even when nothing failed, so
@@ -37,8 +40,8 @@ pub struct Capabilities {
 
 impl Capabilities {
     /// This transport's row of the README's capability matrix, in the matrix's column order:
-    /// `| name | fan-out | competing consumers | per-key order | delayed nack | may duplicate |
-    /// native DLQ | redrive | persistent | max message |`.
+    /// `| name | fan-out | competing consumers | per-key order | order across retries |
+    /// delayed nack | may duplicate | native DLQ | redrive | persistent | max message |`.
     ///
     /// ```
     /// let caps = busbar_core::MemoryTransport::new();
@@ -59,11 +62,12 @@ impl Capabilities {
     }
 
     /// The capability names and values, in a fixed order, for matrices and test reports.
-    pub fn entries(&self) -> [(&'static str, bool); 8] {
+    pub fn entries(&self) -> [(&'static str, bool); 9] {
         [
             ("fan-out", self.fan_out),
             ("competing consumers", self.competing_consumers),
             ("per-key order", self.ordered_by_key),
+            ("order across retries", self.ordered_across_retries),
             ("delayed nack", self.delayed_nack),
             ("may duplicate", self.may_duplicate),
             ("native dead letter", self.native_dead_letter),

@@ -363,6 +363,7 @@ impl Transport for MemoryTransport {
             fan_out: true,
             competing_consumers: true,
             ordered_by_key: true,
+            ordered_across_retries: true,
             delayed_nack: true,
             may_duplicate: false,
             native_dead_letter: false,

@@ -128,6 +128,7 @@ impl KafkaConfig {
             fan_out: true,
             competing_consumers: true,
             ordered_by_key: true,
+            ordered_across_retries: true,
             delayed_nack: true,
             may_duplicate: true,
             native_dead_letter: false,

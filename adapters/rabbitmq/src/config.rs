@@ -215,6 +215,8 @@ impl RabbitConfig {
             fan_out: true,
             competing_consumers: true,
             ordered_by_key: true,
+            // A retried message goes back through a retry queue, behind later ones.
+            ordered_across_retries: false,
             delayed_nack: true,
             may_duplicate: false,
             native_dead_letter: self.queue_type == QueueType::Quorum,

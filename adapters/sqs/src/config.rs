@@ -27,6 +27,7 @@ pub enum Mode {
 /// | `visibility_timeout_s` | `30` | how long a received message stays hidden (a heartbeat extends it while its handler runs) |
 /// | `wait_time_s` | `10` | long-polling wait of each receive |
 /// | `max_receive_count` | `10` | receives before SQS moves a message to the DLQ itself (crash backstop); keep it above the retry policy's attempts |
+/// | `fifo` | `false` | FIFO queues (and FIFO SNS topics): per-key order (key → `MessageGroupId`) and publish deduplication (message id → `MessageDeduplicationId`) |
 /// | `access_key_id`, `secret_access_key` | the provider chain's | static credentials, for local servers |
 #[derive(Clone)]
 pub struct SqsConfig {
@@ -46,6 +47,8 @@ pub struct SqsConfig {
     pub wait_time: Duration,
     /// Redrive policy threshold.
     pub max_receive_count: u32,
+    /// FIFO queues and topics: per-key order and publish deduplication.
+    pub fifo: bool,
     pub(crate) credentials: Option<(String, String)>,
 }
 
@@ -60,6 +63,7 @@ impl std::fmt::Debug for SqsConfig {
             .field("visibility_timeout", &self.visibility_timeout)
             .field("wait_time", &self.wait_time)
             .field("max_receive_count", &self.max_receive_count)
+            .field("fifo", &self.fifo)
             .finish_non_exhaustive()
     }
 }
@@ -96,6 +100,7 @@ impl SqsConfig {
             visibility_timeout: Duration::from_secs(30),
             wait_time: Duration::from_secs(10),
             max_receive_count: 10,
+            fifo: false,
             credentials: None,
         };
         let (mut key, mut secret) = (None, None);
@@ -132,11 +137,18 @@ impl SqsConfig {
                 "max_receive_count" => {
                     config.max_receive_count = u32::try_from(seconds(&name, &value, 1000)?.max(1)).unwrap_or(1000)
                 }
+                "fifo" => {
+                    config.fifo = match value.as_str() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        other => return Err(config_error(format!("`fifo` must be `true` or `false`, got {other:?}"))),
+                    }
+                }
                 "access_key_id" => key = Some(value),
                 "secret_access_key" => secret = Some(value),
                 other => {
                     return Err(config_error(format!(
-                        "unknown query parameter `{other}`; known: region, endpoint, mode, prefix, visibility_timeout_s, wait_time_s, max_receive_count, access_key_id, secret_access_key"
+                        "unknown query parameter `{other}`; known: region, endpoint, mode, prefix, visibility_timeout_s, wait_time_s, max_receive_count, fifo, access_key_id, secret_access_key"
                     )))
                 }
             }
@@ -153,17 +165,29 @@ impl SqsConfig {
         Ok(config)
     }
 
-    /// The SQS/SNS name of a busbar name: `.` (not allowed there) becomes `_`.
+    /// The SQS/SNS base name of a busbar name: `.` (not allowed there) becomes `_`. Queue
+    /// and topic names are made from it by [`SqsConfig::resource_name`].
     pub(crate) fn aws_name(&self, parts: &[&str]) -> Result<String> {
         let name = format!("{}{}", self.prefix, parts.join("__")).replace('.', "_");
-        if name.len() > 76 {
+        // Room for "-dlq", and ".fifo" on FIFO queues, within SQS's 80 characters.
+        let max = if self.fifo { 71 } else { 76 };
+        if name.len() > max {
             return Err(Error::new(
                 ErrorKind::Config,
                 "declare",
-                format!("{name:?} is {} characters; SQS queue names allow 80 (with room for -dlq): use shorter topic and group names or prefix", name.len()),
+                format!("{name:?} is {} characters; SQS queue names allow 80 (with room for -dlq{}): use shorter topic and group names or prefix", name.len(), if self.fifo { " and .fifo" } else { "" }),
             ));
         }
         Ok(name)
+    }
+
+    /// The queue or topic name for a base name: FIFO ones must end in `.fifo`.
+    pub(crate) fn resource_name(&self, base: &str) -> String {
+        if self.fifo {
+            format!("{base}.fifo")
+        } else {
+            base.to_string()
+        }
     }
 
     /// What a transport with these settings guarantees.
@@ -171,7 +195,10 @@ impl SqsConfig {
         busbar_core::Capabilities {
             fan_out: self.mode == Mode::FanOut,
             competing_consumers: true,
-            ordered_by_key: false,
+            // FIFO: SQS hands out one message group (= key) at a time and busbar holds back
+            // later messages of a group while an earlier one is out or waiting for a retry.
+            ordered_by_key: self.fifo,
+            ordered_across_retries: self.fifo,
             delayed_nack: true,
             may_duplicate: true,
             native_dead_letter: true,

@@ -1,8 +1,9 @@
 //! Consuming: receive loops (long polling, up to 10 messages per call) bounded by the in-flight
 //! limit; a visibility heartbeat keeps a message hidden while its handler runs.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,13 @@ use tokio::task::JoinHandle;
 use crate::mapping::{pack, unpack};
 use crate::{sdk_error, GroupQueues, Inner};
 
+/// How long the delete batcher waits for more acks before sending a partial batch.
+const DELETE_LINGER: Duration = Duration::from_millis(2);
+
+/// How long a receive loop that holds some free slots waits for more to free up, so it asks
+/// for a fuller batch instead of one message at a time.
+const RECEIVE_FILL: Duration = Duration::from_millis(20);
+
 type DeleteRequest = (String, oneshot::Sender<std::result::Result<(), String>>);
 
 /// Batches acks into `DeleteMessageBatch` calls: acks that arrive while a call is in flight go
@@ -26,11 +34,14 @@ fn spawn_deleter(inner: Arc<Inner>, queue_url: String) -> mpsc::UnboundedSender<
     let (tx, mut rx) = mpsc::unbounded_channel::<DeleteRequest>();
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
+            // The handlers of one received batch finish within moments of each other: wait a
+            // little for their acks so they share one call instead of the first going alone.
             let mut batch = vec![first];
+            let linger = tokio::time::Instant::now() + DELETE_LINGER;
             while batch.len() < 10 {
-                match rx.try_recv() {
-                    Ok(more) => batch.push(more),
-                    Err(_) => break,
+                match tokio::time::timeout_at(linger, rx.recv()).await {
+                    Ok(Some(more)) => batch.push(more),
+                    Ok(None) | Err(_) => break,
                 }
             }
             let mut request = inner.sqs.delete_message_batch().queue_url(&queue_url);
@@ -82,15 +93,28 @@ pub(crate) fn consume(
     let permits = Arc::new(Semaphore::new(limit));
     let queues = Arc::new(queues);
     let deleter = spawn_deleter(Arc::clone(&inner), queues.queue.url.clone());
+    let gate = inner.config.fifo.then(|| {
+        Arc::new(Gate {
+            groups: Mutex::default(),
+            next_seq: AtomicU64::new(0),
+            tx: tx.clone(),
+        })
+    });
     // Several receive loops keep the in-flight window full; each asks for up to 10.
-    for _ in 0..limit.div_ceil(10).clamp(1, 4) {
+    let loops = limit.div_ceil(10).clamp(1, 4);
+    let batch = (limit / loops).clamp(1, 10);
+    for _ in 0..loops {
         tokio::spawn(receive_loop(
             Arc::clone(&inner),
             topic.to_string(),
             Arc::clone(&queues),
-            Arc::clone(&permits),
+            Slots {
+                permits: Arc::clone(&permits),
+                batch,
+            },
             tx.clone(),
             deleter.clone(),
+            gate.clone(),
         ));
     }
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {
@@ -98,30 +122,48 @@ pub(crate) fn consume(
     }))
 }
 
+/// The in-flight slots a receive loop takes from, and how many it asks for per receive.
+struct Slots {
+    permits: Arc<Semaphore>,
+    batch: usize,
+}
+
+impl Slots {
+    /// Waits for one free slot, then up to [`RECEIVE_FILL`] for the rest of a batch: slots
+    /// come back one ack at a time, and a receive per freed slot would cost a call per
+    /// message.
+    async fn take(&self) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = Arc::clone(&self.permits).acquire_owned().await.ok()?;
+        let mut held = vec![first];
+        let fill = tokio::time::Instant::now() + RECEIVE_FILL;
+        while held.len() < self.batch {
+            match tokio::time::timeout_at(fill, Arc::clone(&self.permits).acquire_owned()).await {
+                Ok(Ok(permit)) => held.push(permit),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        Some(held)
+    }
+}
+
 async fn receive_loop(
     inner: Arc<Inner>,
     topic: String,
     queues: Arc<GroupQueues>,
-    permits: Arc<Semaphore>,
+    slots: Slots,
     tx: mpsc::Sender<Result<Delivery>>,
     deleter: mpsc::UnboundedSender<DeleteRequest>,
+    gate: Option<Arc<Gate>>,
 ) {
     let mut pause = Duration::from_millis(100);
     loop {
         if inner.is_closed() || tx.is_closed() {
             return;
         }
-        let first = tokio::select! {
+        let mut held = tokio::select! {
             () = tx.closed() => return,
-            permit = Arc::clone(&permits).acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+            held = slots.take() => match held { Some(held) => held, None => return },
         };
-        let mut held = vec![first];
-        while held.len() < 10 {
-            match Arc::clone(&permits).try_acquire_owned() {
-                Ok(p) => held.push(p),
-                Err(_) => break,
-            }
-        }
         let request = inner
             .sqs
             .receive_message()
@@ -130,6 +172,7 @@ async fn receive_loop(
             .wait_time_seconds(i32::try_from(inner.config.wait_time.as_secs()).unwrap_or(20))
             .message_attribute_names("All")
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .send();
         let received = tokio::select! {
             () = tx.closed() => return,
@@ -177,25 +220,152 @@ async fn receive_loop(
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(1);
             let receipt = received.receipt_handle().unwrap_or_default().to_string();
+            let group = received
+                .attributes()
+                .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId));
+            let ticket = match (&gate, group) {
+                (Some(gate), Some(group)) => Some(Ticket {
+                    gate: Arc::clone(gate),
+                    group: group.clone(),
+                    seq: gate.next_seq.fetch_add(1, Ordering::Relaxed),
+                }),
+                _ => None,
+            };
+            let admission = ticket
+                .as_ref()
+                .map(|t| (Arc::clone(&t.gate), t.group.clone(), t.seq));
             let ack = SqsAck::new(
                 Arc::clone(&inner),
                 Arc::clone(&queues),
                 receipt,
                 permit,
                 deleter.clone(),
+                ticket,
             );
-            if tx
-                .send(Ok(Delivery::new(Arc::new(message), attempt, Box::new(ack))))
-                .await
-                .is_err()
-            {
+            let delivery = Delivery::new(Arc::new(message), attempt, Box::new(ack));
+            let delivery = match admission {
+                Some((gate, group, seq)) => match gate.admit(&group, seq, delivery) {
+                    Some(now) => now,
+                    None => continue, // waits behind an earlier message of its group
+                },
+                None => delivery,
+            };
+            if tx.send(Ok(delivery)).await.is_err() {
                 return; // the delivery was dropped: its message becomes visible again at once
             }
         }
     }
 }
 
+/// FIFO queues: hands the consumer one message per message group (= key) at a time.
+///
+/// SQS keeps a group's later messages back while an earlier one is in flight, but one receive
+/// can return several messages of a group. Those wait here until the one before them is
+/// settled: after an ack or dead-letter the next is handed out; after a nack, an abandoned
+/// delivery or a failed delete, the waiting ones go back to SQS too, so it hands the group out
+/// again from the message that was not done, in order.
+///
+/// They go back with the same visibility delay as that message, set after its own: SQS keeps a
+/// group back while any of its messages is in flight, but LocalStack does not, and would hand
+/// out the later messages during the earlier one's retry delay. This way they become visible
+/// no earlier than it on either.
+struct Gate {
+    /// Per busy group: the sequence number of the message out now, and the ones waiting.
+    groups: Mutex<HashMap<String, Busy>>,
+    next_seq: AtomicU64,
+    tx: mpsc::Sender<Result<Delivery>>,
+}
+
+/// A busy group: the sequence number of its message that is out, and the ones waiting.
+type Busy = (u64, VecDeque<(u64, Delivery)>);
+
+/// A delivery's place in the [`Gate`].
+struct Ticket {
+    gate: Arc<Gate>,
+    group: String,
+    seq: u64,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Busy>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The delivery to hand out now, or `None` when it waits behind its group.
+    fn admit(&self, group: &str, seq: u64, delivery: Delivery) -> Option<Delivery> {
+        let mut groups = self.lock();
+        match groups.get_mut(group) {
+            Some((_, waiting)) => {
+                waiting.push_back((seq, delivery));
+                None
+            }
+            None => {
+                groups.insert(group.to_string(), (seq, VecDeque::new()));
+                Some(delivery)
+            }
+        }
+    }
+
+    /// Message `seq` of `group` was settled: `Done` (deleted) hands out the next one;
+    /// `Again(delay)` gives the waiting ones back to SQS, visible after `delay`. A message
+    /// that was never handed out (it was itself given back) changes nothing.
+    fn settled(&self, group: &str, seq: u64, outcome: Settled) {
+        let mut next = None;
+        let mut given_back = Vec::new();
+        {
+            let mut groups = self.lock();
+            let Some((out, waiting)) = groups.get_mut(group) else {
+                return;
+            };
+            if *out != seq {
+                return;
+            }
+            if outcome == Settled::Done {
+                match waiting.pop_front() {
+                    Some((seq, delivery)) => {
+                        *out = seq;
+                        next = Some(delivery);
+                    }
+                    None => {
+                        groups.remove(group);
+                    }
+                }
+            } else if let Some((_, waiting)) = groups.remove(group) {
+                given_back.extend(waiting.into_iter().map(|(_, d)| d));
+            }
+        }
+        // Outside the lock: dropping a delivery makes its message visible again.
+        if let Some(next) = next {
+            // There is always room: the channel holds at most the in-flight limit, and this
+            // delivery already counts against it.
+            if let Err(e) = self.tx.try_send(Ok(next)) {
+                tracing::debug!(error = %e, "consumer gone; the next message of its group returns to SQS");
+            }
+        }
+        match outcome {
+            Settled::Again(delay) if !delay.is_zero() && !given_back.is_empty() => {
+                tokio::spawn(async move {
+                    for delivery in given_back {
+                        let _ = delivery.nack(delay).await;
+                    }
+                });
+            }
+            _ => drop(given_back),
+        }
+    }
+}
+
+/// How a FIFO message ended, for the [`Gate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Deleted (handled or dead-lettered).
+    Done,
+    /// Visible again after the delay.
+    Again(Duration),
+}
+
 struct SqsAck {
+    ticket: Option<Ticket>,
     inner: Arc<Inner>,
     queues: Arc<GroupQueues>,
     deleter: mpsc::UnboundedSender<DeleteRequest>,
@@ -212,6 +382,7 @@ impl SqsAck {
         receipt: String,
         permit: OwnedSemaphorePermit,
         deleter: mpsc::UnboundedSender<DeleteRequest>,
+        ticket: Option<Ticket>,
     ) -> Self {
         // Keep the message hidden while its handler runs longer than the visibility timeout.
         let heartbeat = {
@@ -244,6 +415,7 @@ impl SqsAck {
             })
         };
         SqsAck {
+            ticket,
             inner,
             queues,
             deleter,
@@ -257,6 +429,21 @@ impl SqsAck {
     fn settle(&mut self) {
         self.settled = true;
         self.heartbeat.abort();
+    }
+
+    /// Tells the FIFO gate how this message ended (see [`Gate::settled`]).
+    fn release(&mut self, outcome: Settled) {
+        if let Some(ticket) = self.ticket.take() {
+            ticket.gate.settled(&ticket.group, ticket.seq, outcome);
+        }
+    }
+
+    /// `Done` when `deleted` worked; otherwise the message returns after its visibility timeout.
+    fn after_delete(&self, deleted: &Result<()>) -> Settled {
+        match deleted {
+            Ok(()) => Settled::Done,
+            Err(_) => Settled::Again(self.inner.config.visibility_timeout),
+        }
     }
 
     async fn delete(&mut self, operation: &'static str) -> Result<()> {
@@ -306,11 +493,16 @@ impl SqsAck {
 #[async_trait]
 impl Acknowledger for SqsAck {
     async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.delete("ack").await
+        let deleted = self.delete("ack").await;
+        let outcome = self.after_delete(&deleted);
+        self.release(outcome);
+        deleted
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
-        self.show_after(delay).await
+        let shown = self.show_after(delay).await;
+        self.release(Settled::Again(delay));
+        shown
     }
 
     async fn dead_letter(
@@ -330,15 +522,22 @@ impl Acknowledger for SqsAck {
                         &self.queues.dlq.url,
                         vec![(dead.id.clone(), packed)],
                         "dead-letter",
+                        crate::Dedup::Fresh,
                     )
                     .await
             }
             Err(e) => Err(e),
         };
         match sent {
-            Ok(()) => self.delete("dead-letter").await,
+            Ok(()) => {
+                let deleted = self.delete("dead-letter").await;
+                let outcome = self.after_delete(&deleted);
+                self.release(outcome);
+                deleted
+            }
             Err(e) => {
                 let _ = self.show_after(Duration::ZERO).await;
+                self.release(Settled::Again(Duration::ZERO));
                 Err(Error::new(
                     ErrorKind::Broker,
                     "dead-letter",
@@ -356,15 +555,21 @@ impl Acknowledger for SqsAck {
 impl Drop for SqsAck {
     fn drop(&mut self) {
         self.heartbeat.abort();
-        if !self.settled {
-            // Abandoned (the handler was stopped): make it visible again now, not after its
-            // timeout. A crashed process cannot do this; then the timeout brings it back.
-            let (inner, url, receipt) = (
-                Arc::clone(&self.inner),
-                self.queues.queue.url.clone(),
-                self.receipt.clone(),
-            );
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        if self.settled {
+            self.release(Settled::Again(Duration::ZERO));
+            return;
+        }
+        // Abandoned (the handler was stopped): make it visible again now, not after its
+        // timeout (a crashed process cannot; then the timeout brings it back). Its group's
+        // waiting messages go back only after it, so none becomes visible before it.
+        let (inner, url, receipt) = (
+            Arc::clone(&self.inner),
+            self.queues.queue.url.clone(),
+            self.receipt.clone(),
+        );
+        let ticket = self.ticket.take();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
                 runtime.spawn(async move {
                     let _ = inner
                         .sqs
@@ -374,7 +579,21 @@ impl Drop for SqsAck {
                         .visibility_timeout(0)
                         .send()
                         .await;
+                    if let Some(ticket) = ticket {
+                        ticket.gate.settled(
+                            &ticket.group,
+                            ticket.seq,
+                            Settled::Again(Duration::ZERO),
+                        );
+                    }
                 });
+            }
+            Err(_) => {
+                if let Some(ticket) = ticket {
+                    ticket
+                        .gate
+                        .settled(&ticket.group, ticket.seq, Settled::Again(Duration::ZERO));
+                }
             }
         }
     }

@@ -127,6 +127,7 @@ pub(crate) async fn redrive(
                 &queues.queue.url,
                 vec![(message.id.clone(), pack(message)?)],
                 "redrive",
+                crate::Dedup::Fresh,
             )
             .await?;
         inner

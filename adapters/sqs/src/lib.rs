@@ -11,6 +11,10 @@
 //! | attempt | `ApproximateReceiveCount` | same |
 //!
 //! Names: `.` is not allowed in SQS and SNS names and becomes `_`.
+//!
+//! With `fifo=true` the queues and topics are FIFO: a message's key is its `MessageGroupId`
+//! and its id the `MessageDeduplicationId`, and per-key order holds across retries (see the
+//! crate's README).
 
 // Library code never unwraps or panics on what a user or a broker can send; tests may.
 #![cfg_attr(
@@ -37,6 +41,15 @@ use busbar_core::{
 
 pub use config::{Mode, SqsConfig, SQS_MAX_BYTES};
 use mapping::{pack, Packed};
+
+/// The deduplication id of a send to a FIFO queue or topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dedup {
+    /// The message id: a publish sent twice (a retry after a timeout) is stored once.
+    MessageId,
+    /// A new id: dead-lettering and redrive re-send a message SQS may still remember.
+    Fresh,
+}
 
 /// A queue busbar created: its URL and ARN.
 #[derive(Debug, Clone)]
@@ -128,7 +141,13 @@ impl Inner {
             Mode::FanOut => self
                 .sns
                 .create_topic()
-                .name(&name)
+                .name(self.config.resource_name(&name))
+                .set_attributes(self.config.fifo.then(|| {
+                    HashMap::from([
+                        ("FifoTopic".to_string(), "true".to_string()),
+                        ("ContentBasedDeduplication".to_string(), "false".to_string()),
+                    ])
+                }))
                 .send()
                 .await
                 .map_err(|e| {
@@ -147,11 +166,17 @@ impl Inner {
             // In queue mode the "topic" is the shared queue, with its DLQ and redrive policy.
             Mode::Queue => {
                 let dlq = self
-                    .create_queue(&format!("{name}-dlq"), self.queue_attributes(None))
+                    .create_queue(
+                        &self.config.resource_name(&format!("{name}-dlq")),
+                        self.queue_attributes(None),
+                    )
                     .await?;
-                self.create_queue(&name, self.queue_attributes(Some(&dlq.arn)))
-                    .await?
-                    .url
+                self.create_queue(
+                    &self.config.resource_name(&name),
+                    self.queue_attributes(Some(&dlq.arn)),
+                )
+                .await?
+                .url
             }
         };
         self.topics
@@ -161,11 +186,37 @@ impl Inner {
         Ok(arn)
     }
 
+    /// The FIFO group and deduplication ids of a message (none on standard queues).
+    fn fifo_ids(
+        &self,
+        id: &str,
+        packed: &Packed,
+        dedup: Dedup,
+    ) -> (Option<String>, Option<String>) {
+        if !self.config.fifo {
+            return (None, None);
+        }
+        let dedup_id = match dedup {
+            Dedup::MessageId => mapping::fifo_id(id),
+            Dedup::Fresh => mapping::fresh_deduplication_id(id),
+        };
+        (Some(mapping::message_group_id(id, packed)), Some(dedup_id))
+    }
+
     fn queue_attributes(&self, dlq_arn: Option<&str>) -> Vec<(QueueAttributeName, String)> {
         let mut attributes = vec![(
             QueueAttributeName::VisibilityTimeout,
             self.config.visibility_timeout.as_secs().to_string(),
         )];
+        if self.config.fifo {
+            // Deduplication by the id busbar sends (the message id), never by content: two
+            // events with equal bodies are still two events.
+            attributes.push((QueueAttributeName::FifoQueue, "true".into()));
+            attributes.push((
+                QueueAttributeName::ContentBasedDeduplication,
+                "false".into(),
+            ));
+        }
         if let Some(arn) = dlq_arn {
             attributes.push((
                 QueueAttributeName::RedrivePolicy,
@@ -195,7 +246,10 @@ impl Inner {
             Mode::FanOut => {
                 let name = self.config.aws_name(&[topic, group])?;
                 let dlq = self
-                    .create_queue(&format!("{name}-dlq"), self.queue_attributes(None))
+                    .create_queue(
+                        &self.config.resource_name(&format!("{name}-dlq")),
+                        self.queue_attributes(None),
+                    )
                     .await?;
                 let mut attributes = self.queue_attributes(Some(&dlq.arn));
                 // Let the topic deliver into the queue (AWS checks this; local servers ignore it).
@@ -213,7 +267,9 @@ impl Inner {
                     })
                     .to_string(),
                 ));
-                let queue = self.create_queue(&name, attributes).await?;
+                let queue = self
+                    .create_queue(&self.config.resource_name(&name), attributes)
+                    .await?;
                 self.sns
                     .subscribe()
                     .topic_arn(&topic_ref)
@@ -238,10 +294,16 @@ impl Inner {
             Mode::Queue => {
                 let name = self.config.aws_name(&[topic])?;
                 let dlq = self
-                    .create_queue(&format!("{name}-dlq"), self.queue_attributes(None))
+                    .create_queue(
+                        &self.config.resource_name(&format!("{name}-dlq")),
+                        self.queue_attributes(None),
+                    )
                     .await?;
                 let queue = self
-                    .create_queue(&name, self.queue_attributes(Some(&dlq.arn)))
+                    .create_queue(
+                        &self.config.resource_name(&name),
+                        self.queue_attributes(Some(&dlq.arn)),
+                    )
                     .await?;
                 GroupQueues { queue, dlq }
             }
@@ -260,13 +322,17 @@ impl Inner {
         queue_url: &str,
         messages: Vec<(String, Packed)>,
         operation: &'static str,
+        dedup: Dedup,
     ) -> Result<()> {
         for chunk in batches(messages) {
             let mut request = self.sqs.send_message_batch().queue_url(queue_url);
-            for (i, (_, packed)) in chunk.iter().enumerate() {
+            for (i, (id, packed)) in chunk.iter().enumerate() {
+                let (group, dedup_id) = self.fifo_ids(id, packed, dedup);
                 let mut entry = aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .message_body(&packed.body);
+                    .message_body(&packed.body)
+                    .set_message_group_id(group)
+                    .set_message_deduplication_id(dedup_id);
                 for (k, v) in &packed.attributes {
                     entry = entry.message_attributes(k, sqs_attribute(v)?);
                 }
@@ -297,10 +363,13 @@ impl Inner {
     ) -> Result<()> {
         for chunk in batches(messages) {
             let mut request = self.sns.publish_batch().topic_arn(topic_arn);
-            for (i, (_, packed)) in chunk.iter().enumerate() {
+            for (i, (id, packed)) in chunk.iter().enumerate() {
+                let (group, dedup_id) = self.fifo_ids(id, packed, Dedup::MessageId);
                 let mut entry = aws_sdk_sns::types::PublishBatchRequestEntry::builder()
                     .id(i.to_string())
-                    .message(&packed.body);
+                    .message(&packed.body)
+                    .set_message_group_id(group)
+                    .set_message_deduplication_id(dedup_id);
                 for (k, v) in &packed.attributes {
                     let value = aws_sdk_sns::types::MessageAttributeValue::builder()
                         .data_type("String")
@@ -516,7 +585,11 @@ impl Transport for SqsTransport {
             let target = self.inner.topic_arn(&topic).await?;
             match self.inner.config.mode {
                 Mode::FanOut => self.inner.publish_to_topic(&target, packed).await?,
-                Mode::Queue => self.inner.send_to_queue(&target, packed, "publish").await?,
+                Mode::Queue => {
+                    self.inner
+                        .send_to_queue(&target, packed, "publish", Dedup::MessageId)
+                        .await?
+                }
             }
         }
         Ok(())

@@ -91,6 +91,65 @@ pub fn pack(message: &Message) -> Result<Packed> {
     Ok(Packed { body, attributes })
 }
 
+/// The `MessageGroupId` of a message on a FIFO queue or topic: its key, so a key's messages
+/// are delivered in order one at a time, or its id when it has no key (no order to keep).
+///
+/// SQS allows 1 to 128 characters from ASCII letters, digits and punctuation; anything else
+/// is replaced by a stable 128-bit hash (`h-` and 32 hex digits), so the same key always
+/// lands in the same group.
+///
+/// ```
+/// use busbar_sqs::mapping::fifo_id;
+/// assert_eq!(fifo_id("order-17"), "order-17");
+/// assert_eq!(fifo_id("clé à molette"), fifo_id("clé à molette"));
+/// assert!(fifo_id("clé à molette").starts_with("h-"));
+/// ```
+pub fn fifo_id(value: &str) -> String {
+    let allowed = |c: char| c.is_ascii_graphic();
+    if !value.is_empty() && value.len() <= 128 && value.chars().all(allowed) {
+        value.to_string()
+    } else {
+        format!(
+            "h-{:016x}{:016x}",
+            fnv1a(value, 0xcbf2_9ce4_8422_2325),
+            fnv1a(value, 0x6c62_272e_07bb_0142)
+        )
+    }
+}
+
+/// The group id of `message` on a FIFO queue or topic (see [`fifo_id`]).
+pub fn message_group_id(message_id: &str, packed: &Packed) -> String {
+    fifo_id(
+        packed
+            .attributes
+            .get(KEY)
+            .map_or(message_id, String::as_str),
+    )
+}
+
+/// A deduplication id no earlier send used: for dead-lettering and redrive, which must not
+/// be swallowed by SQS's five-minute deduplication window of the original publish.
+pub fn fresh_deduplication_id(message_id: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "r-{:016x}-{nanos:x}-{n:x}-{:x}",
+        fnv1a(message_id, 0xcbf2_9ce4_8422_2325),
+        std::process::id()
+    )
+}
+
+/// 64-bit FNV-1a from `basis`: stable across processes and versions, unlike std's hasher.
+fn fnv1a(value: &str, basis: u64) -> u64 {
+    value.bytes().fold(basis, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Unpacks a received message of `topic`; `fallback_id` (the SQS message id) names a message
 /// that carries no id of its own.
 pub fn unpack(
@@ -218,6 +277,28 @@ mod tests {
             Envelope::<Ping>::from_message(&Json, &back).unwrap(),
             envelope
         );
+    }
+
+    #[test]
+    fn fifo_ids_are_valid_stable_and_distinct() {
+        let valid = |id: &str| {
+            !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())
+        };
+        let long = "k".repeat(200);
+        for key in ["k-1", "with space", "ünïcode", "", long.as_str()] {
+            let id = fifo_id(key);
+            assert!(valid(&id), "{key:?} -> {id:?}");
+            assert_eq!(fifo_id(key), id, "stable");
+        }
+        assert_ne!(fifo_id("a b"), fifo_id("a  b"));
+        let (a, b) = (fresh_deduplication_id("m"), fresh_deduplication_id("m"));
+        assert!(valid(&a) && valid(&b));
+        assert_ne!(a, b, "every dead-letter or redrive send is new to SQS");
+        let mut message = Message::new("m-1", "t", b"x".to_vec());
+        message.key = Some("order-7".into());
+        assert_eq!(message_group_id("m-1", &pack(&message).unwrap()), "order-7");
+        let keyless = Message::new("m-2", "t", b"x".to_vec());
+        assert_eq!(message_group_id("m-2", &pack(&keyless).unwrap()), "m-2");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The conformance suite against an SQS/SNS server (`scripts/local-brokers.sh sqs` starts
-//! LocalStack on 127.0.0.1:4566), in fan-out mode and in queue mode.
+//! LocalStack on 127.0.0.1:4566), in fan-out mode and in queue mode, each on standard and on
+//! FIFO queues (FIFO claims per-key order, so the order scenarios run there).
 //! `BUSBAR_SQS_URL` overrides the fan-out URL.
 
 use std::sync::Arc;
@@ -30,6 +31,30 @@ mod queue {
     async fn sqs() -> busbar_core::Result<Arc<dyn Transport>> {
         Ok(Arc::new(
             SqsTransport::connect(&format!("{}&mode=queue", url()).parse()?).await?,
+        ))
+    }
+
+    busbar_testkit::conformance_suite!(sqs);
+}
+
+mod fifo_fanout {
+    use super::*;
+
+    async fn sqs() -> busbar_core::Result<Arc<dyn Transport>> {
+        Ok(Arc::new(
+            SqsTransport::connect(&format!("{}&fifo=true", url()).parse()?).await?,
+        ))
+    }
+
+    busbar_testkit::conformance_suite!(sqs);
+}
+
+mod fifo_queue {
+    use super::*;
+
+    async fn sqs() -> busbar_core::Result<Arc<dyn Transport>> {
+        Ok(Arc::new(
+            SqsTransport::connect(&format!("{}&mode=queue&fifo=true", url()).parse()?).await?,
         ))
     }
 

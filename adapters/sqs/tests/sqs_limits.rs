@@ -136,3 +136,44 @@ async fn a_message_never_acked_ends_in_the_dlq_through_the_redrive_policy() {
         .unwrap()
         .is_empty());
 }
+
+/// FIFO: the message id is the deduplication id, so a publish sent again (say, after a timeout
+/// that hid its success) is stored once; a key that SQS would refuse as a group id is hashed
+/// into a valid one and the message still arrives with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_publish_sent_twice_is_stored_once() {
+    let Some(t) = transport("&fifo=true&mode=queue").await else {
+        return;
+    };
+    let (topic, group) = (unique("dedup"), unique("g"));
+    t.declare(&topic, &group).await.unwrap();
+    let mut once = Message::new("m-1", topic.clone(), "{}");
+    once.key = Some("clé avec espaces".into());
+    t.publish(vec![once.clone()]).await.unwrap();
+    t.publish(vec![once.clone()]).await.unwrap();
+    let other = Message::new("m-2", topic.clone(), "{}");
+    t.publish(vec![other]).await.unwrap();
+    let mut stream = t
+        .consume(&topic, &group, ConsumeOptions::default())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(3), stream.next()).await
+    {
+        let delivery = delivery.unwrap();
+        seen.push((
+            delivery.message().id.clone(),
+            delivery.message().key.clone(),
+        ));
+        delivery.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("m-1".to_string(), Some("clé avec espaces".to_string())),
+            ("m-2".to_string(), None)
+        ],
+        "the second send of m-1 must be deduplicated"
+    );
+}

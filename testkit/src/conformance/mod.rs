@@ -289,6 +289,7 @@ macro_rules! conformance_suite {
             custom_headers_survive,
             largest_allowed_message_round_trips_and_larger_is_rejected,
             per_key_order_holds,
+            per_key_order_holds_across_retries,
             duplicates_do_not_repeat_an_idempotent_effect,
             closed_subscription_stops_and_resubscribing_resumes,
             publishing_after_close_is_a_clear_error,

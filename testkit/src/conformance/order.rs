@@ -67,6 +67,73 @@ pub async fn per_key_order_holds(h: Harness) {
     let _ = sub.shutdown(GRACE).await;
 }
 
+/// Per-key order survives retries: while a message waits for its retry, the later messages
+/// of its key wait too (other keys keep flowing). Every fifth message fails its first attempt.
+pub async fn per_key_order_holds_across_retries(h: Harness) {
+    let Some(transport) = h.transport().await else {
+        return;
+    };
+    let caps = transport.capabilities();
+    if !claims(&caps, caps.ordered_across_retries, "ordered_across_retries") {
+        return;
+    }
+    let bus = Bus::builder(transport).retry(fast_retry(5)).build();
+    let (topic, group) = (unique("order-retry"), unique("g"));
+    let order = Arc::new(Mutex::new(HashMap::<String, Vec<u64>>::new()));
+    let failed_once = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let (keep, failed) = (Arc::clone(&order), Arc::clone(&failed_once));
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .concurrency(8)
+        .start(move |env: Envelope<Probe>, _ctx: Context| {
+            let (keep, failed) = (Arc::clone(&keep), Arc::clone(&failed));
+            async move {
+                if env.payload.seq % 5 == 2 && lock(&failed).insert(env.id.clone()) {
+                    return Err(busbar_core::HandlerError::transient("first attempt fails"));
+                }
+                lock(&keep)
+                    .entry(env.payload.key.clone())
+                    .or_default()
+                    .push(env.payload.seq);
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    const KEYS: u64 = 4;
+    const PER_KEY: u64 = 15;
+    let events: Vec<Probe> = (0..PER_KEY)
+        .flat_map(|s| (0..KEYS).map(move |k| probe(s, &format!("key-{k}"))))
+        .collect();
+    for chunk in events.chunks(20) {
+        bus.publish_batch(&topic, chunk.to_vec())
+            .await
+            .expect("publish");
+    }
+    wait_for("all handled", || {
+        lock(&order).values().map(Vec::len).sum::<usize>() >= (KEYS * PER_KEY) as usize
+    })
+    .await;
+    let order = lock(&order).clone();
+    for (key, seqs) in &order {
+        let mut deduped = seqs.clone();
+        if caps.may_duplicate {
+            deduped.dedup();
+        }
+        assert_eq!(
+            deduped,
+            (0..PER_KEY).collect::<Vec<_>>(),
+            "order broken for {key} by a retry"
+        );
+    }
+    assert_eq!(
+        lock(&failed_once).len() as u64,
+        KEYS * PER_KEY.div_ceil(5),
+        "the first attempts that should fail did not all run"
+    );
+    let _ = sub.shutdown(GRACE).await;
+}
+
 /// With every message delivered twice, an idempotent handler's effect still happens once per
 /// message, and the duplicates are seen and skipped.
 pub async fn duplicates_do_not_repeat_an_idempotent_effect(h: Harness) {
