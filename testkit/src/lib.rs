@@ -7,10 +7,15 @@
 //! - [`conformance`]: the scenarios every transport must pass, and
 //!   [`conformance_suite!`] to run them all as named tests.
 //! - [`idempotency`]: the scenarios every shared idempotency store must pass.
+//! - [`soak`]: the soak with faults every transport runs, and its accounting table.
+//! - `arbitrary` (feature `proptest`): strategies for property tests of message mappings.
 
+#[cfg(feature = "proptest")]
+pub mod arbitrary;
 pub mod conformance;
 pub mod faults;
 pub mod idempotency;
+pub mod soak;
 mod test_bus;
 
 pub use faults::{Faults, FaultyTransport, SettleCounts};

@@ -45,10 +45,12 @@ pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
         }
     }
     let own_id = headers.remove(ID);
+    // An empty id (a foreign producer's null `ce_id`) is no id: the record's place is.
     let id = headers
         .get(attr::ID)
         .cloned()
-        .or(own_id)
+        .filter(|id| !id.is_empty())
+        .or(own_id.filter(|id| !id.is_empty()))
         .unwrap_or_else(|| {
             format!(
                 "{}/{}/{}",

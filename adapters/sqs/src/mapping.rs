@@ -56,11 +56,26 @@ pub fn pack(message: &Message) -> Result<Packed> {
     let mut attributes = BTreeMap::new();
     let mut rest = BTreeMap::new();
     for (name, value) in &message.headers {
-        // SQS refuses empty attribute values: those go into the packed object.
-        if OWN_ATTRIBUTES.contains(&name.as_str()) && !value.is_empty() {
+        // SQS refuses empty attribute values and some characters: those go into the packed
+        // object, where JSON escapes them.
+        if OWN_ATTRIBUTES.contains(&name.as_str()) && !value.is_empty() && sqs_text(value) {
             attributes.insert(name.clone(), value.clone());
         } else {
             rest.insert(name.as_str(), value.as_str());
+        }
+    }
+    if let Some(key) = &message.key {
+        if !key.is_empty() && sqs_text(key) {
+            attributes.insert(KEY.to_string(), key.clone());
+        } else {
+            rest.insert(KEY, key.as_str());
+        }
+    }
+    if message.header(attr::ID) != Some(message.id.as_str()) && !message.id.is_empty() {
+        if sqs_text(&message.id) {
+            attributes.insert(ID.to_string(), message.id.clone());
+        } else {
+            rest.insert(ID, message.id.as_str());
         }
     }
     if !rest.is_empty() {
@@ -72,16 +87,15 @@ pub fn pack(message: &Message) -> Result<Packed> {
             )
             .with_source(e)
         })?;
+        // JSON escapes control characters but not U+FFFE/U+FFFF, which SQS refuses; inside a
+        // JSON string their escapes read back as the same characters.
+        let json = json
+            .replace('\u{fffe}', "\\ufffe")
+            .replace('\u{ffff}', "\\uffff");
         attributes.insert(PACKED.to_string(), json);
     }
-    if let Some(key) = message.key.as_ref().filter(|k| !k.is_empty()) {
-        attributes.insert(KEY.to_string(), key.clone());
-    }
-    if message.header(attr::ID) != Some(message.id.as_str()) && !message.id.is_empty() {
-        attributes.insert(ID.to_string(), message.id.clone());
-    }
     let body = match std::str::from_utf8(&message.payload) {
-        Ok(text) if !text.is_empty() => text.to_string(),
+        Ok(text) if !text.is_empty() && sqs_text(text) => text.to_string(),
         // SQS bodies must be non-empty text.
         _ => {
             attributes.insert(ENCODING.to_string(), "base64".to_string());
@@ -89,6 +103,14 @@ pub fn pack(message: &Message) -> Result<Packed> {
         }
     };
     Ok(Packed { body, attributes })
+}
+
+/// Whether SQS accepts `text` as a body or attribute value: it allows tab, newline, carriage
+/// return and the characters from U+0020 on, except the surrogates and U+FFFE/U+FFFF.
+pub fn sqs_text(text: &str) -> bool {
+    text.chars().all(|c| {
+        matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+    })
 }
 
 /// The `MessageGroupId` of a message on a FIFO queue or topic: its key, so a key's messages
@@ -119,12 +141,17 @@ pub fn fifo_id(value: &str) -> String {
 
 /// The group id of `message` on a FIFO queue or topic (see [`fifo_id`]).
 pub fn message_group_id(message_id: &str, packed: &Packed) -> String {
-    fifo_id(
-        packed
-            .attributes
-            .get(KEY)
-            .map_or(message_id, String::as_str),
-    )
+    // A key SQS cannot carry as an attribute travels in the packed headers.
+    let packed_key = || {
+        let json = packed.attributes.get(PACKED)?;
+        serde_json::from_str::<BTreeMap<String, String>>(json)
+            .ok()?
+            .remove(KEY)
+    };
+    match packed.attributes.get(KEY).cloned().or_else(packed_key) {
+        Some(key) => fifo_id(&key),
+        None => fifo_id(message_id),
+    }
 }
 
 /// A deduplication id no earlier send used: for dead-lettering and redrive, which must not
@@ -165,7 +192,16 @@ pub fn unpack(
     for (name, value) in attributes {
         match name.as_str() {
             PACKED => match serde_json::from_str::<BTreeMap<String, String>>(value) {
-                Ok(packed) => headers.extend(packed),
+                Ok(mut packed) => {
+                    // A key or id SQS could not carry as an attribute travels in here.
+                    if let Some(packed_key) = packed.remove(KEY) {
+                        key = Some(packed_key);
+                    }
+                    if let Some(packed_id) = packed.remove(ID) {
+                        id = Some(packed_id);
+                    }
+                    headers.extend(packed);
+                }
                 // A foreign producer's attribute of that name: keep it as it is.
                 Err(_) => {
                     headers.insert(name.clone(), value.clone());
@@ -184,10 +220,12 @@ pub fn unpack(
     } else {
         body.as_bytes().to_vec()
     };
+    // An empty id is no id: the SQS message id is.
     let id = headers
         .get(attr::ID)
         .cloned()
-        .or(id)
+        .filter(|id| !id.is_empty())
+        .or(id.filter(|id| !id.is_empty()))
         .unwrap_or_else(|| fallback_id.to_string());
     Message {
         id,
