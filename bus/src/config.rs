@@ -151,12 +151,33 @@ impl TransportUrl {
     }
 }
 
-/// Whether a query parameter's value should be hidden.
+/// Whether a query parameter's value should be hidden: names with `password`, `passphrase`,
+/// `secret`, `token`, `credential`, `private`, `api_key`/`apikey`, `jaas`, or a key or
+/// keystore given inline (`ssl.key.pem`, `ssl.keystore…`).
+///
+/// ```
+/// use busbar_core::config::is_secret_name;
+/// assert!(is_secret_name("sasl.password"));
+/// assert!(is_secret_name("ssl.key.pem"));
+/// assert!(!is_secret_name("access_key_id"));
+/// ```
 pub fn is_secret_name(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["password", "secret", "token", "credential"]
-        .iter()
-        .any(|word| name.contains(word))
+    [
+        "password",
+        "passphrase",
+        "secret",
+        "token",
+        "credential",
+        "private",
+        "api_key",
+        "apikey",
+        "jaas",
+        "key.pem",
+        "keystore",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
 }
 
 fn redact_query(query: &str) -> String {

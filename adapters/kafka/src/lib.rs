@@ -156,10 +156,18 @@ impl KafkaTransport {
 
     /// Connects with explicit settings.
     pub async fn connect_with(config: KafkaConfig) -> Result<Self> {
-        let config_error = |what: &str, e: rdkafka::error::KafkaError| {
-            Error::new(ErrorKind::Config, "connect", format!("{what}: {e}"))
+        let config_error = |what: &str, e: rdkafka::error::KafkaError| match e {
+            // librdkafka's message repeats the setting's value, which may be a password or a
+            // key: name the setting, never its value, and keep the error out of the chain.
+            rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => Error::new(
+                ErrorKind::Config,
+                "connect",
+                format!("{what}: setting `{key}` refused: {description}"),
+            )
+            .with_resource(config.url.to_string()),
+            other => Error::new(ErrorKind::Config, "connect", format!("{what}: {other}"))
                 .with_resource(config.url.to_string())
-                .with_source(e)
+                .with_source(other),
         };
         let producer: FutureProducer = config
             .client_config()

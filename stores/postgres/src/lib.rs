@@ -163,9 +163,12 @@ pub struct PostgresIdempotencyStore {
 
 impl PostgresIdempotencyStore {
     /// Connects a pool (5 connections) to `url` and uses the table `busbar_idempotency`.
+    /// A server that cannot be reached fails the connect after 10 s, as does waiting that long
+    /// for a free connection later.
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(5)
+            .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await
             .map_err(|e| {
