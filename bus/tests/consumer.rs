@@ -713,3 +713,50 @@ async fn ten_thousand_messages_with_random_failures_are_all_accounted_for() {
     assert_eq!(stats.dead_lettered as usize, dead.len());
     sub.shutdown(Duration::from_secs(1)).await.unwrap();
 }
+
+/// Waiting for a claim another consumer holds is not a failed attempt: a message whose claim
+/// was held (by a consumer that then crashed) for many retry periods still gets the whole
+/// retry policy once the claim is free.
+#[tokio::test(start_paused = true)]
+async fn waiting_for_a_claim_held_elsewhere_uses_up_no_attempts() {
+    use busbar_core::idempotency::IdempotencyStore;
+    let transport = MemoryTransport::new();
+    let bus = Bus::new(transport.clone());
+    let (topic, group) = (unique("t"), unique("g"));
+    bus.declare(&topic, &group).await.unwrap();
+    let store = Arc::new(MemoryIdempotencyStore::new(100));
+    let envelope = bus.envelope(numbered("k", 1));
+    // Another consumer holds the claim for 2 s (about 100 retry periods), then "crashes".
+    let _held = store
+        .claim(&group, &envelope.id, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let attempts_seen = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&attempts_seen);
+    let sub = bus
+        .subscribe::<Numbered>(&topic, &group)
+        .retry(fast_retry(2))
+        .idempotent(store)
+        .start(move |_e: Envelope<Numbered>, c: Context| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let mut seen = seen.lock().unwrap();
+                seen.push(c.attempt());
+                if seen.len() == 1 {
+                    return Err(HandlerError::transient("first real attempt fails"));
+                }
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    bus.publish_envelope(&topic, &envelope).await.unwrap();
+    eventually(WAIT, "handled after the claim expired", || async {
+        sub.stats().handled == 1 || sub.stats().dead_lettered > 0
+    })
+    .await;
+    let stats = sub.stats();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!(*attempts_seen.lock().unwrap(), vec![1, 2]);
+    sub.shutdown(Duration::from_secs(1)).await.unwrap();
+}

@@ -188,6 +188,7 @@ impl<E: Event> SubscriptionBuilder<E> {
             handler: Arc::new(handler),
             idempotency: self.idempotency,
             counters: Arc::clone(&counters),
+            busy_waits: std::sync::Mutex::default(),
         });
         let (stop, stop_rx) = watch::channel(None);
         let limits = runtime::Limits {

@@ -29,6 +29,42 @@ pub(crate) struct Shared<E> {
     pub(crate) idempotency: Option<Idempotency<E>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) system: &'static str,
+    /// Per message id, the redeliveries spent waiting while another consumer held its claim
+    /// (see [`Shared::attempt`]).
+    pub(crate) busy_waits: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+/// The most message ids [`Shared::busy_waits`] remembers (entries of messages that ended on
+/// another consumer are never removed otherwise).
+const BUSY_WAITS_KEPT: usize = 10_000;
+
+impl<E> Shared<E> {
+    fn busy_waits(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.busy_waits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handler attempt a delivery stands for: the transport's count, less the
+    /// redeliveries this consumer asked for only because another consumer held the message's
+    /// idempotency claim. Waiting for a claim is not a failure, so it must not use up the
+    /// retry policy's attempts (a consumer that crashed holding claims would otherwise send
+    /// their messages to the dead-letter queue). Counted per process: a wait asked for by
+    /// another instance still counts.
+    fn attempt(&self, id: &str, transport_attempt: u32) -> u32 {
+        let waits = self.busy_waits().get(id).copied().unwrap_or(0);
+        transport_attempt.saturating_sub(waits).max(1)
+    }
+
+    fn waited_busy(&self, id: &str) {
+        let mut waits = self.busy_waits();
+        if waits.len() >= BUSY_WAITS_KEPT && !waits.contains_key(id) {
+            waits.clear();
+        }
+        *waits.entry(id.to_string()).or_default() += 1;
+    }
+
+    fn forget_waits(&self, id: &str) {
+        self.busy_waits().remove(id);
+    }
 }
 
 pub(crate) struct Limits {
@@ -178,7 +214,7 @@ enum Outcome {
 
 async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
     let message = delivery.shared_message();
-    let attempt = delivery.attempt();
+    let attempt = shared.attempt(&message.id, delivery.attempt());
     let span = tracing::info_span!(
         "busbar.process",
         messaging.system = shared.system,
@@ -196,7 +232,7 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
             Ok(envelope) => envelope,
             Err(error) => {
                 tracing::warn!(%error, "undecodable message; dead-lettering it");
-                dead_letter(&shared, delivery, DeadLetterReason::Undecodable, error.to_string()).await;
+                dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error.to_string()).await;
                 return;
             }
         };
@@ -217,6 +253,7 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
                 Ok(Claim::Done) => {
                     tracing::debug!(idempotency_key = %key, "already handled; skipping duplicate");
                     Counters::bump(&shared.counters.duplicates_skipped);
+                    shared.forget_waits(&message.id);
                     settle("ack", delivery.ack().await);
                     return;
                 }
@@ -226,6 +263,7 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
                     // usually finishes long before its lease expires), at the latest at expiry.
                     let wait = shared.retry.backoff(attempt).min(retry_after).max(Duration::from_millis(1));
                     tracing::debug!(idempotency_key = %key, ?wait, "claimed elsewhere; looking again later");
+                    shared.waited_busy(&message.id);
                     settle("nack", delivery.nack(wait).await);
                     return;
                 }
@@ -234,7 +272,7 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
                         permanent: false,
                         error: format!("idempotency store: {error}"),
                     };
-                    conclude(&shared, delivery, outcome).await;
+                    conclude(&shared, delivery, attempt, outcome).await;
                     return;
                 }
             }
@@ -256,7 +294,7 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
         if let (Some(idempotency), Some((key, granted))) = (&shared.idempotency, &lease) {
             release_or_complete(idempotency, &shared.group, key, granted, &outcome).await;
         }
-        conclude(&shared, delivery, outcome).await;
+        conclude(&shared, delivery, attempt, outcome).await;
     }
     .instrument(span)
     .await;
@@ -309,10 +347,15 @@ async fn release_or_complete<E>(
     }
 }
 
-async fn conclude<E: Event>(shared: &Shared<E>, delivery: Delivery, outcome: Outcome) {
-    let attempt = delivery.attempt();
+async fn conclude<E: Event>(
+    shared: &Shared<E>,
+    delivery: Delivery,
+    attempt: u32,
+    outcome: Outcome,
+) {
     match outcome {
         Outcome::Handled => {
+            shared.forget_waits(&delivery.message().id);
             Counters::bump(&shared.counters.handled);
             settle("ack", delivery.ack().await);
         }
@@ -320,7 +363,14 @@ async fn conclude<E: Event>(shared: &Shared<E>, delivery: Delivery, outcome: Out
             Counters::bump(&shared.counters.failed_attempts);
             if permanent {
                 tracing::warn!(%error, "permanent failure; dead-lettering");
-                dead_letter(shared, delivery, DeadLetterReason::Permanent, error).await;
+                dead_letter(
+                    shared,
+                    delivery,
+                    attempt,
+                    DeadLetterReason::Permanent,
+                    error,
+                )
+                .await;
             } else if shared.retry.should_retry(attempt) {
                 let wait = shared.retry.backoff(attempt);
                 tracing::info!(%error, ?wait, "handler failed; will retry");
@@ -328,7 +378,14 @@ async fn conclude<E: Event>(shared: &Shared<E>, delivery: Delivery, outcome: Out
                 settle("nack", delivery.nack(wait).await);
             } else {
                 tracing::warn!(%error, attempt, "attempts exhausted; dead-lettering");
-                dead_letter(shared, delivery, DeadLetterReason::RetriesExhausted, error).await;
+                dead_letter(
+                    shared,
+                    delivery,
+                    attempt,
+                    DeadLetterReason::RetriesExhausted,
+                    error,
+                )
+                .await;
             }
         }
     }
@@ -337,16 +394,12 @@ async fn conclude<E: Event>(shared: &Shared<E>, delivery: Delivery, outcome: Out
 async fn dead_letter<E>(
     shared: &Shared<E>,
     delivery: Delivery,
+    attempt: u32,
     reason: DeadLetterReason,
     error: String,
 ) {
-    let info = DeadLetterInfo::new(
-        reason,
-        error,
-        delivery.attempt(),
-        &shared.topic,
-        &shared.group,
-    );
+    shared.forget_waits(&delivery.message().id);
+    let info = DeadLetterInfo::new(reason, error, attempt, &shared.topic, &shared.group);
     match delivery.dead_letter(&info).await {
         Ok(()) => Counters::bump(&shared.counters.dead_lettered),
         Err(e) => {
