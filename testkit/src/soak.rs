@@ -138,6 +138,26 @@ pub fn soak_size(default: usize) -> usize {
 /// guarantee, and returns the accounting. Panics with the accounting table when a guarantee
 /// broke.
 pub async fn soak_with_faults(transport: Arc<dyn Transport>, messages: usize) -> SoakReport {
+    run(transport, messages, None).await
+}
+
+/// [`soak_with_faults`] without the per-key order check, for a test server known to differ
+/// from the real broker there; `why` says how, and is printed. Order is still measured and
+/// reported.
+pub async fn soak_with_faults_order_unchecked(
+    transport: Arc<dyn Transport>,
+    messages: usize,
+    why: &str,
+) -> SoakReport {
+    eprintln!("per-key order is reported, not asserted: {why}");
+    run(transport, messages, Some(why)).await
+}
+
+async fn run(
+    transport: Arc<dyn Transport>,
+    messages: usize,
+    order_unchecked: Option<&str>,
+) -> SoakReport {
     let started = Instant::now();
     let caps: Capabilities = transport.capabilities();
     let name = transport.name();
@@ -366,7 +386,7 @@ pub async fn soak_with_faults(transport: Arc<dyn Transport>, messages: usize) ->
         report.published,
         "{report}"
     );
-    if caps.ordered_across_retries {
+    if caps.ordered_across_retries && order_unchecked.is_none() {
         assert_eq!(
             report.keys_out_of_order, 0,
             "per-key order broken\n{report}"
