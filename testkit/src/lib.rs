@@ -7,6 +7,7 @@
 //! - [`conformance`]: the scenarios every transport must pass, and
 //!   [`conformance_suite!`] to run them all as named tests.
 //! - [`idempotency`]: the scenarios every shared idempotency store must pass.
+//! - [`hostile`]: foreign and malformed messages must dead-letter clearly.
 //! - [`soak`]: the soak with faults every transport runs, and its accounting table.
 //! - `arbitrary` (feature `proptest`): strategies for property tests of message mappings.
 
@@ -14,6 +15,7 @@
 pub mod arbitrary;
 pub mod conformance;
 pub mod faults;
+pub mod hostile;
 pub mod idempotency;
 pub mod soak;
 mod test_bus;

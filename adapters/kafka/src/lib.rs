@@ -149,6 +149,11 @@ impl std::fmt::Debug for KafkaTransport {
 }
 
 impl KafkaTransport {
+    /// The settings this transport runs with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
     /// Connects to the cluster at `url`; fails when no broker answers within 10 s.
     pub async fn connect(url: &TransportUrl) -> Result<Self> {
         KafkaTransport::connect_with(KafkaConfig::from_url(url)?).await

@@ -1,6 +1,6 @@
-//! RabbitMQ restarted (`rabbitmqctl stop_app` / `start_app`) while 5,000 messages are
-//! published and consumed: publishers and consumers recover by themselves and every message is
-//! accounted for (published = handled + dead-lettered).
+//! RabbitMQ restarted twice (`rabbitmqctl stop_app` / `start_app`) while 10,000 messages are
+//! published and consumed (Watermill's reconnect scenario): publishers and consumers recover by
+//! themselves and every message is accounted for (published = handled + dead-lettered).
 //!
 //! It restarts the shared local broker, so it lives alone in this test binary (cargo runs test
 //! binaries one after another) and is skipped unless brokers are required or
@@ -51,7 +51,7 @@ async fn broker_restart_mid_run_loses_nothing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    const N: u64 = 5_000;
+    const N: u64 = 10_000;
     let url = format!(
         "{}?publish_timeout_ms=60000&reconnect_max_ms=500&queue_expires_ms=600000",
         url()
@@ -111,19 +111,21 @@ async fn broker_restart_mid_run_loses_nothing() {
         })
     };
 
-    // Restart once a good part of the run is in flight.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while handled.lock().unwrap().len() < 1_000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "run did not get going"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // Restart twice: once a good part of the run is in flight, and again later.
+    for at in [1_000, 4_000] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while handled.lock().unwrap().len() < at {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the run did not reach {at} handled"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rabbitmqctl(&["stop_app"]);
+        tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
     }
-    rabbitmqctl(&["stop_app"]);
-    tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
 
     let (published, publish_errors) = publisher.await.unwrap();
     let published: HashSet<String> = published.into_iter().collect();

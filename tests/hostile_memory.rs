@@ -1,0 +1,21 @@
+//! Malformed messages put straight onto the memory transport (its "raw client" is the
+//! transport SPI): each ends in the DLQ with a clear reason, and the consumer keeps running.
+
+use std::sync::Arc;
+
+use busbar::{MemoryTransport, Message, Transport};
+use busbar_testkit::hostile::foreign_messages_are_dead_lettered_clearly;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() {
+    let transport = Arc::new(MemoryTransport::new());
+    let raw = Arc::clone(&transport);
+    foreign_messages_are_dead_lettered_clearly(transport, &[], |topic, cases| async move {
+        for (i, case) in cases.into_iter().enumerate() {
+            let mut message = Message::new(format!("raw-{i}"), topic.clone(), case.payload);
+            message.headers = case.headers;
+            raw.publish(vec![message]).await.expect("raw publish");
+        }
+    })
+    .await;
+}
