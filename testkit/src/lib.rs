@@ -9,6 +9,8 @@
 //! - [`idempotency`]: the scenarios every shared idempotency store must pass.
 //! - [`hostile`]: foreign and malformed messages must dead-letter clearly.
 //! - [`soak`]: the soak with faults every transport runs, and its accounting table.
+//! - `interop` (feature `cloudevents`): read and write busbar's wire format with the
+//!   official CloudEvents SDK.
 //! - `arbitrary` (feature `proptest`): strategies for property tests of message mappings.
 
 #[cfg(feature = "proptest")]
@@ -17,6 +19,8 @@ pub mod conformance;
 pub mod faults;
 pub mod hostile;
 pub mod idempotency;
+#[cfg(feature = "cloudevents")]
+pub mod interop;
 pub mod soak;
 mod test_bus;
 

@@ -1,0 +1,160 @@
+//! busbar's Kafka records are the CloudEvents Kafka protocol binding (binary mode), as the
+//! official SDK reads and writes it: a record busbar published is read by the SDK with every
+//! attribute, and an event the SDK built is consumed by busbar as a typed event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use busbar_core::{Bus, Envelope, Event};
+use busbar_kafka::KafkaTransport;
+use busbar_testkit::conformance::{brokers_required, probe, unique, wait_for, Ledger, Probe};
+use busbar_testkit::interop::{
+    AttributesReader, BindingMessage, Data, EventBuilder, EventBuilderV10, KAFKA_PREFIX,
+};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+
+async fn transport() -> Option<KafkaTransport> {
+    let url = std::env::var("BUSBAR_KAFKA_URL")
+        .unwrap_or_else(|_| "kafka://127.0.0.1:9092?session_timeout_ms=6000".into());
+    match KafkaTransport::connect(&url.parse().unwrap()).await {
+        Ok(t) => Some(t),
+        Err(e) if !brokers_required() => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("Kafka unreachable: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_reads_what_busbar_publishes() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let servers = transport.config().bootstrap_servers();
+    let bus = Bus::new(transport);
+    let topic = unique("ce-out");
+    bus.declare(&topic, "g").await.unwrap();
+    let envelope = bus
+        .envelope(probe(42, "order-7"))
+        .with_causation_id("cause-1")
+        .with_header("tenant", "acme");
+    bus.publish_envelope(&topic, &envelope).await.unwrap();
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .set("group.id", unique("sdk-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic.as_str()]).unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .expect("the record arrives")
+        .unwrap();
+    let mut wire = BindingMessage::new(KAFKA_PREFIX);
+    if let Some(headers) = record.headers() {
+        for header in headers.iter() {
+            wire.headers.insert(
+                header.key.to_string(),
+                header.value.unwrap_or_default().to_vec(),
+            );
+        }
+    }
+    wire.payload = record.payload().map(<[u8]>::to_vec);
+    let event = wire.to_event().expect("the SDK reads busbar's record");
+
+    assert_eq!(event.id(), envelope.id);
+    assert_eq!(event.ty(), Probe::TYPE);
+    assert_eq!(event.source().to_string(), envelope.source);
+    assert_eq!(event.time(), envelope.time.as_ref());
+    assert_eq!(event.datacontenttype(), Some("application/json"));
+    let extension = |name: &str| event.extension(name).map(|v| v.to_string());
+    assert_eq!(extension("correlationid"), envelope.correlation_id);
+    assert_eq!(extension("causationid").as_deref(), Some("cause-1"));
+    let data: Probe = match event.data() {
+        Some(Data::Binary(bytes)) => serde_json::from_slice(bytes).unwrap(),
+        Some(Data::Json(value)) => serde_json::from_value(value.clone()).unwrap(),
+        other => panic!("unexpected data {other:?}"),
+    };
+    assert_eq!(data, envelope.payload);
+    assert_eq!(
+        record.key().map(<[u8]>::to_vec),
+        Some(b"order-7".to_vec()),
+        "the key is the record key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busbar_consumes_an_event_the_official_sdk_wrote() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let servers = transport.config().bootstrap_servers();
+    let bus = Bus::builder(Arc::new(transport)).build();
+    let (topic, group) = (unique("ce-in"), unique("g"));
+    bus.declare(&topic, &group).await.unwrap();
+    let ledger = Ledger::default();
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .start(ledger.handler())
+        .await
+        .unwrap();
+
+    let time = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let event = EventBuilderV10::new()
+        .id("sdk-event-1")
+        .ty(Probe::TYPE)
+        .source("https://example.com/sdk-producer")
+        .time(time)
+        .extension("correlationid", "conversation-9")
+        .data(
+            "application/json",
+            serde_json::to_value(probe(9, "k")).unwrap(),
+        )
+        .build()
+        .expect("a valid CloudEvent");
+    let wire = BindingMessage::from_event(KAFKA_PREFIX, event).expect("the SDK writes it");
+    let headers = wire.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(v),
+        })
+    });
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("k")
+                .payload(wire.payload.as_deref().unwrap_or_default())
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("raw send");
+
+    wait_for("busbar handles the SDK's event", || {
+        ledger.distinct().contains("sdk-event-1")
+    })
+    .await;
+    let received: Envelope<Probe> = ledger
+        .envelopes()
+        .into_iter()
+        .find(|e| e.id == "sdk-event-1")
+        .unwrap();
+    assert_eq!(received.source, "https://example.com/sdk-producer");
+    assert_eq!(received.time, Some(time));
+    assert_eq!(received.correlation_id.as_deref(), Some("conversation-9"));
+    assert_eq!(received.payload, probe(9, "k"));
+    assert_eq!(received.key.as_deref(), Some("k"));
+    sub.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -1,0 +1,217 @@
+//! busbar's AMQP messages are the CloudEvents AMQP protocol binding (binary mode), as the
+//! official SDK's binding traits read and write it: a message busbar published is read by the
+//! SDK with every attribute, and an event the SDK built is consumed by busbar as a typed event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use busbar_core::{Bus, Envelope, Event};
+use busbar_rabbitmq::RabbitTransport;
+use busbar_testkit::conformance::{brokers_required, probe, unique, wait_for, Ledger, Probe};
+use busbar_testkit::interop::{
+    AttributesReader, BindingMessage, Data, EventBuilder, EventBuilderV10, AMQP_PREFIX,
+    CONTENT_TYPE,
+};
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+const RAW: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+async fn transport() -> Option<RabbitTransport> {
+    let url = std::env::var("BUSBAR_RABBITMQ_URL")
+        .unwrap_or_else(|_| format!("{RAW}?queue_expires_ms=600000"));
+    match RabbitTransport::connect(&url.parse().unwrap()).await {
+        Ok(t) => Some(t),
+        Err(e) if !brokers_required() => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("RabbitMQ unreachable: {e}"),
+    }
+}
+
+async fn raw_channel() -> (Connection, Channel) {
+    let connection = Connection::connect(RAW, ConnectionProperties::default())
+        .await
+        .expect("raw connection");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_reads_what_busbar_publishes() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let exchange = transport.config().exchange.clone();
+    let bus = Bus::new(transport);
+    let topic = unique("ce-out");
+    bus.declare(&topic, "g").await.unwrap(); // makes sure the exchange exists
+    let (connection, channel) = raw_channel().await;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().as_str().into(),
+            exchange.as_str().into(),
+            topic.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let envelope = bus
+        .envelope(probe(42, "order-7"))
+        .with_causation_id("cause-1")
+        .with_header("tenant", "acme");
+    bus.publish_envelope(&topic, &envelope).await.unwrap();
+
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("the message arrives")
+        .expect("consumer open")
+        .unwrap();
+    let mut wire = BindingMessage::new(AMQP_PREFIX);
+    if let Some(headers) = delivery.properties.headers() {
+        for (name, value) in headers {
+            if let AMQPValue::LongString(text) = value {
+                wire.headers
+                    .insert(name.as_str().to_string(), text.as_bytes().to_vec());
+            }
+        }
+    }
+    if let Some(content_type) = delivery.properties.content_type() {
+        wire.headers.insert(
+            CONTENT_TYPE.to_string(),
+            content_type.as_str().as_bytes().to_vec(),
+        );
+    }
+    wire.payload = Some(delivery.data.clone());
+    let event = wire.to_event().expect("the SDK reads busbar's message");
+
+    assert_eq!(event.id(), envelope.id);
+    assert_eq!(event.ty(), Probe::TYPE);
+    assert_eq!(event.source().to_string(), envelope.source);
+    assert_eq!(event.time(), envelope.time.as_ref());
+    assert_eq!(event.datacontenttype(), Some("application/json"));
+    let extension = |name: &str| event.extension(name).map(|v| v.to_string());
+    assert_eq!(extension("correlationid"), envelope.correlation_id);
+    assert_eq!(extension("causationid").as_deref(), Some("cause-1"));
+    assert_eq!(extension("partitionkey").as_deref(), Some("order-7"));
+    let data: Probe = match event.data() {
+        Some(Data::Binary(bytes)) => serde_json::from_slice(bytes).unwrap(),
+        Some(Data::Json(value)) => serde_json::from_value(value.clone()).unwrap(),
+        other => panic!("unexpected data {other:?}"),
+    };
+    assert_eq!(data, envelope.payload);
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busbar_consumes_an_event_the_official_sdk_wrote() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let exchange = transport.config().exchange.clone();
+    let bus = Bus::builder(Arc::new(transport)).build();
+    let (topic, group) = (unique("ce-in"), unique("g"));
+    bus.declare(&topic, &group).await.unwrap();
+    let ledger = Ledger::default();
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .start(ledger.handler())
+        .await
+        .unwrap();
+
+    let time = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let event = EventBuilderV10::new()
+        .id("sdk-event-1")
+        .ty(Probe::TYPE)
+        .source("https://example.com/sdk-producer")
+        .time(time)
+        .extension("correlationid", "conversation-9")
+        .extension("partitionkey", "k")
+        .data(
+            "application/json",
+            serde_json::to_value(probe(9, "k")).unwrap(),
+        )
+        .build()
+        .expect("a valid CloudEvent");
+    let wire = BindingMessage::from_event(AMQP_PREFIX, event).expect("the SDK writes it");
+    let mut headers = FieldTable::default();
+    let mut properties = BasicProperties::default();
+    for (name, value) in &wire.headers {
+        let text = String::from_utf8(value.clone()).unwrap();
+        if name == CONTENT_TYPE {
+            properties = properties.with_content_type(ShortString::from(text));
+        } else {
+            headers.insert(
+                ShortString::from(name.as_str()),
+                AMQPValue::LongString(LongString::from(text)),
+            );
+        }
+    }
+    let (connection, channel) = raw_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            topic.as_str().into(),
+            BasicPublishOptions::default(),
+            wire.payload.as_deref().unwrap_or_default(),
+            properties.with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    wait_for("busbar handles the SDK's event", || {
+        ledger.distinct().contains("sdk-event-1")
+    })
+    .await;
+    let received: Envelope<Probe> = ledger
+        .envelopes()
+        .into_iter()
+        .find(|e| e.id == "sdk-event-1")
+        .unwrap();
+    assert_eq!(received.source, "https://example.com/sdk-producer");
+    assert_eq!(received.time, Some(time));
+    assert_eq!(received.correlation_id.as_deref(), Some("conversation-9"));
+    assert_eq!(received.payload, probe(9, "k"));
+    assert_eq!(received.key.as_deref(), Some("k"));
+    sub.shutdown(Duration::from_secs(10)).await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}

@@ -1,0 +1,153 @@
+//! CloudEvents interoperability checks with the official SDK (`cloudevents-sdk`, feature
+//! `cloudevents`): read what busbar wrote with the SDK, and write with the SDK what busbar
+//! must read.
+//!
+//! The SDK's own Kafka binding pins an rdkafka that cannot be linked beside busbar's, and it
+//! has no AMQP binding, so [`BindingMessage`] applies the SDK's binding traits
+//! ([`BinaryDeserializer`], [`BinarySerializer`]) to raw headers, for both protocol bindings:
+//!
+//! - Kafka: attributes and extensions as `ce_<name>` headers, `datacontenttype` as the
+//!   `content-type` header;
+//! - AMQP: `cloudEvents:<name>` application properties, `datacontenttype` as the
+//!   `content-type` property (kept here under the `content-type` key).
+//!
+//! The SDK then checks the attributes: the spec version, the required ones, the time format,
+//! extension names. A look-alike wire format fails here.
+
+use std::collections::BTreeMap;
+
+use ::cloudevents::event::SpecVersion;
+use ::cloudevents::message::{
+    BinaryDeserializer, BinarySerializer, Encoding, Error, MessageAttributeValue,
+    MessageDeserializer, Result, StructuredDeserializer, StructuredSerializer,
+};
+pub use ::cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
+
+/// The header prefix of the Kafka protocol binding.
+pub const KAFKA_PREFIX: &str = "ce_";
+/// The application-property prefix of the AMQP protocol binding.
+pub const AMQP_PREFIX: &str = "cloudEvents:";
+/// Where the content type travels (a header on Kafka, a property on AMQP).
+pub const CONTENT_TYPE: &str = "content-type";
+
+/// A message in a CloudEvents protocol binding's binary mode: headers (attributes under
+/// `prefix`, the content type under [`CONTENT_TYPE`]) and a body.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BindingMessage {
+    /// The binding's attribute prefix: [`KAFKA_PREFIX`] or [`AMQP_PREFIX`].
+    pub prefix: &'static str,
+    /// Every header, as bytes.
+    pub headers: BTreeMap<String, Vec<u8>>,
+    /// The body.
+    pub payload: Option<Vec<u8>>,
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Other {
+        source: Box::new(e),
+    }
+}
+
+impl BindingMessage {
+    /// A message of the binding with `prefix`.
+    pub fn new(prefix: &'static str) -> Self {
+        BindingMessage {
+            prefix,
+            ..BindingMessage::default()
+        }
+    }
+
+    /// Reads the message as a CloudEvent, with the SDK's checks.
+    pub fn to_event(self) -> Result<Event> {
+        MessageDeserializer::into_event(self)
+    }
+
+    /// Writes `event` in the binding's binary mode, with the SDK's serializer.
+    pub fn from_event(prefix: &'static str, event: Event) -> Result<Self> {
+        BinaryDeserializer::deserialize_binary(event, BindingMessage::new(prefix))
+    }
+
+    fn spec_header(&self) -> String {
+        format!("{}specversion", self.prefix)
+    }
+}
+
+impl BinaryDeserializer for BindingMessage {
+    fn deserialize_binary<R: Sized, V: BinarySerializer<R>>(mut self, mut visitor: V) -> Result<R> {
+        let spec = self
+            .headers
+            .remove(&self.spec_header())
+            .ok_or(Error::WrongEncoding {})?;
+        let spec = SpecVersion::try_from(String::from_utf8(spec).map_err(other)?.as_str())?;
+        let attributes = spec.attribute_names();
+        visitor = visitor.set_spec_version(spec)?;
+        if let Some(content_type) = self.headers.remove(CONTENT_TYPE) {
+            visitor = visitor.set_attribute(
+                "datacontenttype",
+                MessageAttributeValue::String(String::from_utf8(content_type).map_err(other)?),
+            )?;
+        }
+        for (name, value) in self.headers {
+            let Some(name) = name.strip_prefix(self.prefix) else {
+                continue; // not a CloudEvents attribute
+            };
+            let value = MessageAttributeValue::String(String::from_utf8(value).map_err(other)?);
+            visitor = if attributes.contains(&name) {
+                visitor.set_attribute(name, value)?
+            } else {
+                visitor.set_extension(name, value)?
+            };
+        }
+        match self.payload {
+            Some(payload) => visitor.end_with_data(payload),
+            None => visitor.end(),
+        }
+    }
+}
+
+impl StructuredDeserializer for BindingMessage {
+    fn deserialize_structured<R: Sized, V: StructuredSerializer<R>>(self, _: V) -> Result<R> {
+        Err(Error::WrongEncoding {})
+    }
+}
+
+impl MessageDeserializer for BindingMessage {
+    fn encoding(&self) -> Encoding {
+        if self.headers.contains_key(&self.spec_header()) {
+            Encoding::BINARY
+        } else {
+            Encoding::UNKNOWN
+        }
+    }
+}
+
+impl BinarySerializer<BindingMessage> for BindingMessage {
+    fn set_spec_version(mut self, spec: SpecVersion) -> Result<Self> {
+        let name = self.spec_header();
+        self.headers.insert(name, spec.to_string().into_bytes());
+        Ok(self)
+    }
+
+    fn set_attribute(mut self, name: &str, value: MessageAttributeValue) -> Result<Self> {
+        let name = if name == "datacontenttype" {
+            CONTENT_TYPE.to_string()
+        } else {
+            format!("{}{name}", self.prefix)
+        };
+        self.headers.insert(name, value.to_string().into_bytes());
+        Ok(self)
+    }
+
+    fn set_extension(self, name: &str, value: MessageAttributeValue) -> Result<Self> {
+        self.set_attribute(name, value)
+    }
+
+    fn end_with_data(mut self, bytes: Vec<u8>) -> Result<Self> {
+        self.payload = Some(bytes);
+        Ok(self)
+    }
+
+    fn end(self) -> Result<Self> {
+        Ok(self)
+    }
+}
