@@ -151,3 +151,60 @@ impl BinarySerializer<BindingMessage> for BindingMessage {
         Ok(self)
     }
 }
+
+/// The event both interop directions use when the SDK writes: built with the SDK's
+/// `EventBuilderV10`, a [`Probe`](crate::conformance::Probe) as JSON data, a time with
+/// milliseconds, a correlation id and a partition key as extensions.
+pub fn sdk_event() -> Event {
+    EventBuilderV10::new()
+        .id(SDK_EVENT_ID)
+        .ty(<crate::conformance::Probe as busbar_core::Event>::TYPE)
+        .source("https://example.com/sdk-producer")
+        .time(sdk_event_time())
+        .extension("correlationid", "conversation-9")
+        .extension("partitionkey", "k")
+        .data(
+            "application/json",
+            serde_json::json!({ "seq": 9, "key": "k", "note": "" }),
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("the SDK refused the fixture event: {e}"))
+}
+
+/// The id of [`sdk_event`].
+pub const SDK_EVENT_ID: &str = "sdk-event-1";
+
+fn sdk_event_time() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(1_795_341_600_123).unwrap_or_default()
+}
+
+/// Asserts busbar received [`sdk_event`] intact as a typed envelope.
+pub fn assert_received_sdk_event(received: &busbar_core::Envelope<crate::conformance::Probe>) {
+    assert_eq!(received.id, SDK_EVENT_ID);
+    assert_eq!(received.source, "https://example.com/sdk-producer");
+    assert_eq!(received.time, Some(sdk_event_time()));
+    assert_eq!(received.correlation_id.as_deref(), Some("conversation-9"));
+    assert_eq!(received.payload, crate::conformance::probe(9, "k"));
+    assert_eq!(received.key.as_deref(), Some("k"));
+}
+
+/// Asserts the SDK read `event` as the CloudEvent of `envelope` (published by busbar with the
+/// causation id `cause-1`): id, type, source, time, content type, extensions and data.
+pub fn assert_sdk_read(event: &Event, envelope: &busbar_core::Envelope<crate::conformance::Probe>) {
+    assert_eq!(event.id(), envelope.id);
+    assert_eq!(event.ty(), envelope.event_type);
+    assert_eq!(event.source().to_string(), envelope.source);
+    assert_eq!(event.time(), envelope.time.as_ref());
+    assert_eq!(event.datacontenttype(), Some("application/json"));
+    let extension = |name: &str| event.extension(name).map(|v| v.to_string());
+    assert_eq!(extension("correlationid"), envelope.correlation_id);
+    assert_eq!(extension("causationid").as_deref(), Some("cause-1"));
+    let data: crate::conformance::Probe = match event.data() {
+        Some(Data::Binary(bytes)) => serde_json::from_slice(bytes),
+        Some(Data::Json(value)) => serde_json::from_value(value.clone()),
+        Some(Data::String(text)) => serde_json::from_str(text),
+        None => panic!("the event has no data"),
+    }
+    .unwrap_or_else(|e| panic!("the data is not the probe: {e}"));
+    assert_eq!(data, envelope.payload);
+}

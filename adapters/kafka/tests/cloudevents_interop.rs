@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar_core::{Bus, Envelope, Event};
+use busbar_core::{Bus, Envelope};
 use busbar_kafka::KafkaTransport;
 use busbar_testkit::conformance::{brokers_required, probe, unique, wait_for, Ledger, Probe};
 use busbar_testkit::interop::{
-    AttributesReader, BindingMessage, Data, EventBuilder, EventBuilderV10, KAFKA_PREFIX,
+    assert_received_sdk_event, assert_sdk_read, sdk_event, BindingMessage, KAFKA_PREFIX,
+    SDK_EVENT_ID,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -68,20 +69,7 @@ async fn the_official_sdk_reads_what_busbar_publishes() {
     wire.payload = record.payload().map(<[u8]>::to_vec);
     let event = wire.to_event().expect("the SDK reads busbar's record");
 
-    assert_eq!(event.id(), envelope.id);
-    assert_eq!(event.ty(), Probe::TYPE);
-    assert_eq!(event.source().to_string(), envelope.source);
-    assert_eq!(event.time(), envelope.time.as_ref());
-    assert_eq!(event.datacontenttype(), Some("application/json"));
-    let extension = |name: &str| event.extension(name).map(|v| v.to_string());
-    assert_eq!(extension("correlationid"), envelope.correlation_id);
-    assert_eq!(extension("causationid").as_deref(), Some("cause-1"));
-    let data: Probe = match event.data() {
-        Some(Data::Binary(bytes)) => serde_json::from_slice(bytes).unwrap(),
-        Some(Data::Json(value)) => serde_json::from_value(value.clone()).unwrap(),
-        other => panic!("unexpected data {other:?}"),
-    };
-    assert_eq!(data, envelope.payload);
+    assert_sdk_read(&event, &envelope);
     assert_eq!(
         record.key().map(<[u8]>::to_vec),
         Some(b"order-7".to_vec()),
@@ -105,22 +93,7 @@ async fn busbar_consumes_an_event_the_official_sdk_wrote() {
         .await
         .unwrap();
 
-    let time = chrono::DateTime::parse_from_rfc3339("2026-11-22T10:00:00.123Z")
-        .unwrap()
-        .with_timezone(&chrono::Utc);
-    let event = EventBuilderV10::new()
-        .id("sdk-event-1")
-        .ty(Probe::TYPE)
-        .source("https://example.com/sdk-producer")
-        .time(time)
-        .extension("correlationid", "conversation-9")
-        .data(
-            "application/json",
-            serde_json::to_value(probe(9, "k")).unwrap(),
-        )
-        .build()
-        .expect("a valid CloudEvent");
-    let wire = BindingMessage::from_event(KAFKA_PREFIX, event).expect("the SDK writes it");
+    let wire = BindingMessage::from_event(KAFKA_PREFIX, sdk_event()).expect("the SDK writes it");
     let headers = wire.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
         h.insert(Header {
             key: k,
@@ -143,18 +116,14 @@ async fn busbar_consumes_an_event_the_official_sdk_wrote() {
         .expect("raw send");
 
     wait_for("busbar handles the SDK's event", || {
-        ledger.distinct().contains("sdk-event-1")
+        ledger.distinct().contains(SDK_EVENT_ID)
     })
     .await;
     let received: Envelope<Probe> = ledger
         .envelopes()
         .into_iter()
-        .find(|e| e.id == "sdk-event-1")
+        .find(|e| e.id == SDK_EVENT_ID)
         .unwrap();
-    assert_eq!(received.source, "https://example.com/sdk-producer");
-    assert_eq!(received.time, Some(time));
-    assert_eq!(received.correlation_id.as_deref(), Some("conversation-9"));
-    assert_eq!(received.payload, probe(9, "k"));
-    assert_eq!(received.key.as_deref(), Some("k"));
+    assert_received_sdk_event(&received);
     sub.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -19,52 +19,8 @@ pub async fn per_key_order_holds(h: Harness) {
     if !claims(&caps, caps.ordered_by_key, "ordered_by_key") {
         return;
     }
-    let (topic, group) = (unique("order"), unique("g"));
-    let order = Arc::new(Mutex::new(HashMap::<String, Vec<u64>>::new()));
-    let keep = Arc::clone(&order);
-    let sub = bus
-        .subscribe::<Probe>(&topic, &group)
-        .concurrency(8)
-        .start(move |env: Envelope<Probe>, _ctx: Context| {
-            let keep = Arc::clone(&keep);
-            async move {
-                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
-                lock(&keep)
-                    .entry(env.payload.key.clone())
-                    .or_default()
-                    .push(env.payload.seq);
-                Ok(())
-            }
-        })
-        .await
-        .expect("subscribe");
-    const KEYS: u64 = 4;
-    const PER_KEY: u64 = 50;
-    let events: Vec<Probe> = (0..PER_KEY)
-        .flat_map(|s| (0..KEYS).map(move |k| probe(s, &format!("key-{k}"))))
-        .collect();
-    for chunk in events.chunks(20) {
-        bus.publish_batch(&topic, chunk.to_vec())
-            .await
-            .expect("publish");
-    }
-    wait_for("all handled", || {
-        lock(&order).values().map(Vec::len).sum::<usize>() >= (KEYS * PER_KEY) as usize
-    })
-    .await;
-    let order = lock(&order).clone();
-    for (key, seqs) in &order {
-        let mut deduped = seqs.clone();
-        if caps.may_duplicate {
-            deduped.dedup();
-        }
-        assert_eq!(
-            deduped,
-            (0..PER_KEY).collect::<Vec<_>>(),
-            "order broken for {key}"
-        );
-    }
-    let _ = sub.shutdown(GRACE).await;
+    let failed = keyed_run(&bus, 50, |_| false).await;
+    assert!(failed.is_empty());
 }
 
 /// Per-key order survives retries: while a message waits for its retry, the later messages
@@ -78,17 +34,43 @@ pub async fn per_key_order_holds_across_retries(h: Harness) {
         return;
     }
     let bus = Bus::builder(transport).retry(fast_retry(5)).build();
-    let (topic, group) = (unique("order-retry"), unique("g"));
+    const PER_KEY: u64 = 15;
+    let failed = keyed_run(&bus, PER_KEY, |seq| seq % 5 == 2).await;
+    assert_eq!(
+        failed.len() as u64,
+        KEYS * PER_KEY.div_ceil(5),
+        "the first attempts that should fail did not all run"
+    );
+}
+
+const KEYS: u64 = 4;
+
+/// Publishes `per_key` probes on each of 4 keys, interleaved, to a subscription with
+/// concurrency 8 whose handler fails the first attempt of the probes `fail_first` picks;
+/// checks each key's probes were handled in publish order, and returns the ids that failed.
+async fn keyed_run(
+    bus: &Bus,
+    per_key: u64,
+    fail_first: impl Fn(u64) -> bool + Send + Sync + 'static,
+) -> std::collections::HashSet<String> {
+    let caps = bus.capabilities();
+    let (topic, group) = (unique("order"), unique("g"));
     let order = Arc::new(Mutex::new(HashMap::<String, Vec<u64>>::new()));
     let failed_once = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
     let (keep, failed) = (Arc::clone(&order), Arc::clone(&failed_once));
+    let fail_first = Arc::new(fail_first);
     let sub = bus
         .subscribe::<Probe>(&topic, &group)
         .concurrency(8)
         .start(move |env: Envelope<Probe>, _ctx: Context| {
-            let (keep, failed) = (Arc::clone(&keep), Arc::clone(&failed));
+            let (keep, failed, fail_first) = (
+                Arc::clone(&keep),
+                Arc::clone(&failed),
+                Arc::clone(&fail_first),
+            );
             async move {
-                if env.payload.seq % 5 == 2 && lock(&failed).insert(env.id.clone()) {
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
+                if fail_first(env.payload.seq) && lock(&failed).insert(env.id.clone()) {
                     return Err(busbar_core::HandlerError::transient("first attempt fails"));
                 }
                 lock(&keep)
@@ -100,9 +82,7 @@ pub async fn per_key_order_holds_across_retries(h: Harness) {
         })
         .await
         .expect("subscribe");
-    const KEYS: u64 = 4;
-    const PER_KEY: u64 = 15;
-    let events: Vec<Probe> = (0..PER_KEY)
+    let events: Vec<Probe> = (0..per_key)
         .flat_map(|s| (0..KEYS).map(move |k| probe(s, &format!("key-{k}"))))
         .collect();
     for chunk in events.chunks(20) {
@@ -111,7 +91,7 @@ pub async fn per_key_order_holds_across_retries(h: Harness) {
             .expect("publish");
     }
     wait_for("all handled", || {
-        lock(&order).values().map(Vec::len).sum::<usize>() >= (KEYS * PER_KEY) as usize
+        lock(&order).values().map(Vec::len).sum::<usize>() >= (KEYS * per_key) as usize
     })
     .await;
     let order = lock(&order).clone();
@@ -122,16 +102,13 @@ pub async fn per_key_order_holds_across_retries(h: Harness) {
         }
         assert_eq!(
             deduped,
-            (0..PER_KEY).collect::<Vec<_>>(),
-            "order broken for {key} by a retry"
+            (0..per_key).collect::<Vec<_>>(),
+            "order broken for {key}"
         );
     }
-    assert_eq!(
-        lock(&failed_once).len() as u64,
-        KEYS * PER_KEY.div_ceil(5),
-        "the first attempts that should fail did not all run"
-    );
     let _ = sub.shutdown(GRACE).await;
+    let failed = lock(&failed_once).clone();
+    failed
 }
 
 /// With every message delivered twice, an idempotent handler's effect still happens once per
