@@ -1,4 +1,4 @@
-//! [`proptest`] strategies for property tests of an adapter's message mapping (feature
+//! [`proptest`](mod@proptest) strategies for property tests of an adapter's message mapping (feature
 //! `proptest`): messages busbar itself would publish, with every envelope field and free-form
 //! header drawn at random, and any payload bytes.
 //!
