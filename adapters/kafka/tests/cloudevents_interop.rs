@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use busbar_core::{Bus, Envelope};
 use busbar_kafka::KafkaTransport;
-use busbar_testkit::conformance::{brokers_required, probe, unique, wait_for, Ledger, Probe};
+use busbar_testkit::conformance::{probe, reachable, unique, wait_for, Ledger, Probe};
 use busbar_testkit::interop::{
     assert_received_sdk_event, assert_sdk_read, sdk_event, BindingMessage, KAFKA_PREFIX,
     SDK_EVENT_ID,
@@ -20,14 +20,7 @@ use rdkafka::{ClientConfig, Message};
 async fn transport() -> Option<KafkaTransport> {
     let url = std::env::var("BUSBAR_KAFKA_URL")
         .unwrap_or_else(|_| "kafka://127.0.0.1:9092?session_timeout_ms=6000".into());
-    match KafkaTransport::connect(&url.parse().unwrap()).await {
-        Ok(t) => Some(t),
-        Err(e) if !brokers_required() => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-        Err(e) => panic!("Kafka unreachable: {e}"),
-    }
+    reachable(KafkaTransport::connect(&url.parse().unwrap()).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

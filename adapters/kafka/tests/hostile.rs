@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use busbar_kafka::KafkaTransport;
-use busbar_testkit::conformance::brokers_required;
+use busbar_testkit::conformance::reachable;
 use busbar_testkit::hostile::foreign_messages_are_dead_lettered_clearly;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -16,10 +16,8 @@ use rdkafka::ClientConfig;
 async fn foreign_and_malformed_records_are_dead_lettered_with_a_clear_reason() {
     let url = std::env::var("BUSBAR_KAFKA_URL")
         .unwrap_or_else(|_| "kafka://127.0.0.1:9092?session_timeout_ms=6000".into());
-    let transport = match KafkaTransport::connect(&url.parse().unwrap()).await {
-        Ok(t) => t,
-        Err(e) if !brokers_required() => return eprintln!("SKIPPED: {e}"),
-        Err(e) => panic!("Kafka unreachable: {e}"),
+    let Some(transport) = reachable(KafkaTransport::connect(&url.parse().unwrap()).await) else {
+        return;
     };
     let servers = transport.config().bootstrap_servers();
     foreign_messages_are_dead_lettered_clearly(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use busbar_core::{Bus, Envelope};
 use busbar_rabbitmq::RabbitTransport;
-use busbar_testkit::conformance::{brokers_required, probe, unique, wait_for, Ledger, Probe};
+use busbar_testkit::conformance::{probe, reachable, unique, wait_for, Ledger, Probe};
 use busbar_testkit::interop::{
     assert_received_sdk_event, assert_sdk_read, sdk_event, BindingMessage, AMQP_PREFIX,
     CONTENT_TYPE, SDK_EVENT_ID,
@@ -25,14 +25,7 @@ const RAW: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 async fn transport() -> Option<RabbitTransport> {
     let url = std::env::var("BUSBAR_RABBITMQ_URL")
         .unwrap_or_else(|_| format!("{RAW}?queue_expires_ms=600000"));
-    match RabbitTransport::connect(&url.parse().unwrap()).await {
-        Ok(t) => Some(t),
-        Err(e) if !brokers_required() => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-        Err(e) => panic!("RabbitMQ unreachable: {e}"),
-    }
+    reachable(RabbitTransport::connect(&url.parse().unwrap()).await)
 }
 
 async fn raw_channel() -> (Connection, Channel) {

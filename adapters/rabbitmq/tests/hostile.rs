@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use busbar_rabbitmq::RabbitTransport;
-use busbar_testkit::conformance::brokers_required;
+use busbar_testkit::conformance::reachable;
 use busbar_testkit::hostile::foreign_messages_are_dead_lettered_clearly;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -15,10 +15,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() {
     let url = std::env::var("BUSBAR_RABBITMQ_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f?queue_expires_ms=600000".into());
-    let transport = match RabbitTransport::connect(&url.parse().unwrap()).await {
-        Ok(t) => t,
-        Err(e) if !brokers_required() => return eprintln!("SKIPPED: {e}"),
-        Err(e) => panic!("RabbitMQ unreachable: {e}"),
+    let Some(transport) = reachable(RabbitTransport::connect(&url.parse().unwrap()).await) else {
+        return;
     };
     let exchange = transport.config().exchange.clone();
     foreign_messages_are_dead_lettered_clearly(

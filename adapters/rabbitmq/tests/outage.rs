@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use busbar_core::{Bus, ConsumeOptions, ErrorKind, Transport};
 use busbar_rabbitmq::RabbitTransport;
-use busbar_testkit::conformance::{brokers_required, probe, unique, wait_for, Ledger, Probe};
+use busbar_testkit::conformance::{probe, reachable, unique, wait_for, Ledger, Probe};
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -57,10 +57,9 @@ impl Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_during_an_outage_fails_clearly_and_everything_recovers_after() {
     let direct_url = "amqp://guest:guest@127.0.0.1:5672/%2f?queue_expires_ms=600000";
-    let direct = match RabbitTransport::connect(&direct_url.parse().unwrap()).await {
-        Ok(t) => t,
-        Err(e) if !brokers_required() => return eprintln!("SKIPPED: {e}"),
-        Err(e) => panic!("RabbitMQ unreachable: {e}"),
+    let Some(direct) = reachable(RabbitTransport::connect(&direct_url.parse().unwrap()).await)
+    else {
+        return;
     };
     let proxy = Proxy::start().await;
     let url = format!(
@@ -143,12 +142,10 @@ async fn an_ack_after_the_connection_dropped_fails_and_the_message_comes_back() 
         "amqp://guest:guest@127.0.0.1:{}/%2f?publish_timeout_ms=5000&reconnect_max_ms=100&queue_expires_ms=600000",
         proxy.port
     );
-    let transport: Arc<dyn Transport> = match RabbitTransport::connect(&url.parse().unwrap()).await
-    {
-        Ok(t) => Arc::new(t),
-        Err(e) if !brokers_required() => return eprintln!("SKIPPED: {e}"),
-        Err(e) => panic!("RabbitMQ unreachable: {e}"),
+    let Some(transport) = reachable(RabbitTransport::connect(&url.parse().unwrap()).await) else {
+        return;
     };
+    let transport: Arc<dyn Transport> = Arc::new(transport);
     let bus = Bus::builder(Arc::clone(&transport)).build();
     let (topic, group) = (unique("ackloss"), unique("g"));
     bus.declare(&topic, &group).await.unwrap();

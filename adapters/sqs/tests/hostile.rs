@@ -6,17 +6,15 @@ use std::sync::Arc;
 
 use aws_sdk_sqs::types::MessageAttributeValue;
 use busbar_sqs::SqsTransport;
-use busbar_testkit::conformance::brokers_required;
+use busbar_testkit::conformance::reachable;
 use busbar_testkit::hostile::foreign_messages_are_dead_lettered_clearly;
 
 const LOCAL: &str = "sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1&access_key_id=test&secret_access_key=test&wait_time_s=1&mode=queue";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() {
-    let transport = match SqsTransport::connect(&LOCAL.parse().unwrap()).await {
-        Ok(t) => t,
-        Err(e) if !brokers_required() => return eprintln!("SKIPPED: {e}"),
-        Err(e) => panic!("SQS unreachable: {e}"),
+    let Some(transport) = reachable(SqsTransport::connect(&LOCAL.parse().unwrap()).await) else {
+        return;
     };
     foreign_messages_are_dead_lettered_clearly(
         Arc::new(transport),

@@ -6,21 +6,14 @@ use std::time::Duration;
 
 use busbar_core::{Bus, ConsumeOptions, DeadLetterReason, ErrorKind, Message, Transport};
 use busbar_sqs::{SqsTransport, SQS_MAX_BYTES};
-use busbar_testkit::conformance::{brokers_required, unique};
+use busbar_testkit::conformance::{reachable, unique};
 use futures::StreamExt;
 
 const LOCAL: &str = "sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1&access_key_id=test&secret_access_key=test&wait_time_s=1";
 
 async fn transport(extra: &str) -> Option<SqsTransport> {
     let url = std::env::var("BUSBAR_SQS_URL").unwrap_or_else(|_| LOCAL.to_string());
-    match SqsTransport::connect(&format!("{url}{extra}").parse().unwrap()).await {
-        Ok(t) => Some(t),
-        Err(e) if !brokers_required() => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-        Err(e) => panic!("SQS unreachable: {e}"),
-    }
+    reachable(SqsTransport::connect(&format!("{url}{extra}").parse().unwrap()).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

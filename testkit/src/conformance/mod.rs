@@ -68,23 +68,30 @@ impl Harness {
     /// Panics (fails the test) when the broker is unreachable and `CI=true` or
     /// `BUSBAR_REQUIRE_BROKERS=1`.
     pub async fn transport(&self) -> Option<Arc<dyn Transport>> {
-        match (self.factory)().await {
-            Ok(transport) => Some(transport),
-            Err(error) if brokers_required() => {
-                panic!("the broker for this conformance run is unreachable and brokers are required here: {error}")
-            }
-            Err(error) => {
-                eprintln!(
-                    "SKIPPED: broker unreachable ({error}); set CI=true to make this a failure"
-                );
-                None
-            }
-        }
+        reachable((self.factory)().await)
     }
 
     /// A bus over a new transport, with the suite's fast retry policy.
     pub async fn bus(&self) -> Option<Bus> {
         Some(bus_over(self.transport().await?))
+    }
+}
+
+/// The connected transport (or client), or `None` when the broker is unreachable and brokers
+/// are not required: the test then returns early, saying `SKIPPED`.
+///
+/// Panics (fails the test) when the broker is unreachable and `CI=true` or
+/// `BUSBAR_REQUIRE_BROKERS=1`: in CI a broker test never skips silently.
+pub fn reachable<T>(connected: Result<T>) -> Option<T> {
+    match connected {
+        Ok(connected) => Some(connected),
+        Err(error) if brokers_required() => {
+            panic!("the broker for this test is unreachable and brokers are required here: {error}")
+        }
+        Err(error) => {
+            eprintln!("SKIPPED: broker unreachable ({error}); set CI=true to make this a failure");
+            None
+        }
     }
 }
 
