@@ -223,17 +223,18 @@ async fn receive_loop(
             let group = received
                 .attributes()
                 .and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId));
-            let ticket = match (&gate, group) {
-                (Some(gate), Some(group)) => Some(Ticket {
-                    gate: Arc::clone(gate),
-                    group: group.clone(),
-                    seq: gate.next_seq.fetch_add(1, Ordering::Relaxed),
-                }),
+            // FIFO: the delivery's place in its group, kept by its ack and used to admit it.
+            let place = match (&gate, group) {
+                (Some(gate), Some(group)) => {
+                    Some((gate, group, gate.next_seq.fetch_add(1, Ordering::Relaxed)))
+                }
                 _ => None,
             };
-            let admission = ticket
-                .as_ref()
-                .map(|t| (Arc::clone(&t.gate), t.group.clone(), t.seq));
+            let ticket = place.map(|(gate, group, seq)| Ticket {
+                gate: Arc::clone(gate),
+                group: group.clone(),
+                seq,
+            });
             let ack = SqsAck::new(
                 Arc::clone(&inner),
                 Arc::clone(&queues),
@@ -243,8 +244,8 @@ async fn receive_loop(
                 ticket,
             );
             let delivery = Delivery::new(Arc::new(message), attempt, Box::new(ack));
-            let delivery = match admission {
-                Some((gate, group, seq)) => match gate.admit(&group, seq, delivery) {
+            let delivery = match place {
+                Some((gate, group, seq)) => match gate.admit(group, seq, delivery) {
                     Some(now) => now,
                     None => continue, // waits behind an earlier message of its group
                 },
@@ -284,6 +285,13 @@ struct Ticket {
     gate: Arc<Gate>,
     group: String,
     seq: u64,
+}
+
+impl Ticket {
+    /// Tells the gate how this message ended (see [`Gate::settled`]).
+    fn settled(self, outcome: Settled) {
+        self.gate.settled(&self.group, self.seq, outcome);
+    }
 }
 
 impl Gate {
@@ -434,7 +442,7 @@ impl SqsAck {
     /// Tells the FIFO gate how this message ended (see [`Gate::settled`]).
     fn release(&mut self, outcome: Settled) {
         if let Some(ticket) = self.ticket.take() {
-            ticket.gate.settled(&ticket.group, ticket.seq, outcome);
+            ticket.settled(outcome);
         }
     }
 
@@ -567,7 +575,14 @@ impl Drop for SqsAck {
             self.queues.queue.url.clone(),
             self.receipt.clone(),
         );
-        let ticket = self.ticket.take();
+        let release = {
+            let ticket = self.ticket.take();
+            move || {
+                if let Some(ticket) = ticket {
+                    ticket.settled(Settled::Again(Duration::ZERO));
+                }
+            }
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
@@ -579,22 +594,10 @@ impl Drop for SqsAck {
                         .visibility_timeout(0)
                         .send()
                         .await;
-                    if let Some(ticket) = ticket {
-                        ticket.gate.settled(
-                            &ticket.group,
-                            ticket.seq,
-                            Settled::Again(Duration::ZERO),
-                        );
-                    }
+                    release();
                 });
             }
-            Err(_) => {
-                if let Some(ticket) = ticket {
-                    ticket
-                        .gate
-                        .settled(&ticket.group, ticket.seq, Settled::Again(Duration::ZERO));
-                }
-            }
+            Err(_) => release(),
         }
     }
 }

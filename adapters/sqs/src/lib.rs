@@ -200,7 +200,7 @@ impl Inner {
             Dedup::MessageId => mapping::fifo_id(id),
             Dedup::Fresh => mapping::fresh_deduplication_id(id),
         };
-        (Some(mapping::message_group_id(id, packed)), Some(dedup_id))
+        (Some(packed.group_id.clone()), Some(dedup_id))
     }
 
     fn queue_attributes(&self, dlq_arn: Option<&str>) -> Vec<(QueueAttributeName, String)> {

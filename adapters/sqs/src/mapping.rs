@@ -37,6 +37,8 @@ pub struct Packed {
     pub body: String,
     /// The message attributes (all of type `String`).
     pub attributes: BTreeMap<String, String>,
+    /// The FIFO `MessageGroupId` (see [`message_group_id`]); unused on standard queues.
+    pub group_id: String,
 }
 
 impl Packed {
@@ -102,7 +104,11 @@ pub fn pack(message: &Message) -> Result<Packed> {
             base64(&message.payload)
         }
     };
-    Ok(Packed { body, attributes })
+    Ok(Packed {
+        body,
+        attributes,
+        group_id: message_group_id(message),
+    })
 }
 
 /// Whether SQS accepts `text` as a body or attribute value: it allows tab, newline, carriage
@@ -139,19 +145,10 @@ pub fn fifo_id(value: &str) -> String {
     }
 }
 
-/// The group id of `message` on a FIFO queue or topic (see [`fifo_id`]).
-pub fn message_group_id(message_id: &str, packed: &Packed) -> String {
-    // A key SQS cannot carry as an attribute travels in the packed headers.
-    let packed_key = || {
-        let json = packed.attributes.get(PACKED)?;
-        serde_json::from_str::<BTreeMap<String, String>>(json)
-            .ok()?
-            .remove(KEY)
-    };
-    match packed.attributes.get(KEY).cloned().or_else(packed_key) {
-        Some(key) => fifo_id(&key),
-        None => fifo_id(message_id),
-    }
+/// The group id of `message` on a FIFO queue or topic (see [`fifo_id`]): its key, or its id
+/// when it has none.
+pub fn message_group_id(message: &Message) -> String {
+    fifo_id(message.key.as_deref().unwrap_or(&message.id))
 }
 
 /// A deduplication id no earlier send used: for dead-lettering and redrive, which must not
@@ -334,9 +331,9 @@ mod tests {
         assert_ne!(a, b, "every dead-letter or redrive send is new to SQS");
         let mut message = Message::new("m-1", "t", b"x".to_vec());
         message.key = Some("order-7".into());
-        assert_eq!(message_group_id("m-1", &pack(&message).unwrap()), "order-7");
+        assert_eq!(pack(&message).unwrap().group_id, "order-7");
         let keyless = Message::new("m-2", "t", b"x".to_vec());
-        assert_eq!(message_group_id("m-2", &pack(&keyless).unwrap()), "m-2");
+        assert_eq!(pack(&keyless).unwrap().group_id, "m-2");
     }
 
     #[test]
