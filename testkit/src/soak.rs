@@ -226,28 +226,17 @@ async fn run(
     let doomed = start(bus.clone(), Arc::clone(&record), Arc::clone(&doomed_frozen)).await;
 
     // Publishers: each owns two keys, so a key's publish order is its seq order.
-    let per_publisher = messages.div_ceil(PUBLISHERS as usize);
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
             let (bus, topic) = (bus.clone(), topic.clone());
             tokio::spawn(async move {
-                let mut ids = Vec::new();
-                let mut batch = Vec::with_capacity(BATCH);
-                let mine: Vec<u64> = (0..per_publisher as u64)
-                    .map(|i| p + i * PUBLISHERS)
+                let mine: Vec<Probe> = (p..messages as u64)
+                    .step_by(PUBLISHERS as usize)
+                    .map(|s| probe(s, &format!("key-{}", s % KEYS)))
                     .collect();
-                for s in mine {
-                    if s as usize >= messages {
-                        break;
-                    }
-                    let key = format!("key-{}", s % KEYS);
-                    batch.push(probe(s, &key));
-                    if batch.len() == BATCH {
-                        ids.extend(publish(&bus, &topic, std::mem::take(&mut batch)).await);
-                    }
-                }
-                if !batch.is_empty() {
-                    ids.extend(publish(&bus, &topic, batch).await);
+                let mut ids = Vec::with_capacity(mine.len());
+                for batch in mine.chunks(BATCH) {
+                    ids.extend(publish(&bus, &topic, batch.to_vec()).await);
                 }
                 ids
             })
@@ -276,19 +265,12 @@ async fn run(
     for publisher in publishers {
         published.extend(publisher.await.expect("publisher task"));
     }
-    let published_set: HashSet<String> = published.iter().cloned().collect();
-    let poison: HashSet<String> = {
-        // Ids are returned in publish order per publisher; map them back to their seq.
-        let mut poison = HashSet::new();
-        for (p, chunk) in split_by_publisher(&published, messages) {
-            for (i, id) in chunk.iter().enumerate() {
-                if is_poison(p + i as u64 * PUBLISHERS) {
-                    poison.insert(id.clone());
-                }
-            }
-        }
-        poison
-    };
+    let poison: HashSet<String> = published
+        .iter()
+        .filter(|(seq, _)| is_poison(*seq))
+        .map(|(_, id)| id.clone())
+        .collect();
+    let published_set: HashSet<String> = published.into_iter().map(|(_, id)| id).collect();
 
     // Wait until every published id is accounted for.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -397,7 +379,8 @@ async fn run(
 
 /// Publishes a batch, sending it again after a retryable error (the ids stay the same, so a
 /// resend that follows a hidden success is a duplicate the idempotency store absorbs).
-async fn publish(bus: &Bus, topic: &str, batch: Vec<Probe>) -> Vec<String> {
+/// Returns each probe's sequence number and message id.
+async fn publish(bus: &Bus, topic: &str, batch: Vec<Probe>) -> Vec<(u64, String)> {
     let envelopes: Vec<Envelope<Probe>> = batch.into_iter().map(|p| bus.envelope(p)).collect();
     let messages: Vec<busbar_core::Message> = envelopes
         .iter()
@@ -407,7 +390,12 @@ async fn publish(bus: &Bus, topic: &str, batch: Vec<Probe>) -> Vec<String> {
     let mut attempts = 0;
     loop {
         match bus.publish_messages(messages.clone()).await {
-            Ok(()) => return envelopes.into_iter().map(|e| e.id).collect(),
+            Ok(()) => {
+                return envelopes
+                    .into_iter()
+                    .map(|e| (e.payload.seq, e.id))
+                    .collect()
+            }
             Err(e) if e.is_retryable() && attempts < 20 => {
                 attempts += 1;
                 eprintln!("soak publish failed; sending again: {e}");
@@ -416,19 +404,6 @@ async fn publish(bus: &Bus, topic: &str, batch: Vec<Probe>) -> Vec<String> {
             Err(e) => panic!("publish failed for good: {e}"),
         }
     }
-}
-
-/// The published ids of each publisher, in its publish order (publishers were awaited in order).
-fn split_by_publisher(published: &[String], messages: usize) -> Vec<(u64, &[String])> {
-    let mut out = Vec::new();
-    let mut rest = published;
-    for p in 0..PUBLISHERS {
-        let count = (p..messages as u64).step_by(PUBLISHERS as usize).count();
-        let (mine, tail) = rest.split_at(count.min(rest.len()));
-        out.push((p, mine));
-        rest = tail;
-    }
-    out
 }
 
 async fn wait_until(
