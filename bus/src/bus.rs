@@ -7,7 +7,7 @@ use tracing::Instrument;
 
 use crate::codec::Json;
 use crate::config::BusConfig;
-use crate::consumer::{Interceptor, SubscriptionBuilder};
+use crate::consumer::{ClaimWaits, Interceptor, SubscriptionBuilder};
 use crate::dead_letter::DeadLetter;
 use crate::envelope::{Envelope, Event};
 use crate::error::{Error, Result};
@@ -54,6 +54,7 @@ struct BusInner {
     concurrency: usize,
     interceptor: Option<Arc<dyn Interceptor>>,
     closed: AtomicBool,
+    claim_waits: ClaimWaits,
 }
 
 impl std::fmt::Debug for Bus {
@@ -124,12 +125,18 @@ impl BusBuilder {
                 concurrency: self.concurrency,
                 interceptor: self.interceptor,
                 closed: AtomicBool::new(false),
+                claim_waits: ClaimWaits::default(),
             }),
         }
     }
 }
 
 impl Bus {
+    /// The claim waits of this bus's subscriptions (see [`ClaimWaits`]).
+    pub(crate) fn claim_waits(&self) -> &ClaimWaits {
+        &self.inner.claim_waits
+    }
+
     /// A bus over `transport` with default settings.
     pub fn new(transport: impl Transport) -> Self {
         Bus::builder(Arc::new(transport)).build()

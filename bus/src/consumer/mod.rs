@@ -1,9 +1,12 @@
 //! The consumer runtime, written once for every transport: concurrency with per-key order,
 //! retry then dead-letter, idempotency, correlation, tracing and graceful shutdown.
 
+mod claim_waits;
 mod context;
 mod handler;
 mod runtime;
+
+pub(crate) use claim_waits::ClaimWaits;
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,7 +191,6 @@ impl<E: Event> SubscriptionBuilder<E> {
             handler: Arc::new(handler),
             idempotency: self.idempotency,
             counters: Arc::clone(&counters),
-            busy_waits: std::sync::Mutex::default(),
         });
         let (stop, stop_rx) = watch::channel(None);
         let limits = runtime::Limits {

@@ -29,41 +29,21 @@ pub(crate) struct Shared<E> {
     pub(crate) idempotency: Option<Idempotency<E>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) system: &'static str,
-    /// Per message id, the redeliveries spent waiting while another consumer held its claim
-    /// (see [`Shared::attempt`]).
-    pub(crate) busy_waits: std::sync::Mutex<HashMap<String, u32>>,
 }
 
-/// The most message ids [`Shared::busy_waits`] remembers (entries of messages that ended on
-/// another consumer are never removed otherwise).
-const BUSY_WAITS_KEPT: usize = 10_000;
-
 impl<E> Shared<E> {
-    fn busy_waits(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
-        self.busy_waits.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The handler attempt a delivery stands for: the transport's count, less the
-    /// redeliveries this consumer asked for only because another consumer held the message's
-    /// idempotency claim. Waiting for a claim is not a failure, so it must not use up the
-    /// retry policy's attempts (a consumer that crashed holding claims would otherwise send
-    /// their messages to the dead-letter queue). Counted per process: a wait asked for by
-    /// another instance still counts.
     fn attempt(&self, id: &str, transport_attempt: u32) -> u32 {
-        let waits = self.busy_waits().get(id).copied().unwrap_or(0);
-        transport_attempt.saturating_sub(waits).max(1)
+        self.bus
+            .claim_waits()
+            .attempt(&self.group, id, transport_attempt)
     }
 
     fn waited_busy(&self, id: &str) {
-        let mut waits = self.busy_waits();
-        if waits.len() >= BUSY_WAITS_KEPT && !waits.contains_key(id) {
-            waits.clear();
-        }
-        *waits.entry(id.to_string()).or_default() += 1;
+        self.bus.claim_waits().waited(&self.group, id);
     }
 
     fn forget_waits(&self, id: &str) {
-        self.busy_waits().remove(id);
+        self.bus.claim_waits().forget(&self.group, id);
     }
 }
 
