@@ -208,3 +208,42 @@ pub fn assert_sdk_read(event: &Event, envelope: &busbar_core::Envelope<crate::co
     .unwrap_or_else(|e| panic!("the data is not the probe: {e}"));
     assert_eq!(data, envelope.payload);
 }
+
+/// Subscribes to a fresh topic and group with a [`Probe`](crate::conformance::Probe) handler,
+/// has `write` put [`sdk_event`] on the topic in the binding's binary mode with the raw client,
+/// and checks busbar handles it intact ([`assert_received_sdk_event`]).
+pub async fn busbar_consumes_the_sdk_event<F, Fut>(
+    transport: std::sync::Arc<dyn busbar_core::Transport>,
+    prefix: &'static str,
+    write: F,
+) where
+    F: FnOnce(String, BindingMessage) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use crate::conformance::{unique, wait_for, Ledger, Probe};
+    let bus = busbar_core::Bus::builder(transport).build();
+    let (topic, group) = (unique("ce-in"), unique("g"));
+    bus.declare(&topic, &group).await.expect("declare");
+    let ledger = Ledger::default();
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .start(ledger.handler())
+        .await
+        .expect("subscribe");
+    let wire = BindingMessage::from_event(prefix, sdk_event())
+        .unwrap_or_else(|e| panic!("the SDK cannot write its event: {e}"));
+    write(topic, wire).await;
+    wait_for("busbar handles the SDK's event", || {
+        ledger.distinct().contains(SDK_EVENT_ID)
+    })
+    .await;
+    let received = ledger
+        .envelopes()
+        .into_iter()
+        .find(|e| e.id == SDK_EVENT_ID)
+        .unwrap_or_else(|| panic!("the SDK's event was not recorded"));
+    assert_received_sdk_event(&received);
+    sub.shutdown(std::time::Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}

@@ -5,12 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar_core::{Bus, Envelope};
+use busbar_core::Bus;
 use busbar_kafka::KafkaTransport;
-use busbar_testkit::conformance::{probe, reachable, unique, wait_for, Ledger, Probe};
+use busbar_testkit::conformance::{probe, reachable, unique};
 use busbar_testkit::interop::{
-    assert_received_sdk_event, assert_sdk_read, sdk_event, BindingMessage, KAFKA_PREFIX,
-    SDK_EVENT_ID,
+    assert_sdk_read, busbar_consumes_the_sdk_event, BindingMessage, KAFKA_PREFIX,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -76,47 +75,31 @@ async fn busbar_consumes_an_event_the_official_sdk_wrote() {
         return;
     };
     let servers = transport.config().bootstrap_servers();
-    let bus = Bus::builder(Arc::new(transport)).build();
-    let (topic, group) = (unique("ce-in"), unique("g"));
-    bus.declare(&topic, &group).await.unwrap();
-    let ledger = Ledger::default();
-    let sub = bus
-        .subscribe::<Probe>(&topic, &group)
-        .start(ledger.handler())
-        .await
-        .unwrap();
-
-    let wire = BindingMessage::from_event(KAFKA_PREFIX, sdk_event()).expect("the SDK writes it");
-    let headers = wire.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-        h.insert(Header {
-            key: k,
-            value: Some(v),
-        })
-    });
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &servers)
-        .create()
-        .unwrap();
-    producer
-        .send(
-            FutureRecord::to(&topic)
-                .key("k")
-                .payload(wire.payload.as_deref().unwrap_or_default())
-                .headers(headers),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("raw send");
-
-    wait_for("busbar handles the SDK's event", || {
-        ledger.distinct().contains(SDK_EVENT_ID)
-    })
+    busbar_consumes_the_sdk_event(
+        Arc::new(transport),
+        KAFKA_PREFIX,
+        |topic, wire| async move {
+            let headers = wire.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v),
+                })
+            });
+            let producer: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &servers)
+                .create()
+                .expect("raw producer");
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key("k")
+                        .payload(wire.payload.as_deref().unwrap_or_default())
+                        .headers(headers),
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("raw send");
+        },
+    )
     .await;
-    let received: Envelope<Probe> = ledger
-        .envelopes()
-        .into_iter()
-        .find(|e| e.id == SDK_EVENT_ID)
-        .unwrap();
-    assert_received_sdk_event(&received);
-    sub.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -213,7 +213,7 @@ fn to_delivery(
             message,
             acker: Some(delivery.acker),
             attempt,
-            _guard: Arc::clone(guard),
+            guard: Arc::clone(guard),
         }),
     )
 }
@@ -231,7 +231,7 @@ struct RabbitAck {
     message: Arc<Message>,
     acker: Option<Acker>,
     attempt: u32,
-    _guard: Arc<ChannelGuard>,
+    guard: Arc<ChannelGuard>,
 }
 
 impl RabbitAck {
@@ -256,7 +256,7 @@ impl RabbitAck {
         let Some(acker) = self.acker.take() else {
             return Ok(());
         };
-        let channel = self._guard.channel.clone();
+        let channel = self.guard.channel.clone();
         let settling = async {
             if requeue {
                 let options = BasicNackOptions {

@@ -5,12 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar_core::{Bus, Envelope};
+use busbar_core::Bus;
 use busbar_rabbitmq::RabbitTransport;
-use busbar_testkit::conformance::{probe, reachable, unique, wait_for, Ledger, Probe};
+use busbar_testkit::conformance::{probe, reachable, unique};
 use busbar_testkit::interop::{
-    assert_received_sdk_event, assert_sdk_read, sdk_event, BindingMessage, AMQP_PREFIX,
-    CONTENT_TYPE, SDK_EVENT_ID,
+    assert_sdk_read, busbar_consumes_the_sdk_event, BindingMessage, AMQP_PREFIX, CONTENT_TYPE,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -126,58 +125,38 @@ async fn busbar_consumes_an_event_the_official_sdk_wrote() {
         return;
     };
     let exchange = transport.config().exchange.clone();
-    let bus = Bus::builder(Arc::new(transport)).build();
-    let (topic, group) = (unique("ce-in"), unique("g"));
-    bus.declare(&topic, &group).await.unwrap();
-    let ledger = Ledger::default();
-    let sub = bus
-        .subscribe::<Probe>(&topic, &group)
-        .start(ledger.handler())
-        .await
-        .unwrap();
-
-    let wire = BindingMessage::from_event(AMQP_PREFIX, sdk_event()).expect("the SDK writes it");
-    let mut headers = FieldTable::default();
-    let mut properties = BasicProperties::default();
-    for (name, value) in &wire.headers {
-        let text = String::from_utf8(value.clone()).unwrap();
-        if name == CONTENT_TYPE {
-            properties = properties.with_content_type(ShortString::from(text));
-        } else {
-            headers.insert(
-                ShortString::from(name.as_str()),
-                AMQPValue::LongString(LongString::from(text)),
-            );
+    busbar_consumes_the_sdk_event(Arc::new(transport), AMQP_PREFIX, |topic, wire| async move {
+        let mut headers = FieldTable::default();
+        let mut properties = BasicProperties::default();
+        for (name, value) in &wire.headers {
+            let text = String::from_utf8(value.clone()).expect("the SDK writes text");
+            if name == CONTENT_TYPE {
+                properties = properties.with_content_type(ShortString::from(text));
+            } else {
+                headers.insert(
+                    ShortString::from(name.as_str()),
+                    AMQPValue::LongString(LongString::from(text)),
+                );
+            }
         }
-    }
-    let (connection, channel) = raw_channel().await;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    channel
-        .basic_publish(
-            exchange.as_str().into(),
-            topic.as_str().into(),
-            BasicPublishOptions::default(),
-            wire.payload.as_deref().unwrap_or_default(),
-            properties.with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-
-    wait_for("busbar handles the SDK's event", || {
-        ledger.distinct().contains(SDK_EVENT_ID)
+        let (connection, channel) = raw_channel().await;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                topic.as_str().into(),
+                BasicPublishOptions::default(),
+                wire.payload.as_deref().unwrap_or_default(),
+                properties.with_headers(headers),
+            )
+            .await
+            .expect("raw publish")
+            .await
+            .expect("confirm");
+        let _ = connection.close(200, "done".into()).await;
     })
     .await;
-    let received: Envelope<Probe> = ledger
-        .envelopes()
-        .into_iter()
-        .find(|e| e.id == SDK_EVENT_ID)
-        .unwrap();
-    assert_received_sdk_event(&received);
-    sub.shutdown(Duration::from_secs(10)).await.unwrap();
-    let _ = connection.close(200, "done".into()).await;
 }
