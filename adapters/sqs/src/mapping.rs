@@ -91,9 +91,12 @@ pub fn pack(message: &Message) -> Result<Packed> {
         })?;
         // JSON escapes control characters but not U+FFFE/U+FFFF, which SQS refuses; inside a
         // JSON string their escapes read back as the same characters.
-        let json = json
-            .replace('\u{fffe}', "\\ufffe")
-            .replace('\u{ffff}', "\\uffff");
+        let json = if json.contains(['\u{fffe}', '\u{ffff}']) {
+            json.replace('\u{fffe}', "\\ufffe")
+                .replace('\u{ffff}', "\\uffff")
+        } else {
+            json
+        };
         attributes.insert(PACKED.to_string(), json);
     }
     let body = match std::str::from_utf8(&message.payload) {
