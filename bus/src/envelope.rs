@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Headers, Message};
+use crate::message::{Headers, Message, INVALID_UTF8_HEADERS, MAX_HEADERS};
 
 /// A Rust type that travels as an event: serializable, and naming its CloudEvents `type`.
 ///
@@ -162,6 +162,30 @@ impl<E: Event> Envelope<E> {
     /// CloudEvents attribute, a `type` other than `E::TYPE`, an unsupported content type, or the
     /// payload field that does not fit `E`.
     pub fn from_message<C: Codec>(codec: &C, message: &Message) -> Result<Self> {
+        if message.headers.len() > MAX_HEADERS {
+            return Err(decode_error(
+                message,
+                format!(
+                    "message has {} headers; busbar reads at most {MAX_HEADERS}",
+                    message.headers.len()
+                ),
+            ));
+        }
+        if let Some(invalid) = message.header(INVALID_UTF8_HEADERS) {
+            let unreadable: Vec<&str> = invalid
+                .split(',')
+                .filter(|name| name.starts_with(attr::CE_PREFIX) || *name == attr::CONTENT_TYPE)
+                .collect();
+            if !unreadable.is_empty() {
+                return Err(decode_error(
+                    message,
+                    format!(
+                        "CloudEvents attribute `{}` is not valid UTF-8",
+                        unreadable.join("`, `")
+                    ),
+                ));
+            }
+        }
         let required = |name: &str| {
             message.header(name).ok_or_else(|| {
                 decode_error(message, format!("missing CloudEvents attribute `{name}`"))
@@ -479,6 +503,61 @@ mod tests {
         let long = "n".repeat(MAX_HEADER_NAME_LEN + 1);
         let env = Envelope::new("/svc", note()).with_header(long, "v");
         assert!(env.to_message(&Json, "t").is_err());
+    }
+
+    #[test]
+    fn an_attribute_that_was_not_utf8_makes_the_message_undecodable_but_a_free_header_does_not() {
+        let mut msg = Envelope::new("/svc", note())
+            .to_message(&Json, "t")
+            .unwrap();
+        let mut bad_attribute = msg.clone();
+        crate::message::insert_received_header(&mut bad_attribute.headers, attr::SOURCE, b"/s\xff");
+        let err = Envelope::<Note>::from_message(&Json, &bad_attribute).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Decode);
+        assert!(
+            err.to_string().contains("`ce_source` is not valid UTF-8"),
+            "{err}"
+        );
+
+        crate::message::insert_received_header(&mut msg.headers, "note", b"caf\xe9");
+        let env = Envelope::<Note>::from_message(&Json, &msg).unwrap();
+        assert_eq!(
+            env.headers.get("note").map(String::as_str),
+            Some("caf\u{fffd}")
+        );
+        assert_eq!(
+            env.headers.get(INVALID_UTF8_HEADERS).map(String::as_str),
+            Some("note"),
+            "the handler can tell which value was altered"
+        );
+    }
+
+    #[test]
+    fn more_headers_than_busbar_carries_are_refused_both_ways() {
+        let mut msg = Envelope::new("/svc", note())
+            .to_message(&Json, "t")
+            .unwrap();
+        let base = msg.headers.len();
+        for n in 0..=(MAX_HEADERS - base) {
+            msg.headers.insert(format!("x{n}"), "v".into());
+        }
+        assert_eq!(msg.headers.len(), MAX_HEADERS + 1);
+        let err = Envelope::<Note>::from_message(&Json, &msg).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Decode);
+        assert!(
+            err.to_string()
+                .contains("1001 headers; busbar reads at most 1000"),
+            "{err}"
+        );
+        let err = msg.check_publishable(usize::MAX, "test").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidHeader);
+        assert!(
+            err.to_string().contains("busbar carries at most 1000"),
+            "{err}"
+        );
+        msg.headers.remove("x0");
+        assert!(Envelope::<Note>::from_message(&Json, &msg).is_ok());
+        assert!(msg.check_publishable(usize::MAX, "test").is_ok());
     }
 
     #[test]

@@ -62,6 +62,17 @@ impl Message {
     /// ```
     pub fn check_publishable(&self, max_bytes: usize, transport: &str) -> Result<()> {
         validate_name("topic", &self.topic)?;
+        if self.headers.len() > MAX_HEADERS {
+            return Err(Error::new(
+                ErrorKind::InvalidHeader,
+                "publish",
+                format!(
+                    "message has {} headers; busbar carries at most {MAX_HEADERS}",
+                    self.headers.len()
+                ),
+            )
+            .with_resource(format!("message {} on topic {}", self.id, self.topic)));
+        }
         let size = self.wire_size();
         if size > max_bytes {
             return Err(Error::new(
@@ -83,6 +94,57 @@ impl Message {
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
+    }
+}
+
+/// The most headers (CloudEvents attributes included) one message may carry. Publishing more is
+/// an error; a received message with more is dead-lettered as undecodable, so a hostile
+/// producer's huge header map cannot reach a handler.
+pub const MAX_HEADERS: usize = 1_000;
+
+/// Set by an adapter on a received message whose broker headers were not all valid UTF-8: the
+/// names of those headers, comma-separated. Their values were decoded lossily (each invalid
+/// sequence became U+FFFD). When one of them is a CloudEvents attribute the message cannot be
+/// trusted and is dead-lettered as undecodable; free-form headers only are handled, with this
+/// header telling the handler which values were altered.
+pub const INVALID_UTF8_HEADERS: &str = "busbar.invalid-utf8";
+
+/// Adds a header received as bytes (see [`INVALID_UTF8_HEADERS`]): as text when it is UTF-8,
+/// otherwise lossily, with its name recorded in [`INVALID_UTF8_HEADERS`].
+///
+/// ```
+/// use busbar_core::message::{insert_received_header, Headers, INVALID_UTF8_HEADERS};
+/// let mut headers = Headers::new();
+/// insert_received_header(&mut headers, "ce_source", b"/shop");
+/// insert_received_header(&mut headers, "note", b"caf\xe9");
+/// assert_eq!(headers["ce_source"], "/shop");
+/// assert_eq!(headers["note"], "caf\u{fffd}");
+/// assert_eq!(headers[INVALID_UTF8_HEADERS], "note");
+/// ```
+pub fn insert_received_header(headers: &mut Headers, name: &str, value: &[u8]) {
+    match std::str::from_utf8(value) {
+        Ok(text) => {
+            headers.insert(name.to_string(), text.to_string());
+        }
+        Err(_) => {
+            headers.insert(
+                name.to_string(),
+                String::from_utf8_lossy(value).into_owned(),
+            );
+            note_invalid_utf8(headers, name);
+        }
+    }
+}
+
+/// Records in [`INVALID_UTF8_HEADERS`] that header `name` of a received message was not valid
+/// UTF-8 (for adapters that decode header values themselves).
+pub fn note_invalid_utf8(headers: &mut Headers, name: &str) {
+    let list = headers.entry(INVALID_UTF8_HEADERS.to_string()).or_default();
+    if !list.split(',').any(|n| n == name) {
+        if !list.is_empty() {
+            list.push(',');
+        }
+        list.push_str(name);
     }
 }
 

@@ -26,6 +26,9 @@ pub struct HostileCase {
     pub label: &'static str,
     /// Its headers, with neutral names, [`CASE_HEADER`] included.
     pub headers: BTreeMap<String, String>,
+    /// Headers whose values are bytes that are not UTF-8 (an AMQP long string, a Kafka header
+    /// value, an SQS `Binary` attribute); empty in most cases.
+    pub binary_headers: BTreeMap<String, Vec<u8>>,
     /// Its body.
     pub payload: Vec<u8>,
     /// Text its dead letter's error must contain.
@@ -46,15 +49,21 @@ fn case(
     HostileCase {
         label,
         headers: map,
+        binary_headers: BTreeMap::new(),
         payload: payload.to_vec(),
         expect,
     }
 }
 
+/// How many headers the `many-headers` case carries.
+pub const MANY_HEADERS: usize = 10_000;
+
 /// The cases: a body that is not JSON, JSON of the wrong shape, an empty body, no envelope
-/// headers at all, garbage envelope headers (specversion, time, content type), and an event
-/// of another type than the subscription's.
-pub fn cases() -> Vec<HostileCase> {
+/// headers at all, garbage envelope headers (specversion, time, content type), an event of
+/// another type than the subscription's, a CloudEvents attribute that is not UTF-8, a map of
+/// [`MANY_HEADERS`] headers and, when the transport has a size limit (`max_message_bytes`), a
+/// message 1 KiB larger than it.
+pub fn cases(max_message_bytes: Option<usize>) -> Vec<HostileCase> {
     let good = |id: &'static str| -> Vec<(&'static str, &'static str)> {
         vec![
             (attr::SPECVERSION, "1.0"),
@@ -71,7 +80,40 @@ pub fn cases() -> Vec<HostileCase> {
         headers
     };
     let body = br#"{"seq": 1, "key": "", "note": ""}"#;
-    vec![
+    let mut not_utf8 = case(
+        "invalid-utf8-attribute",
+        &good("h-9")
+            .into_iter()
+            .filter(|(n, _)| *n != attr::SOURCE)
+            .collect::<Vec<_>>(),
+        body,
+        "`ce_source` is not valid UTF-8",
+    );
+    not_utf8
+        .binary_headers
+        .insert(attr::SOURCE.to_string(), b"/foreign/\xff\xfe".to_vec());
+    let mut many = case(
+        "many-headers",
+        &good("h-10"),
+        body,
+        "headers; busbar reads at most",
+    );
+    for n in 0..MANY_HEADERS {
+        many.headers.insert(format!("x{n:04}"), "v".to_string());
+    }
+    let oversize = max_message_bytes.map(|max| {
+        let note = "x".repeat(max + 1024);
+        let body = format!(r#"{{"seq": 1, "key": "", "note": "{note}"}}"#);
+        case(
+            "oversize",
+            &good("h-11"),
+            body.as_bytes(),
+            "bytes, more than the",
+        )
+    });
+    let mut all = vec![
+        not_utf8,
+        many,
         case("not-json", &good("h-1"), b"this is not JSON", Probe::TYPE),
         case("wrong-shape", &good("h-2"), br#"{"seq": "seven"}"#, "seq"),
         case("empty-body", &good("h-3"), b"", Probe::TYPE),
@@ -100,7 +142,9 @@ pub fn cases() -> Vec<HostileCase> {
             body,
             "does not match the subscription's type",
         ),
-    ]
+    ];
+    all.extend(oversize);
+    all
 }
 
 /// Subscribes to a fresh topic and group with a [`Probe`] handler, has `send` write every
@@ -125,7 +169,7 @@ pub async fn foreign_messages_are_dead_lettered_clearly<F, Fut>(
         .start(ledger.handler())
         .await
         .expect("subscribe");
-    let cases: Vec<HostileCase> = cases()
+    let cases: Vec<HostileCase> = cases(bus.capabilities().max_message_bytes)
         .into_iter()
         .filter(|c| !except.contains(&c.label))
         .collect();

@@ -5,6 +5,7 @@
 //! the record key, so one key stays in one partition and keeps its order.
 
 use busbar_core::envelope::attr;
+use busbar_core::message::insert_received_header;
 use busbar_core::{Headers, Message};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 
@@ -37,11 +38,7 @@ pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
     let mut headers = Headers::new();
     if let Some(h) = record.headers() {
         for header in h.iter() {
-            let value = header
-                .value
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            headers.insert(header.key.to_string(), value);
+            insert_received_header(&mut headers, header.key, header.value.unwrap_or_default());
         }
     }
     let own_id = headers.remove(ID);

@@ -30,10 +30,12 @@ async fn foreign_and_malformed_records_are_dead_lettered_with_a_clear_reason() {
                 .expect("raw producer");
             for case in cases {
                 // The CloudEvents Kafka binding's names are busbar's neutral names.
-                let headers = case.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                let text = case.headers.iter().map(|(k, v)| (k, v.as_bytes()));
+                let binary = case.binary_headers.iter().map(|(k, v)| (k, v.as_slice()));
+                let headers = text.chain(binary).fold(OwnedHeaders::new(), |h, (k, v)| {
                     h.insert(Header {
                         key: k,
-                        value: Some(v.as_bytes()),
+                        value: Some(v),
                     })
                 });
                 producer

@@ -8,6 +8,7 @@
 //! The key travels as the `cloudEvents:partitionkey` extension. Messages are persistent.
 
 use busbar_core::envelope::attr;
+use busbar_core::message::insert_received_header;
 use busbar_core::{Error, ErrorKind, Headers, Message, Result};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
@@ -141,9 +142,13 @@ pub fn from_amqp(
                 .strip_prefix(CE_PREFIX)
                 .or_else(|| name.strip_prefix(CE_PREFIX_ALT))
             {
-                headers.insert(format!("{}{attribute}", attr::CE_PREFIX), text(value));
+                insert_value(
+                    &mut headers,
+                    &format!("{}{attribute}", attr::CE_PREFIX),
+                    value,
+                );
             } else {
-                headers.insert(name.to_string(), text(value));
+                insert_value(&mut headers, name, value);
             }
         }
     }
@@ -163,7 +168,8 @@ pub fn from_amqp(
                 .as_ref()
                 .map(|id| id.as_str().to_string())
         })
-        .unwrap_or_default();
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| content_id(&headers, &payload));
     let message = Message {
         id,
         topic: topic.to_string(),
@@ -172,6 +178,43 @@ pub fn from_amqp(
         payload: bytes::Bytes::from(payload),
     };
     (message, attempt.saturating_add(redeliveries))
+}
+
+/// The id of a foreign message that carries none (no `ce_id`, no `message-id`): a hash of
+/// its headers and body, so a redelivery keeps its id and the idempotency store recognises it,
+/// where AMQP has no broker-assigned id to fall back on.
+fn content_id(headers: &Headers, payload: &[u8]) -> String {
+    let hash = |basis: u64| {
+        let mut hash = basis;
+        let mut eat = |bytes: &[u8]| {
+            for byte in bytes.iter().chain(&[0xff]) {
+                hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for (name, value) in headers {
+            eat(name.as_bytes());
+            eat(value.as_bytes());
+        }
+        eat(payload);
+        hash
+    };
+    format!(
+        "amqp-{:016x}{:016x}",
+        hash(0xcbf2_9ce4_8422_2325),
+        hash(0x6c62_272e_07bb_0142)
+    )
+}
+
+/// Adds a received header; byte values that are not UTF-8 are decoded lossily and named in
+/// [`busbar_core::message::INVALID_UTF8_HEADERS`].
+fn insert_value(headers: &mut Headers, name: &str, value: &AMQPValue) {
+    match value {
+        AMQPValue::LongString(s) => insert_received_header(headers, name, s.as_bytes()),
+        AMQPValue::ByteArray(b) => insert_received_header(headers, name, b.as_slice()),
+        other => {
+            headers.insert(name.to_string(), text(other));
+        }
+    }
 }
 
 /// A header value as text; foreign producers may send numbers, booleans or bytes.
@@ -293,7 +336,23 @@ mod tests {
         assert_eq!(message.header("flag"), Some("true"));
         assert_eq!(message.header("ce_type"), Some("jms.style.v1"));
         assert_eq!(message.header("bad"), Some("\u{fffd}a"));
+        assert_eq!(
+            message.header(busbar_core::message::INVALID_UTF8_HEADERS),
+            Some("bad"),
+            "the lossy value is named"
+        );
         assert_eq!(message.id, "legacy-1");
+    }
+
+    #[test]
+    fn a_foreign_message_without_any_id_gets_a_stable_one_from_its_content() {
+        let properties = BasicProperties::default();
+        let (one, _) = from_amqp("t", &properties, b"hello".to_vec(), false);
+        let (again, _) = from_amqp("t", &properties, b"hello".to_vec(), true);
+        let (other, _) = from_amqp("t", &properties, b"hello!".to_vec(), false);
+        assert!(one.id.starts_with("amqp-"), "{}", one.id);
+        assert_eq!(one.id, again.id, "a redelivery keeps its id");
+        assert_ne!(one.id, other.id, "another message gets another id");
     }
 
     #[test]

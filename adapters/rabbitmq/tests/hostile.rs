@@ -39,10 +39,12 @@ async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() 
                 // the content type as the AMQP property.
                 let mut headers = FieldTable::default();
                 let mut properties = BasicProperties::default();
-                for (name, value) in &case.headers {
+                let text = case.headers.iter().map(|(k, v)| (k, v.as_bytes()));
+                let binary = case.binary_headers.iter().map(|(k, v)| (k, v.as_slice()));
+                for (name, value) in text.chain(binary) {
                     if name == "content-type" {
-                        properties =
-                            properties.with_content_type(ShortString::from(value.as_str()));
+                        let value = String::from_utf8_lossy(value);
+                        properties = properties.with_content_type(ShortString::from(&*value));
                         continue;
                     }
                     let name = match name.strip_prefix("ce_") {
@@ -51,7 +53,7 @@ async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() 
                     };
                     headers.insert(
                         ShortString::from(name),
-                        AMQPValue::LongString(LongString::from(value.as_str())),
+                        AMQPValue::LongString(LongString::from(value)),
                     );
                 }
                 channel

@@ -1,7 +1,7 @@
 //! Consuming: receive loops (long polling, up to 10 messages per call) bounded by the in-flight
 //! limit; a visibility heartbeat keeps a message hidden while its handler runs.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use busbar_core::{
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::mapping::{pack, unpack};
+use crate::mapping::{pack, received_attributes, unpack};
 use crate::{sdk_error, GroupQueues, Inner};
 
 /// How long the delete batcher waits for more acks before sending a partial batch.
@@ -200,14 +200,7 @@ async fn receive_loop(
         pause = Duration::from_millis(100);
         for received in out.messages() {
             let Some(permit) = held.pop() else { break };
-            let attributes: BTreeMap<String, String> = received
-                .message_attributes()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let attributes = received_attributes(received);
             let message = unpack(
                 &topic,
                 received.body().unwrap_or_default(),

@@ -5,12 +5,12 @@
 //! redrive sends the selected ones back to the group's queue, deletes them from the DLQ, and
 //! makes the rest visible again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use busbar_core::{DeadLetter, RedriveSelection, Result};
 
-use crate::mapping::{pack, unpack};
+use crate::mapping::{pack, received_attributes, unpack};
 use crate::{sdk_error, GroupQueues, Inner};
 
 struct Held {
@@ -53,14 +53,7 @@ async fn read(
             if !seen.insert(received.message_id().unwrap_or_default().to_string()) {
                 continue;
             }
-            let attributes: BTreeMap<String, String> = received
-                .message_attributes()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let attributes = received_attributes(received);
             let message = unpack(
                 topic,
                 received.body().unwrap_or_default(),

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use busbar_core::envelope::attr;
+use busbar_core::message::insert_received_header;
 use busbar_core::{Error, ErrorKind, Headers, Message, Result};
 
 /// Headers sent as attributes of their own.
@@ -175,6 +176,21 @@ fn fnv1a(value: &str, basis: u64) -> u64 {
     value.bytes().fold(basis, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// The message attributes of a received SQS message as text: `String` and `Number` values as
+/// they are, `Binary` ones (a foreign producer's) as UTF-8 text, or lossily when they are not
+/// UTF-8, named then in [`busbar_core::message::INVALID_UTF8_HEADERS`].
+pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> BTreeMap<String, String> {
+    let mut attributes = BTreeMap::new();
+    for (name, value) in received.message_attributes().into_iter().flatten() {
+        if let Some(text) = value.string_value() {
+            attributes.insert(name.clone(), text.to_string());
+        } else if let Some(bytes) = value.binary_value() {
+            insert_received_header(&mut attributes, name, bytes.as_ref());
+        }
+    }
+    attributes
 }
 
 /// Unpacks a received message of `topic`; `fallback_id` (the SQS message id) names a message

@@ -1,5 +1,5 @@
 //! Messages sent by a plain aws-sdk-sqs client, not busbar, that are malformed in every way
-//! `busbar_testkit::hostile` lists (but the empty body, which SQS itself refuses): each ends in
+//! `busbar_testkit::hostile` lists (but the empty body and the many headers, which SQS itself refuses): each ends in
 //! the DLQ with a clear reason, and the consumer keeps running.
 
 use std::sync::Arc;
@@ -18,7 +18,8 @@ async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() 
     };
     foreign_messages_are_dead_lettered_clearly(
         Arc::new(transport),
-        &["empty-body"],
+        // SQS refuses an empty body and more than 10 message attributes.
+        &["empty-body", "many-headers"],
         |topic, cases| async move {
             let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
                 .region(aws_config::Region::new("us-east-1"))
@@ -48,6 +49,16 @@ async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() 
                         MessageAttributeValue::builder()
                             .data_type("String")
                             .string_value(value)
+                            .build()
+                            .expect("attribute"),
+                    );
+                }
+                for (name, value) in &case.binary_headers {
+                    send = send.message_attributes(
+                        name,
+                        MessageAttributeValue::builder()
+                            .data_type("Binary")
+                            .binary_value(aws_sdk_sqs::primitives::Blob::new(value.clone()))
                             .build()
                             .expect("attribute"),
                     );

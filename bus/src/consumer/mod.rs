@@ -185,6 +185,7 @@ impl<E: Event> SubscriptionBuilder<E> {
                 .retry
                 .unwrap_or_else(|| self.bus.default_retry().clone()),
             system: transport.name(),
+            max_message_bytes: transport.capabilities().max_message_bytes,
             bus: self.bus,
             topic: self.topic.clone(),
             group: self.group.clone(),

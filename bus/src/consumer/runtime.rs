@@ -29,6 +29,8 @@ pub(crate) struct Shared<E> {
     pub(crate) idempotency: Option<Idempotency<E>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) system: &'static str,
+    /// The transport's publish limit: larger received messages are not handled.
+    pub(crate) max_message_bytes: Option<usize>,
 }
 
 impl<E> Shared<E> {
@@ -187,6 +189,20 @@ async fn sleep_until_deadline(deadline: Option<Instant>) {
     }
 }
 
+/// Why a received message is too large to handle, if it is: one larger than the transport
+/// publishes (only a foreign producer can send it) could not be republished by busbar (a
+/// handler's forward, a redrive), so it goes to the dead-letter queue at once, saying why.
+fn oversize<E>(shared: &Shared<E>, message: &crate::Message) -> Option<String> {
+    let max = shared.max_message_bytes?;
+    let size = message.wire_size();
+    (size > max).then(|| {
+        format!(
+            "message is {size} bytes, more than the {max} the {} transport carries; busbar does not handle it",
+            shared.system
+        )
+    })
+}
+
 enum Outcome {
     Handled,
     Failed { permanent: bool, error: String },
@@ -208,6 +224,11 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
         busbar.attempt = attempt,
     );
     async move {
+        if let Some(error) = oversize(&shared, &message) {
+            tracing::warn!(%error, "oversize message; dead-lettering it");
+            dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error).await;
+            return;
+        }
         let envelope = match Envelope::<E>::from_message(&Json, &message) {
             Ok(envelope) => envelope,
             Err(error) => {
