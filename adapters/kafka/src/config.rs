@@ -95,10 +95,11 @@ impl KafkaConfig {
                 "bootstrap.servers" | "group.id" | "enable.auto.commit" | "enable.idempotence" | "acks" => {
                     return Err(config_error(format!("`{name}` is set by busbar and cannot be overridden")))
                 }
-                _ if name.contains('.') => config.passthrough.push((name, value)),
+                // librdkafka's few settings without a dot that are safe to pass.
+                _ if name.contains('.') || name == "debug" => config.passthrough.push((name, value)),
                 other => {
                     return Err(config_error(format!(
-                        "unknown query parameter `{other}`; busbar's: partitions, replication, publish_timeout_ms, session_timeout_ms; librdkafka settings contain a dot (e.g. security.protocol)"
+                        "unknown query parameter `{other}`; busbar's: partitions, replication, publish_timeout_ms, session_timeout_ms; librdkafka settings contain a dot (e.g. security.protocol), or are `debug`"
                     )))
                 }
             }
@@ -165,5 +166,18 @@ mod tests {
             let err = KafkaConfig::from_url(&url.parse().unwrap()).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn librdkafka_settings_pass_through_debug_included() {
+        let url = "kafka://h:9092?client.id=svc&debug=cgrp";
+        let config = KafkaConfig::from_url(&url.parse().unwrap()).unwrap();
+        assert_eq!(
+            config.passthrough,
+            vec![
+                ("client.id".to_string(), "svc".to_string()),
+                ("debug".to_string(), "cgrp".to_string())
+            ]
+        );
     }
 }

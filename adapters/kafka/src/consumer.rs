@@ -41,6 +41,9 @@ struct PartitionState {
     /// that key waiting their turn: one message per key at a time keeps per-key order, also
     /// across retries.
     keys: HashMap<String, VecDeque<(Arc<Message>, i64)>>,
+    /// Whether fetching from the partition is paused because too many of its messages are
+    /// held here (waiting behind their key, mostly).
+    paused: bool,
 }
 
 /// In-flight offsets per partition, and what may be committed.
@@ -132,6 +135,31 @@ impl Tracker {
         list
     }
 
+    /// Whether the partition holds `limit` messages or more and is not paused yet; marks it
+    /// paused if so (the caller pauses the fetch).
+    fn should_pause(&mut self, partition: &Partition, limit: usize) -> bool {
+        match self.partitions.get_mut(partition) {
+            Some(state) if !state.paused && state.in_flight.len() >= limit => {
+                state.paused = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The paused partitions that now hold fewer than `low` messages, marked resumed, with
+    /// the offset to fetch from (past the last one received); the caller resumes their fetch.
+    fn take_resumable(&mut self, low: usize) -> Vec<(Partition, i64)> {
+        let mut resumable = Vec::new();
+        for (partition, state) in &mut self.partitions {
+            if state.paused && state.in_flight.len() < low {
+                state.paused = false;
+                resumable.push((partition.clone(), state.next));
+            }
+        }
+        resumable
+    }
+
     fn forget(&mut self, partitions: &[Partition]) {
         for partition in partitions {
             self.partitions.remove(partition);
@@ -169,6 +197,77 @@ impl ConsumerContext for RebalanceContext {
                     tracing::warn!(error = %e, "could not commit before a rebalance; the new owner redelivers from the last commit");
                 }
             }
+            // A pause (see `Tracker::should_pause`) outlives the assignment in librdkafka: a
+            // partition assigned back to this consumer would never fetch again.
+            if let Err(e) = consumer.resume(revoked) {
+                tracing::debug!(error = %e, "could not resume revoked partitions");
+            }
+        }
+    }
+}
+
+/// How long a stopping consumer may take to settle, commit and leave its group before a new
+/// consumer of the group (or the transport's close) stops waiting for it.
+pub(crate) const CLOSE_LIMIT: Duration = Duration::from_secs(40);
+
+/// The consumers of one transport, so that a new consumer of a group joins only after one
+/// being stopped has left it, and `close` returns only once every consumer has committed and
+/// left (a process may exit right after).
+#[derive(Default)]
+pub(crate) struct Consumers {
+    list: Mutex<Vec<Registered>>,
+}
+
+struct Registered {
+    group: String,
+    /// The consumer's channel to its subscription: closed once the subscription let go.
+    deliveries: mpsc::WeakSender<Result<Delivery>>,
+    /// Becomes true once the consumer committed and left the group.
+    left: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Consumers {
+    fn register(
+        &self,
+        group: &str,
+        deliveries: &mpsc::Sender<Result<Delivery>>,
+    ) -> tokio::sync::watch::Sender<bool> {
+        let (left_tx, left) = tokio::sync::watch::channel(false);
+        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|r| !*r.left.borrow());
+        list.push(Registered {
+            group: group.to_string(),
+            deliveries: deliveries.downgrade(),
+            left,
+        });
+        left_tx
+    }
+
+    /// Waits (at most `limit`) until the consumers that are stopping, of `group` or of every
+    /// group, have left. Consumers still serving a subscription are not waited for, unless
+    /// the transport is closing (`group` is `None`).
+    pub(crate) async fn stopped(&self, group: Option<&str>, limit: Duration) {
+        let waits: Vec<_> = {
+            let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+            list.iter()
+                .filter(|r| !*r.left.borrow())
+                .filter(|r| match group {
+                    None => true,
+                    Some(group) => {
+                        r.group == group && r.deliveries.upgrade().is_none_or(|tx| tx.is_closed())
+                    }
+                })
+                .map(|r| r.left.clone())
+                .collect()
+        };
+        let all = futures::future::join_all(waits.into_iter().map(|mut left| async move {
+            let _ = left.wait_for(|left| *left).await;
+        }));
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!(
+                ?group,
+                "a stopping Kafka consumer did not leave its group in time; going on"
+            );
         }
     }
 }
@@ -208,20 +307,17 @@ pub(crate) fn consume(
         .subscribe(&[topic, redrive.as_str()])
         .map_err(|e| inner.kafka_error("consume", format!("cannot subscribe to {topic:?}"), e))?;
     let (tx, rx) = mpsc::channel(max_in_flight.max(1));
+    let left = inner.consumers.register(group, &tx);
     let (retry_tx, retry_rx) = mpsc::unbounded_channel();
     let route = Arc::new(Route {
         topic: topic.to_string(),
         dlq: config.dead_letter_topic(topic, group),
+        held_limit: held_limit(max_in_flight),
     });
-    tokio::spawn(run(
-        inner,
-        Arc::new(consumer),
-        tracker,
-        route,
-        tx,
-        retry_tx,
-        retry_rx,
-    ));
+    tokio::spawn(async move {
+        run(inner, consumer, tracker, route, tx, retry_tx, retry_rx).await;
+        let _ = left.send(true);
+    });
     Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     })))
@@ -230,11 +326,21 @@ pub(crate) fn consume(
 struct Route {
     topic: String,
     dlq: String,
+    /// How many messages of one partition may be held (handed out, retrying or waiting behind
+    /// their key) before its fetching pauses.
+    held_limit: usize,
+}
+
+/// Per partition: eight times the subscription's in-flight limit, so a key that retries for
+/// a while holds back a bounded number of the messages behind it, while the other keys of
+/// the partition keep flowing.
+fn held_limit(max_in_flight: usize) -> usize {
+    max_in_flight.max(16).saturating_mul(8)
 }
 
 async fn run(
     inner: Arc<Inner>,
-    consumer: Arc<StreamConsumer<RebalanceContext>>,
+    consumer: StreamConsumer<RebalanceContext>,
     tracker: Arc<Mutex<Tracker>>,
     route: Arc<Route>,
     tx: mpsc::Sender<Result<Delivery>>,
@@ -242,6 +348,7 @@ async fn run(
     mut retry_rx: mpsc::UnboundedReceiver<Redelivery>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let held_limit = route.held_limit;
     let make = |message: Arc<Message>, attempt: u32, partition: Partition, offset: i64| {
         Delivery::new(
             Arc::clone(&message),
@@ -276,7 +383,13 @@ async fn run(
                     break;
                 }
             }
-            _ = tick.tick() => commit(&consumer, &tracker, CommitMode::Async),
+            _ = tick.tick() => {
+                commit(&consumer, &tracker, CommitMode::Async);
+                let resumable = lock(&tracker).take_resumable(held_limit / 2);
+                for (partition, next) in resumable {
+                    fetch(&consumer, &partition, Fetch::Resume(next));
+                }
+            }
             record = consumer.recv() => match record {
                 Ok(record) => {
                     use rdkafka::Message as _;
@@ -284,7 +397,17 @@ async fn run(
                     let offset = record.offset();
                     let message = Arc::new(from_record(&route.topic, &record));
                     drop(record);
-                    if !lock(&tracker).received(&partition, &message, offset) {
+                    let (now, pause) = {
+                        let mut tracker = lock(&tracker);
+                        let now = tracker.received(&partition, &message, offset);
+                        (now, tracker.should_pause(&partition, held_limit))
+                    };
+                    if pause {
+                        // Bounded memory: a partition whose messages wait behind a retrying
+                        // key stops fetching until most of them are done.
+                        fetch(&consumer, &partition, Fetch::Pause);
+                    }
+                    if !now {
                         continue; // waits behind an earlier message of its key
                     }
                     if tx.send(Ok(make(message, 1, partition, offset))).await.is_err() {
@@ -306,7 +429,40 @@ async fn run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    commit(&consumer, &tracker, CommitMode::Sync);
+    // The commit and the close (which leaves the group, serving the revoke on the way) block
+    // on the broker: not on a runtime worker.
+    let _ = tokio::task::spawn_blocking(move || {
+        commit(&consumer, &tracker, CommitMode::Sync);
+        drop(consumer);
+    })
+    .await;
+}
+
+enum Fetch {
+    Pause,
+    /// Resume fetching from this offset: librdkafka drops what it had fetched ahead while the
+    /// partition was paused, so without the seek those records would be skipped.
+    Resume(i64),
+}
+
+fn fetch(consumer: &StreamConsumer<RebalanceContext>, partition: &Partition, what: Fetch) {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&partition.0, partition.1);
+    let result = match what {
+        Fetch::Pause => consumer.pause(&list),
+        Fetch::Resume(next) => consumer
+            .seek(
+                &partition.0,
+                partition.1,
+                Offset::Offset(next),
+                Duration::ZERO,
+            )
+            .and_then(|()| consumer.resume(&list)),
+    };
+    if let Err(e) = result {
+        // Pausing is only a memory bound; a partition that was revoked meanwhile needs none.
+        tracing::debug!(error = %e, topic = %partition.0, partition = partition.1, "could not pause or resume fetching");
+    }
 }
 
 fn commit(consumer: &StreamConsumer<RebalanceContext>, tracker: &Mutex<Tracker>, mode: CommitMode) {
@@ -459,6 +615,39 @@ mod tests {
         assert_eq!(t.busy(), 0, "a parked message is not busy");
         t.finished(&p(), None, 3);
         assert_eq!(committed(&mut t), Some(5));
+    }
+
+    #[test]
+    fn a_partition_holding_too_many_messages_pauses_until_half_are_done() {
+        let mut t = Tracker::default();
+        let m = Arc::new(Message::new("m", "t", ""));
+        for o in 0..3 {
+            t.received(&p(), &m, o);
+            assert!(!t.should_pause(&p(), 4), "below the limit at {o}");
+        }
+        t.received(&p(), &m, 3);
+        assert!(t.should_pause(&p(), 4), "four held: pause");
+        t.received(&p(), &m, 4);
+        assert!(!t.should_pause(&p(), 4), "already paused");
+        t.finished(&p(), None, 0);
+        t.finished(&p(), None, 1);
+        t.finished(&p(), None, 2);
+        assert!(
+            t.take_resumable(2).is_empty(),
+            "two still held: not below two"
+        );
+        t.finished(&p(), None, 3);
+        assert_eq!(
+            t.take_resumable(2),
+            vec![(p(), 5)],
+            "resumes past the last received"
+        );
+        assert!(t.take_resumable(2).is_empty(), "resumed once");
+        t.forget(&[p()]);
+        assert!(
+            !t.should_pause(&p(), 1),
+            "a forgotten partition is not paused"
+        );
     }
 
     #[test]

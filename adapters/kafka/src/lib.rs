@@ -48,6 +48,7 @@ pub(crate) struct Inner {
     admin: AdminClient<DefaultClientContext>,
     created: Mutex<HashSet<String>>,
     closed: AtomicBool,
+    pub(crate) consumers: consumer::Consumers,
 }
 
 impl Inner {
@@ -222,6 +223,7 @@ impl KafkaTransport {
                 admin,
                 created: Mutex::default(),
                 closed: AtomicBool::new(false),
+                consumers: consumer::Consumers::default(),
             }),
         })
     }
@@ -288,6 +290,12 @@ impl Transport for KafkaTransport {
         options: ConsumeOptions,
     ) -> Result<DeliveryStream> {
         self.declare(topic, group).await?;
+        // A consumer of this group that this transport is still closing would leave the group
+        // while the new one joins: wait until it has committed and left.
+        self.inner
+            .consumers
+            .stopped(Some(group), consumer::CLOSE_LIMIT)
+            .await;
         consumer::consume(Arc::clone(&self.inner), topic, group, options.max_in_flight)
     }
 
@@ -315,6 +323,11 @@ impl Transport for KafkaTransport {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // Consumers commit what finished and leave their groups before the transport is done.
+        self.inner
+            .consumers
+            .stopped(None, consumer::CLOSE_LIMIT)
+            .await;
         let producer = self.inner.producer.clone();
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
         Ok(())

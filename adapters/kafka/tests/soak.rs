@@ -6,10 +6,6 @@ use busbar_kafka::KafkaTransport;
 use busbar_testkit::conformance::reachable;
 use busbar_testkit::soak::{soak_size, soak_with_faults};
 
-// Ignored in CI for now: one CI run of this soak stalled after the consumer crash (6,742 of
-// 20,000 handled, no progress for ten minutes) while two others passed in about 30 s. It is
-// an open Kafka bug (issues 5 and 7), not fixed yet; run it with `cargo test -- --ignored`.
-#[ignore = "intermittent stall after a consumer crash on Kafka/Tansu: open bug, see adapters/kafka/README.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_faults_accounts_for_every_message() {
     let url = std::env::var("BUSBAR_KAFKA_URL")
