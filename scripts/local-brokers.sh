@@ -10,6 +10,7 @@
 #   redis     redis://127.0.0.1:6379
 #   kafka     kafka://127.0.0.1:9092 (Tansu, a Kafka-protocol broker, in-memory storage)
 #   sqs       sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1 (LocalStack: SQS + SNS)
+#   sqs-restart  stops LocalStack and starts it again (it keeps no state: it comes back empty)
 set -euo pipefail
 
 STATE=${BROKERS_HOME:-/tmp/busbar-brokers}
@@ -105,8 +106,9 @@ ensure_kafka() {
 
 # LocalStack (SQS + SNS) in host mode, from PyPI into a venv this script owns. It needs Python
 # >= 3.13 (pyenv ships 3.13.0 here); the pins and settings each work around a failure seen with
-# localstack-core 2026.3.0.
-ensure_sqs() {
+# localstack-core 2026.3.0. Its community build keeps no state across a restart (PERSISTENCE=1
+# is accepted but saves nothing), so every start begins empty.
+install_localstack() {
   local py=${PY313:-$HOME/.pyenv/versions/3.13.0/bin/python}
   local venv="$STATE/localstack-venv"
   [[ -x $py ]] || { log "LocalStack needs Python 3.13 at $py (set PY313)"; exit 1; }
@@ -115,25 +117,53 @@ ensure_sqs() {
     "$py" -m venv "$venv"
     "$venv/bin/pip" install -q 'localstack-core[runtime]' 'cryptography<45' 'pyopenssl<25' 'cbor2<5.7' service-identity
   fi
-  if ! port_open 4566; then
-    log "starting LocalStack (sqs, sns) on 127.0.0.1:4566"
-    mkdir -p "$STATE/localstack/fs" "$STATE/localstack/tmp" "$STATE/logs"
-    # OVERRIDE_IN_DOCKER=0: it would think it runs in a container and write under /var/lib.
-    # GATEWAY_SERVER=hypercorn: the default gateway binds 0.0.0.0 whatever GATEWAY_LISTEN says.
-    ( cd "$STATE/localstack" || exit 1
-      OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE/localstack/fs" TMPDIR="$STATE/localstack/tmp" \
-      GATEWAY_SERVER=hypercorn GATEWAY_LISTEN=127.0.0.1:4566 LOCALSTACK_HOST=127.0.0.1:4566 \
-      SERVICES=sqs,sns SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 DISABLE_EVENTS=1 \
-      nohup "$venv/bin/python" -m localstack.runtime.main > "$STATE/logs/localstack.log" 2>&1 < /dev/null &
-      echo $! > "$STATE/localstack.pid" )
+}
+start_localstack() {
+  local venv="$STATE/localstack-venv"
+  mkdir -p "$STATE/localstack/fs" "$STATE/localstack/tmp" "$STATE/logs"
+  log "starting LocalStack (sqs, sns) on 127.0.0.1:4566"
+  # OVERRIDE_IN_DOCKER=0: it would think it runs in a container and write under /var/lib.
+  # GATEWAY_SERVER=hypercorn: the default gateway binds 0.0.0.0 whatever GATEWAY_LISTEN says.
+  ( cd "$STATE/localstack" || exit 1
+    OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE/localstack/fs" TMPDIR="$STATE/localstack/tmp" \
+    GATEWAY_SERVER=hypercorn GATEWAY_LISTEN=127.0.0.1:4566 LOCALSTACK_HOST=127.0.0.1:4566 \
+    SERVICES=sqs,sns SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 DISABLE_EVENTS=1 \
+    nohup "$venv/bin/python" -m localstack.runtime.main >> "$STATE/logs/localstack.log" 2>&1 < /dev/null &
+    echo $! > "$STATE/localstack.pid" )
+}
+LOCALSTACK_CMD="localstack-venv/bin/python -m localstack.runtime.main"
+localstack_gone() { ! pgrep -f "$STATE/$LOCALSTACK_CMD" >/dev/null; }
+port_closed() { ! port_open "$1"; }
+stop_localstack() {
+  if ! localstack_gone; then
+    log "stopping LocalStack"
+    pkill -TERM -f "$STATE/$LOCALSTACK_CMD"
+    if ! wait_until "LocalStack to exit" 15 localstack_gone; then
+      log "LocalStack ignored SIGTERM; killing it"
+      pkill -KILL -f "$STATE/$LOCALSTACK_CMD" || true
+      wait_until "LocalStack to die" 10 localstack_gone
+    fi
   fi
+  wait_until "port 4566 to close" 30 port_closed 4566
+}
+ensure_sqs() {
+  install_localstack
+  port_open 4566 || start_localstack
   wait_until "localstack :4566" 90 curl -sf -o /dev/null http://127.0.0.1:4566/_localstack/health
   log "sqs/sns (localstack) ready on 127.0.0.1:4566"
+}
+# Stops LocalStack and starts it again, empty (the SQS restart test uses it).
+ensure_sqs-restart() {
+  ensure_sqs
+  stop_localstack
+  start_localstack
+  wait_until "localstack :4566" 90 curl -sf -o /dev/null http://127.0.0.1:4566/_localstack/health
+  log "sqs/sns (localstack) restarted on 127.0.0.1:4566"
 }
 
 for service in "$@"; do
   case "$service" in
-    rabbitmq|postgres|redis|kafka|sqs) "ensure_$service" ;;
-    *) log "unknown service '$service' (known: rabbitmq postgres redis kafka sqs)"; exit 2 ;;
+    rabbitmq|postgres|redis|kafka|sqs|sqs-restart) "ensure_$service" ;;
+    *) log "unknown service '$service' (known: rabbitmq postgres redis kafka sqs sqs-restart)"; exit 2 ;;
   esac
 done

@@ -226,6 +226,18 @@ impl Inner {
         attributes
     }
 
+    /// Forgets what was declared for (`topic`, `group`), so the next use declares it again.
+    fn forget(&self, topic: &str, group: &str) {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(topic.to_string(), group.to_string()));
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(topic);
+    }
+
     /// Declares what (`topic`, `group`) needs; returns its queues.
     pub(crate) async fn declare(&self, topic: &str, group: &str) -> Result<GroupQueues> {
         let id = (topic.to_string(), group.to_string());
@@ -582,14 +594,25 @@ impl Transport for SqsTransport {
                 .push((message.id.clone(), packed));
         }
         for (topic, packed) in by_topic {
-            let target = self.inner.topic_arn(&topic).await?;
-            match self.inner.config.mode {
-                Mode::FanOut => self.inner.publish_to_topic(&target, packed).await?,
-                Mode::Queue => {
-                    self.inner
-                        .send_to_queue(&target, packed, "publish", Dedup::MessageId)
-                        .await?
+            let named = |e: Error| {
+                if e.resource().is_some() {
+                    e
+                } else {
+                    e.with_resource(format!("topic {topic}"))
                 }
+            };
+            let target = self.inner.topic_arn(&topic).await.map_err(named)?;
+            match self.inner.config.mode {
+                Mode::FanOut => self
+                    .inner
+                    .publish_to_topic(&target, packed)
+                    .await
+                    .map_err(named)?,
+                Mode::Queue => self
+                    .inner
+                    .send_to_queue(&target, packed, "publish", Dedup::MessageId)
+                    .await
+                    .map_err(named)?,
             }
         }
         Ok(())
@@ -599,6 +622,9 @@ impl Transport for SqsTransport {
         self.ensure_open("declare")?;
         validate_name("topic", topic)?;
         validate_name("group", group)?;
+        // An explicit declare creates (idempotently) even what this transport declared before:
+        // after the queues were deleted, or the server restarted empty, it brings them back.
+        self.inner.forget(topic, group);
         self.inner.declare(topic, group).await.map(drop)
     }
 
