@@ -21,6 +21,7 @@ pub mod hostile;
 pub mod idempotency;
 #[cfg(feature = "cloudevents")]
 pub mod interop;
+pub mod restart;
 pub mod soak;
 mod test_bus;
 
