@@ -10,6 +10,7 @@
 #   redis     redis://127.0.0.1:6379
 #   kafka     kafka://127.0.0.1:9092 (Tansu, a Kafka-protocol broker, in-memory storage)
 #   sqs       sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1 (LocalStack: SQS + SNS)
+#   kafka-restart  stops Tansu and starts it again (in-memory storage: it comes back empty)
 #   sqs-restart  stops LocalStack and starts it again (it keeps no state: it comes back empty)
 set -euo pipefail
 
@@ -104,6 +105,17 @@ ensure_kafka() {
   log "kafka (tansu) ready on 127.0.0.1:9092"
 }
 
+# Kills Tansu and starts it again; with in-memory storage it comes back empty (the Kafka
+# restart test uses it).
+tansu_gone() { ! pgrep -f "$STATE/bin/tansu broker" >/dev/null; }
+ensure_kafka-restart() {
+  ensure_kafka
+  log "stopping tansu"
+  pkill -TERM -f "$STATE/bin/tansu broker" || true
+  wait_until "tansu to exit" 30 tansu_gone
+  ensure_kafka
+}
+
 # LocalStack (SQS + SNS) in host mode, from PyPI into a venv this script owns. It needs Python
 # >= 3.13 (pyenv ships 3.13.0 here); the pins and settings each work around a failure seen with
 # localstack-core 2026.3.0. Its community build keeps no state across a restart (PERSISTENCE=1
@@ -163,7 +175,7 @@ ensure_sqs-restart() {
 
 for service in "$@"; do
   case "$service" in
-    rabbitmq|postgres|redis|kafka|sqs|sqs-restart) "ensure_$service" ;;
-    *) log "unknown service '$service' (known: rabbitmq postgres redis kafka sqs sqs-restart)"; exit 2 ;;
+    rabbitmq|postgres|redis|kafka|kafka-restart|sqs|sqs-restart) "ensure_$service" ;;
+    *) log "unknown service '$service' (known: rabbitmq postgres redis kafka kafka-restart sqs sqs-restart)"; exit 2 ;;
   esac
 done

@@ -38,7 +38,10 @@ pub(crate) async fn send(
                 Err((e, _)) => {
                     return Err(inner.kafka_error(
                         operation,
-                        format!("cannot queue message {}", message.id),
+                        format!(
+                            "cannot queue message {} for topic {}",
+                            message.id, message.topic
+                        ),
                         e,
                     ))
                 }
@@ -71,10 +74,22 @@ pub(crate) async fn send(
             failed.join(", ")
         ),
     )
-    .with_resource(inner.config.url.to_string())
+    .with_resource(format!(
+        "topic {} on {}",
+        topics(&messages),
+        inner.config.url
+    ))
     .with_retryable(true);
     if let Some(e) = first_error {
         error = error.with_source(e);
     }
     Err(error)
+}
+
+/// The distinct topics of `messages`, comma-separated, for errors.
+fn topics(messages: &[Message]) -> String {
+    let mut topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+    topics.sort_unstable();
+    topics.dedup();
+    topics.join(", ")
 }
