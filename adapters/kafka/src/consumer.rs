@@ -206,6 +206,9 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
+/// How long a message whose dead-lettering failed waits before it is handed out again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+
 /// How long a stopping consumer may take to settle, commit and leave its group before a new
 /// consumer of the group (or the transport's close) stops waiting for it.
 pub(crate) const CLOSE_LIMIT: Duration = Duration::from_secs(40);
@@ -554,12 +557,14 @@ impl Acknowledger for KafkaAck {
                 Ok(())
             }
             Err(e) => {
-                self.again(Duration::ZERO);
+                // Not at once: Kafka has no delivery limit to end a loop of failing attempts
+                // (RabbitMQ and SQS do), and the DLQ topic is likely down for a while.
+                self.again(DEAD_LETTER_RETRY);
                 Err(Error::new(
                     ErrorKind::Broker,
                     "dead-letter",
                     format!(
-                        "could not dead-letter {}; it will be delivered again",
+                        "could not dead-letter {}; it will be delivered again in {DEAD_LETTER_RETRY:?}",
                         message.id
                     ),
                 )
