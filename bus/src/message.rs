@@ -137,8 +137,8 @@ pub fn insert_received_header(headers: &mut Headers, name: &str, value: &[u8]) {
 }
 
 /// Records in [`INVALID_UTF8_HEADERS`] that header `name` of a received message was not valid
-/// UTF-8 (for adapters that decode header values themselves).
-pub fn note_invalid_utf8(headers: &mut Headers, name: &str) {
+/// UTF-8.
+fn note_invalid_utf8(headers: &mut Headers, name: &str) {
     let list = headers.entry(INVALID_UTF8_HEADERS.to_string()).or_default();
     if !list.split(',').any(|n| n == name) {
         if !list.is_empty() {
