@@ -44,7 +44,7 @@ pub use config::KafkaConfig;
 
 pub(crate) struct Inner {
     pub(crate) config: KafkaConfig,
-    pub(crate) producer: FutureProducer,
+    pub(crate) producer: FutureProducer<Diagnosis>,
     admin: AdminClient<DefaultClientContext>,
     created: Mutex<HashSet<String>>,
     closed: AtomicBool,
@@ -149,6 +149,37 @@ impl std::fmt::Debug for KafkaTransport {
     }
 }
 
+/// The producer's client context: logs librdkafka's errors as rdkafka's default context does,
+/// and keeps the last one, so a failed connect can say why (a refused connection, a TLS
+/// handshake, an authentication). librdkafka's error texts name brokers, never credentials.
+#[derive(Clone, Default)]
+pub(crate) struct Diagnosis {
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl Diagnosis {
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl rdkafka::ClientContext for Diagnosis {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        // "1/1 brokers are down" follows every transport failure and says nothing about why.
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            return;
+        }
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_string());
+    }
+}
+
 impl KafkaTransport {
     /// The settings this transport runs with.
     pub fn config(&self) -> &KafkaConfig {
@@ -165,17 +196,26 @@ impl KafkaTransport {
         let config_error = |what: &str, e: rdkafka::error::KafkaError| match e {
             // librdkafka's message repeats the setting's value, which may be a password or a
             // key: name the setting, never its value, and keep the error out of the chain.
-            rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => Error::new(
-                ErrorKind::Config,
-                "connect",
-                format!("{what}: setting `{key}` refused: {description}"),
-            )
-            .with_resource(config.url.to_string()),
+            rdkafka::error::KafkaError::ClientConfig(_, description, key, _) => {
+                // "OpenSSL not available at build time": TLS and SCRAM are a cargo feature.
+                let hint = if description.contains("not available at build time") {
+                    " (TLS and SASL/SCRAM need busbar's `kafka-tls` feature, busbar-kafka's `tls`)"
+                } else {
+                    ""
+                };
+                Error::new(
+                    ErrorKind::Config,
+                    "connect",
+                    format!("{what}: setting `{key}` refused: {description}{hint}"),
+                )
+                .with_resource(config.url.to_string())
+            }
             other => Error::new(ErrorKind::Config, "connect", format!("{what}: {other}"))
                 .with_resource(config.url.to_string())
                 .with_source(other),
         };
-        let producer: FutureProducer = config
+        let diagnosis = Diagnosis::default();
+        let producer: FutureProducer<Diagnosis> = config
             .client_config()
             .set("acks", "all")
             .set("enable.idempotence", "true")
@@ -184,7 +224,7 @@ impl KafkaTransport {
                 "message.timeout.ms",
                 config.publish_timeout.as_millis().to_string(),
             )
-            .create()
+            .create_with_context(diagnosis.clone())
             .map_err(|e| config_error("cannot create the producer", e))?;
         let admin: AdminClient<DefaultClientContext> = config
             .client_config()
@@ -199,13 +239,16 @@ impl KafkaTransport {
         match reached {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
+                // librdkafka's metadata error only says "broker transport failure"; its error
+                // callback said why (refused, TLS handshake, authentication).
+                let why = diagnosis.last_error().unwrap_or_else(|| e.to_string());
                 return Err(Error::new(
                     ErrorKind::Connection,
                     "connect",
-                    format!("no Kafka broker answered: {e}"),
+                    format!("no Kafka broker answered within 10 s: {why}"),
                 )
                 .with_resource(config.url.to_string())
-                .with_source(e))
+                .with_source(e));
             }
             Err(e) => {
                 return Err(Error::new(
