@@ -11,8 +11,10 @@
 #   redis     redis://127.0.0.1:6379
 #   kafka     kafka://127.0.0.1:9092 (Tansu, a Kafka-protocol broker, in-memory storage)
 #   sqs       sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1 (LocalStack: SQS + SNS)
-#   kafka-tls  kafka://127.0.0.1:9097?security.protocol=SSL&ssl.ca.location=$STATE/tls/ca.pem
-#             (a third Tansu behind stunnel's TLS; certificates made here, for 127.0.0.1)
+#   kafka-secured  kafka://127.0.0.1:9097?security.protocol=SSL&ssl.ca.location=$STATE/tls/ca.pem
+#             (a third Tansu behind stunnel's TLS; certificates made here, for 127.0.0.1), and
+#             kafka://127.0.0.1:9098?security.protocol=SASL_PLAINTEXT&sasl.mechanism=SCRAM-SHA-512
+#             (a fourth requiring SCRAM, with no users: Tansu cannot be given its first one)
 #   kafka-durable  kafka://127.0.0.1:9094 (a second Tansu, keeping its log in LocalStack's S3)
 #   kafka-durable-restart  stops that durable Tansu and starts it again (its log survives)
 #   sqs-restart  stops LocalStack and starts it again (it keeps no state: it comes back empty)
@@ -190,7 +192,7 @@ ensure_build-deps() {
   dpkg -s libssl-dev >/dev/null 2>&1 || apt_install libssl-dev
   command -v pkg-config >/dev/null || apt_install pkg-config
 }
-ensure_kafka-tls() {
+ensure_kafka-secured() {
   ensure_kafka # the Tansu binary
   ensure_build-deps
   command -v stunnel4 >/dev/null || apt_install stunnel4
@@ -219,6 +221,14 @@ CONF
   fi
   wait_until "TLS on :9097" 30 tls_handshake
   log "kafka over TLS (stunnel + tansu) ready on 127.0.0.1:9097 (CA: $STATE/tls/ca.pem)"
+  if ! port_open 9098; then
+    log "starting tansu on 127.0.0.1:9098 (SASL/SCRAM required, in-memory storage)"
+    nohup "$STATE/bin/tansu" broker --listener-url tcp://127.0.0.1:9098 \
+      --advertised-listener-url tcp://127.0.0.1:9098 --storage-engine memory://tansu/ \
+      --authentication > "$STATE/logs/tansu-scram.log" 2>&1 < /dev/null &
+    wait_until "tansu :9098" 30 port_open 9098
+  fi
+  log "kafka with SASL/SCRAM required ready on 127.0.0.1:9098"
 }
 
 # LocalStack (SQS, SNS, and S3 for the durable Tansu) in host mode, from PyPI into a venv this script owns. It needs Python
@@ -280,7 +290,7 @@ ensure_sqs-restart() {
 
 for service in "$@"; do
   case "$service" in
-    build-deps|rabbitmq|postgres|redis|kafka|kafka-tls|kafka-durable|kafka-durable-restart|sqs|sqs-restart) "ensure_$service" ;;
-    *) log "unknown service '$service' (known: build-deps rabbitmq postgres redis kafka kafka-tls kafka-durable kafka-durable-restart sqs sqs-restart)"; exit 2 ;;
+    build-deps|rabbitmq|postgres|redis|kafka|kafka-secured|kafka-durable|kafka-durable-restart|sqs|sqs-restart) "ensure_$service" ;;
+    *) log "unknown service '$service' (known: build-deps rabbitmq postgres redis kafka kafka-secured kafka-durable kafka-durable-restart sqs sqs-restart)"; exit 2 ;;
   esac
 done

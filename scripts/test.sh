@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The services the current test suite talks to (the memory transport needs none).
-BROKERS=(rabbitmq kafka kafka-tls sqs kafka-durable postgres redis)
+BROKERS=(rabbitmq kafka kafka-secured sqs kafka-durable postgres redis)
 if ((${#BROKERS[@]})); then
   bash scripts/local-brokers.sh "${BROKERS[@]}"
 fi

@@ -8,7 +8,8 @@
 //! and each reports its median.
 //!
 //! `cargo bench -p busbar-kafka --bench kafka_vs_rdkafka` (Kafka on 127.0.0.1:9092, or
-//! `BUSBAR_KAFKA_URL` with a kafka:// URL; `BUSBAR_BENCH_ROUNDS`, default 5).
+//! `BUSBAR_KAFKA_URL` with a kafka:// URL; `BUSBAR_BENCH_ROUNDS`, default 5;
+//! `BUSBAR_BENCH_ONLY=busbar`, `raw` or `bare` runs that client alone, e.g. under a profiler).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -215,6 +216,9 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
+    let only = std::env::var("BUSBAR_BENCH_ONLY")
+        .ok()
+        .and_then(|name| ["bare", "raw", "busbar"].iter().position(|c| *c == name));
     runtime.block_on(async {
         let pid = std::process::id();
         // [bare, raw, busbar] x [publish, end-to-end], msg/s per round.
@@ -223,6 +227,9 @@ fn main() {
             // Rotate who goes first, so drift does not favour one client.
             for turn in 0..3 {
                 let client = (round + turn) % 3;
+                if only.is_some_and(|only| only != client) {
+                    continue;
+                }
                 let run = format!("{pid:x}-{round}-{client}");
                 let (publish, e2e) = match client {
                     0 => raw(&run, false).await,

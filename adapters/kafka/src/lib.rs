@@ -154,11 +154,14 @@ impl std::fmt::Debug for KafkaTransport {
 /// handshake, an authentication). librdkafka's error texts name brokers, never credentials.
 #[derive(Clone, Default)]
 pub(crate) struct Diagnosis {
-    last_error: Arc<Mutex<Option<String>>>,
+    last_error: Arc<Mutex<Option<ClientError>>>,
 }
 
+/// An error librdkafka reported: its code, if it has one, and its text.
+type ClientError = (Option<RDKafkaErrorCode>, String);
+
 impl Diagnosis {
-    fn last_error(&self) -> Option<String> {
+    fn last_error(&self) -> Option<ClientError> {
         self.last_error
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -166,17 +169,28 @@ impl Diagnosis {
     }
 }
 
+/// Whether a connect that failed with librdkafka's `code` would fail the same way again: the
+/// broker refused the credentials, or the TLS handshake failed (an untrusted certificate, a
+/// wrong protocol). Retrying those only hides the cause.
+fn refused_for_good(code: Option<RDKafkaErrorCode>) -> bool {
+    matches!(
+        code,
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+    )
+}
+
 impl rdkafka::ClientContext for Diagnosis {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
         // "1/1 brokers are down" follows every transport failure and says nothing about why.
-        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             return;
         }
         *self
             .last_error
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_string());
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((code, reason.to_string()));
     }
 }
 
@@ -241,12 +255,15 @@ impl KafkaTransport {
             Ok(Err(e)) => {
                 // librdkafka's metadata error only says "broker transport failure"; its error
                 // callback said why (refused, TLS handshake, authentication).
-                let why = diagnosis.last_error().unwrap_or_else(|| e.to_string());
+                let (code, why) = diagnosis
+                    .last_error()
+                    .unwrap_or_else(|| (e.rdkafka_error_code(), e.to_string()));
                 return Err(Error::new(
                     ErrorKind::Connection,
                     "connect",
                     format!("no Kafka broker answered within 10 s: {why}"),
                 )
+                .with_retryable(!refused_for_good(code))
                 .with_resource(config.url.to_string())
                 .with_source(e));
             }
