@@ -2,14 +2,16 @@
 //! settings: 1 KiB records, acks=all + idempotence, batches of 100 awaited together, 4
 //! partitions, consumers with manual offset commits.
 //!
-//! The raw client runs twice: **raw** writes the same CloudEvents headers busbar writes (the
-//! fair comparison: a hand-written service carries its event's id, type and time too), **bare**
-//! writes the value only. The three take turns over several rounds (the broker's speed drifts),
-//! and each reports its median.
+//! The raw client runs three times: **bare** writes a 1 KiB value only and its consumer only
+//! reads; **raw** also writes the same CloudEvents headers busbar writes; **hand-rolled** does
+//! what a service written on rdkafka does with its events: serializes the same event to JSON
+//! with those headers, and its consumer reads the id and type headers and parses the JSON. The
+//! four take turns over several rounds (the broker's speed drifts), and each reports its median.
 //!
 //! `cargo bench -p busbar-kafka --bench kafka_vs_rdkafka` (Kafka on 127.0.0.1:9092, or
 //! `BUSBAR_KAFKA_URL` with a kafka:// URL; `BUSBAR_BENCH_ROUNDS`, default 5;
-//! `BUSBAR_BENCH_ONLY=busbar`, `raw` or `bare` runs that client alone, e.g. under a profiler).
+//! `BUSBAR_BENCH_ONLY=busbar`, `hand-rolled`, `raw` or `bare` runs that client alone, e.g.
+//! under a profiler).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,7 +77,18 @@ fn cloudevents_headers(i: usize) -> rdkafka::message::OwnedHeaders {
     })
 }
 
-async fn raw(run: &str, with_headers: bool) -> (Duration, Duration) {
+/// What a raw client does besides sending and reading records.
+#[derive(Clone, Copy, PartialEq)]
+enum Raw {
+    /// A 1 KiB value, nothing else.
+    Bare,
+    /// The value and busbar's CloudEvents headers.
+    Headers,
+    /// The event as JSON with those headers; the consumer reads the id and type and parses it.
+    HandRolled,
+}
+
+async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("acks", "all")
@@ -90,8 +103,15 @@ async fn raw(run: &str, with_headers: bool) -> (Duration, Duration) {
             let mut pending = Vec::with_capacity(BATCH);
             for i in 0..BATCH {
                 let key = format!("k{}", (b * BATCH + i) % 64);
-                let mut record = FutureRecord::to(&topic).payload(&payload).key(&key);
-                if with_headers {
+                let json;
+                let value = if mode == Raw::HandRolled {
+                    json = serde_json::to_vec(&blob(b * BATCH + i)).expect("json");
+                    &json
+                } else {
+                    &payload
+                };
+                let mut record = FutureRecord::to(&topic).payload(value).key(&key);
+                if mode != Raw::Bare {
                     record = record.headers(cloudevents_headers(b * BATCH + i));
                 }
                 pending.push(
@@ -137,7 +157,25 @@ async fn raw(run: &str, with_headers: bool) -> (Duration, Duration) {
         let mut n = 0;
         while n < N {
             let record = stream.next().await.expect("stream").expect("record");
-            std::hint::black_box(record.payload());
+            if mode == Raw::HandRolled {
+                use rdkafka::message::Headers;
+                let headers = record.headers().expect("headers");
+                let header = |name: &str| {
+                    headers
+                        .iter()
+                        .find(|h| h.key == name)
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map(str::to_owned)
+                };
+                let (id, kind) = (header("ce_id"), header("ce_type"));
+                assert_eq!(kind.as_deref(), Some(Blob::TYPE));
+                let event: Blob =
+                    serde_json::from_slice(record.payload().expect("value")).expect("parse");
+                std::hint::black_box((id, event));
+            } else {
+                std::hint::black_box(record.payload());
+            }
             n += 1;
             if n % 1000 == 0 {
                 consumer
@@ -152,6 +190,14 @@ async fn raw(run: &str, with_headers: bool) -> (Duration, Duration) {
     (publish, start.elapsed())
 }
 
+/// The event both busbar and the hand-rolled client send: 1 KiB of JSON.
+fn blob(i: usize) -> Blob {
+    Blob {
+        key: format!("k{}", i % 64),
+        data: "x".repeat(1024 - 20),
+    }
+}
+
 async fn busbar(run: &str) -> (Duration, Duration) {
     let transport = KafkaTransport::connect(
         &format!("kafka://{}?session_timeout_ms=6000", brokers())
@@ -162,10 +208,6 @@ async fn busbar(run: &str) -> (Duration, Duration) {
     .expect("connect");
     let bus = Bus::new(transport);
     let topic = format!("bb-bench-{run}");
-    let blob = |i: usize| Blob {
-        key: format!("k{}", i % 64),
-        data: "x".repeat(1024 - 20),
-    };
     let publish_all = || async {
         for b in 0..N / BATCH {
             let batch: Vec<Blob> = (0..BATCH).map(|i| blob(b * BATCH + i)).collect();
@@ -216,31 +258,34 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    let only = std::env::var("BUSBAR_BENCH_ONLY")
-        .ok()
-        .and_then(|name| ["bare", "raw", "busbar"].iter().position(|c| *c == name));
+    let only = std::env::var("BUSBAR_BENCH_ONLY").ok().and_then(|name| {
+        ["bare", "raw", "hand-rolled", "busbar"]
+            .iter()
+            .position(|c| *c == name)
+    });
     runtime.block_on(async {
         let pid = std::process::id();
-        // [bare, raw, busbar] x [publish, end-to-end], msg/s per round.
-        let mut rates = vec![(Vec::new(), Vec::new()); 3];
+        // [bare, raw, hand-rolled, busbar] x [publish, end-to-end], msg/s per round.
+        let mut rates = vec![(Vec::new(), Vec::new()); 4];
         for round in 0..rounds {
             // Rotate who goes first, so drift does not favour one client.
-            for turn in 0..3 {
-                let client = (round + turn) % 3;
+            for turn in 0..4 {
+                let client = (round + turn) % 4;
                 if only.is_some_and(|only| only != client) {
                     continue;
                 }
                 let run = format!("{pid:x}-{round}-{client}");
                 let (publish, e2e) = match client {
-                    0 => raw(&run, false).await,
-                    1 => raw(&run, true).await,
+                    0 => raw(&run, Raw::Bare).await,
+                    1 => raw(&run, Raw::Headers).await,
+                    2 => raw(&run, Raw::HandRolled).await,
                     _ => busbar(&run).await,
                 };
                 rates[client].0.push(rate(publish));
                 rates[client].1.push(rate(e2e));
             }
         }
-        let [bare, raw, bb] = [0, 1, 2].map(|c| {
+        let [bare, raw, hand, bb] = [0, 1, 2, 3].map(|c| {
             (
                 median(rates[c].0.clone()),
                 median(rates[c].1.clone()),
@@ -250,15 +295,16 @@ fn main() {
             "Kafka ({}), {N} x 1 KiB, acks=all + idempotence, batches of {BATCH}, median of {rounds} rounds",
             brokers()
         );
-        println!("| | bare | raw | busbar | busbar/raw | busbar/bare |");
-        println!("|---|---|---|---|---|---|");
-        for (what, b, r, x) in [
-            ("publish", bare.0, raw.0, bb.0),
-            ("end-to-end", bare.1, raw.1, bb.1),
+        println!("| | bare | raw | hand-rolled | busbar | busbar/raw | busbar/hand-rolled | busbar/bare |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for (what, b, r, h, x) in [
+            ("publish", bare.0, raw.0, hand.0, bb.0),
+            ("end-to-end", bare.1, raw.1, hand.1, bb.1),
         ] {
             println!(
-                "| {what} | {b:.0} msg/s | {r:.0} msg/s | {x:.0} msg/s | {:.2} | {:.2} |",
+                "| {what} | {b:.0} msg/s | {r:.0} msg/s | {h:.0} msg/s | {x:.0} msg/s | {:.2} | {:.2} | {:.2} |",
                 x / r,
+                x / h,
                 x / b
             );
         }

@@ -8,11 +8,13 @@
 //! An adapter runs the whole suite with one macro call in a test file; each scenario becomes
 //! a named `#[tokio::test]`, so a failure names the guarantee that broke:
 //!
-//! ```ignore
+//! ```no_run
+//! // In an adapter's tests/conformance.rs; the memory transport stands in for the adapter's.
 //! async fn transport() -> busbar_core::Result<std::sync::Arc<dyn busbar_core::Transport>> {
-//!     Ok(std::sync::Arc::new(my_adapter::connect("mybroker://127.0.0.1").await?))
+//!     Ok(std::sync::Arc::new(busbar_core::memory::MemoryTransport::new()))
 //! }
 //! busbar_testkit::conformance_suite!(transport);
+//! # fn main() {}
 //! ```
 //!
 //! The factory is called once or more per scenario; every transport it returns must reach the
