@@ -149,22 +149,13 @@ pub async fn recovers_from_an_empty_restart<F>(
 where
     F: FnOnce() + Send + 'static,
 {
-    let bus = Bus::builder(transport)
-        .retry(
-            RetryPolicy::exponential(8)
-                .with_initial_backoff(Duration::from_millis(100))
-                .with_max_backoff(Duration::from_secs(1)),
-        )
-        .build();
-    let (topic, group) = (unique("restart"), unique("g"));
-    bus.declare(&topic, &group).await.expect("declare");
-    let ledger = Ledger::default();
-    let sub = bus
-        .subscribe::<crate::conformance::Probe>(&topic, &group)
-        .concurrency(16)
-        .start(ledger.handler())
-        .await
-        .expect("subscribe");
+    let Running {
+        bus,
+        topic,
+        group,
+        ledger,
+        sub,
+    } = start(transport).await;
 
     let before = publish_all(&bus, &topic, 0..MESSAGES).await;
     wait_handled(&ledger, &before, "published before the restart").await;
@@ -235,22 +226,13 @@ where
     L: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = BrokerLog>,
 {
-    let bus = Bus::builder(transport)
-        .retry(
-            RetryPolicy::exponential(8)
-                .with_initial_backoff(Duration::from_millis(100))
-                .with_max_backoff(Duration::from_secs(1)),
-        )
-        .build();
-    let (topic, group) = (unique("restart"), unique("g"));
-    bus.declare(&topic, &group).await.expect("declare");
-    let ledger = Ledger::default();
-    let sub = bus
-        .subscribe::<crate::conformance::Probe>(&topic, &group)
-        .concurrency(16)
-        .start(ledger.handler())
-        .await
-        .expect("subscribe");
+    let Running {
+        bus,
+        topic,
+        group: _,
+        ledger,
+        sub,
+    } = start(transport).await;
 
     let restarting = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -330,6 +312,41 @@ where
     };
     let _ = sub.shutdown(Duration::from_secs(10)).await;
     report
+}
+
+/// A bus with a subscription recording every probe on fresh names: what both scenarios run.
+struct Running {
+    bus: Bus,
+    topic: String,
+    group: String,
+    ledger: Ledger,
+    sub: busbar_core::Subscription,
+}
+
+async fn start(transport: Arc<dyn Transport>) -> Running {
+    let bus = Bus::builder(transport)
+        .retry(
+            RetryPolicy::exponential(8)
+                .with_initial_backoff(Duration::from_millis(100))
+                .with_max_backoff(Duration::from_secs(1)),
+        )
+        .build();
+    let (topic, group) = (unique("restart"), unique("g"));
+    bus.declare(&topic, &group).await.expect("declare");
+    let ledger = Ledger::default();
+    let sub = bus
+        .subscribe::<crate::conformance::Probe>(&topic, &group)
+        .concurrency(16)
+        .start(ledger.handler())
+        .await
+        .expect("subscribe");
+    Running {
+        bus,
+        topic,
+        group,
+        ledger,
+        sub,
+    }
 }
 
 fn assert_outage_errors(errors: &[Error], topic: &str) {
