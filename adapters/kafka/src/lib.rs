@@ -200,7 +200,8 @@ impl KafkaTransport {
         &self.inner.config
     }
 
-    /// Connects to the cluster at `url`; fails when no broker answers within 10 s.
+    /// Connects to the cluster at `url`; fails when no broker answers within 10 s, and at once
+    /// when a broker refuses the credentials or the TLS handshake fails.
     pub async fn connect(url: &TransportUrl) -> Result<Self> {
         KafkaTransport::connect_with(KafkaConfig::from_url(url)?).await
     }
@@ -244,15 +245,38 @@ impl KafkaTransport {
             .client_config()
             .create()
             .map_err(|e| config_error("cannot create the admin client", e))?;
-        // Fail fast when the cluster is unreachable.
+        // Fail fast when the cluster is unreachable, and at once when the broker refuses the
+        // credentials or the TLS handshake fails (waiting out the probe would not help).
         let probe = producer.clone();
-        let reached = tokio::task::spawn_blocking(move || {
+        let mut reached = tokio::task::spawn_blocking(move || {
             probe.client().fetch_metadata(None, Duration::from_secs(10))
-        })
-        .await;
+        });
+        let reached = loop {
+            tokio::select! {
+                joined = &mut reached => break Some(joined),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if diagnosis.last_error().is_some_and(|(code, _)| refused_for_good(code)) {
+                        break None;
+                    }
+                }
+            }
+        };
         match reached {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Some(Ok(Ok(_))) => {}
+            None => {
+                let why = diagnosis
+                    .last_error()
+                    .map(|(_, why)| why)
+                    .unwrap_or_default();
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    "connect",
+                    format!("the connection to Kafka was refused: {why}"),
+                )
+                .with_retryable(false)
+                .with_resource(config.url.to_string()));
+            }
+            Some(Ok(Err(e))) => {
                 // librdkafka's metadata error only says "broker transport failure"; its error
                 // callback said why (refused, TLS handshake, authentication).
                 let (code, why) = diagnosis
@@ -267,7 +291,7 @@ impl KafkaTransport {
                 .with_resource(config.url.to_string())
                 .with_source(e));
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 return Err(Error::new(
                     ErrorKind::Connection,
                     "connect",
