@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use busbar_core::{Bus, Context, Envelope, Event, HandlerError, RetryPolicy};
 use busbar_rabbitmq::RabbitTransport;
-use busbar_testkit::conformance::{brokers_required, unique};
+use busbar_testkit::conformance::unique;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,8 +43,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_run_loses_nothing() {
-    if !brokers_required() && std::env::var("BUSBAR_RESTART_TESTS").is_err() {
-        eprintln!("SKIPPED: restarts the local RabbitMQ; set CI=true or BUSBAR_RESTART_TESTS=1");
+    if !busbar_testkit::restart::enabled("restarts the local RabbitMQ") {
         return;
     }
     let _ = tracing_subscriber::fmt()

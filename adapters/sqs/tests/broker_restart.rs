@@ -6,36 +6,22 @@
 //! test binaries one after another) and is skipped unless brokers are required or
 //! `BUSBAR_RESTART_TESTS=1`.
 
-use std::process::Command;
 use std::sync::Arc;
 
 use busbar_sqs::SqsTransport;
-use busbar_testkit::conformance::brokers_required;
-use busbar_testkit::restart::recovers_from_an_empty_restart;
+use busbar_testkit::restart::{broker_script, enabled, recovers_from_an_empty_restart};
 
 const URL: &str = "sqs://?endpoint=http://127.0.0.1:4566&region=us-east-1&access_key_id=test&secret_access_key=test&wait_time_s=1&visibility_timeout_s=5&mode=queue";
 
-fn restart_localstack() {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/local-brokers.sh"
-    );
-    let status = Command::new("bash")
-        .args([script, "sqs-restart"])
-        .status()
-        .expect("the broker script runs");
-    assert!(status.success(), "local-brokers.sh sqs-restart failed");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_recovers_from_a_broker_restart_by_itself() {
-    if !brokers_required() && std::env::var("BUSBAR_RESTART_TESTS").is_err() {
-        eprintln!("SKIPPED: restarts the local LocalStack; set CI=true or BUSBAR_RESTART_TESTS=1");
+    if !enabled("restarts the local LocalStack") {
         return;
     }
     let transport = SqsTransport::connect(&URL.parse().unwrap())
         .await
         .expect("LocalStack reachable");
-    let report = recovers_from_an_empty_restart(Arc::new(transport), restart_localstack).await;
+    let report =
+        recovers_from_an_empty_restart(Arc::new(transport), || broker_script("sqs-restart")).await;
     println!("{report}");
 }
