@@ -150,18 +150,27 @@ impl std::fmt::Debug for KafkaTransport {
 }
 
 /// The producer's client context: logs librdkafka's errors as rdkafka's default context does,
-/// and keeps the last one, so a failed connect can say why (a refused connection, a TLS
-/// handshake, an authentication). librdkafka's error texts name brokers, never credentials.
-#[derive(Clone, Default)]
+/// and keeps them, so a failed connect can say why (a refused connection, a TLS handshake, an
+/// authentication). librdkafka's error texts name brokers, never credentials.
+#[derive(Clone)]
 pub(crate) struct Diagnosis {
-    last_error: Arc<Mutex<Option<ClientError>>>,
+    /// The last error that says why a broker could not be reached.
+    last_error: Arc<Mutex<Option<String>>>,
+    /// The first refusal that retrying cannot fix (see [`refused_for_good`]).
+    refusal: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
-/// An error librdkafka reported: its code, if it has one, and its text.
-type ClientError = (Option<RDKafkaErrorCode>, String);
+impl Default for Diagnosis {
+    fn default() -> Self {
+        Diagnosis {
+            last_error: Arc::default(),
+            refusal: Arc::new(tokio::sync::watch::Sender::new(None)),
+        }
+    }
+}
 
 impl Diagnosis {
-    fn last_error(&self) -> Option<ClientError> {
+    fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -187,10 +196,20 @@ impl rdkafka::ClientContext for Diagnosis {
         if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             return;
         }
+        if refused_for_good(code) {
+            // The first refusal is the cause; later ones repeat it.
+            self.refusal.send_if_modified(|refusal| {
+                let first = refusal.is_none();
+                if first {
+                    *refusal = Some(reason.to_string());
+                }
+                first
+            });
+        }
         *self
             .last_error
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((code, reason.to_string()));
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_string());
     }
 }
 
@@ -248,26 +267,18 @@ impl KafkaTransport {
         // Fail fast when the cluster is unreachable, and at once when the broker refuses the
         // credentials or the TLS handshake fails (waiting out the probe would not help).
         let probe = producer.clone();
-        let mut reached = tokio::task::spawn_blocking(move || {
+        let reached = tokio::task::spawn_blocking(move || {
             probe.client().fetch_metadata(None, Duration::from_secs(10))
         });
-        let reached = loop {
-            tokio::select! {
-                joined = &mut reached => break Some(joined),
-                () = tokio::time::sleep(Duration::from_millis(20)) => {
-                    if diagnosis.last_error().is_some_and(|(code, _)| refused_for_good(code)) {
-                        break None;
-                    }
-                }
-            }
+        let mut refusal = diagnosis.refusal.subscribe();
+        let reached = tokio::select! {
+            joined = reached => Some(joined),
+            Ok(_) = refusal.wait_for(Option::is_some) => None,
         };
         match reached {
             Some(Ok(Ok(_))) => {}
             None => {
-                let why = diagnosis
-                    .last_error()
-                    .map(|(_, why)| why)
-                    .unwrap_or_default();
+                let why = diagnosis.refusal.borrow().clone().unwrap_or_default();
                 return Err(Error::new(
                     ErrorKind::Connection,
                     "connect",
@@ -279,15 +290,13 @@ impl KafkaTransport {
             Some(Ok(Err(e))) => {
                 // librdkafka's metadata error only says "broker transport failure"; its error
                 // callback said why (refused, TLS handshake, authentication).
-                let (code, why) = diagnosis
-                    .last_error()
-                    .unwrap_or_else(|| (e.rdkafka_error_code(), e.to_string()));
+                let why = diagnosis.last_error().unwrap_or_else(|| e.to_string());
                 return Err(Error::new(
                     ErrorKind::Connection,
                     "connect",
                     format!("no Kafka broker answered within 10 s: {why}"),
                 )
-                .with_retryable(!refused_for_good(code))
+                .with_retryable(diagnosis.refusal.borrow().is_none())
                 .with_resource(config.url.to_string())
                 .with_source(e));
             }
