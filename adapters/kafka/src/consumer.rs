@@ -56,7 +56,14 @@ impl Tracker {
     /// Records a received message; returns whether it may be handed out now (false: an
     /// earlier message of its key is still out, so it waits its turn).
     fn received(&mut self, partition: &Partition, message: &Arc<Message>, offset: i64) -> bool {
-        let state = self.partitions.entry(partition.clone()).or_default();
+        // Not `entry(partition.clone())`: that would copy the topic name for every record.
+        if !self.partitions.contains_key(partition) {
+            self.partitions
+                .insert(partition.clone(), PartitionState::default());
+        }
+        let Some(state) = self.partitions.get_mut(partition) else {
+            return true;
+        };
         state.in_flight.insert(offset);
         state.next = state.next.max(offset + 1);
         let Some(key) = &message.key else { return true };
