@@ -135,6 +135,9 @@ impl std::fmt::Display for DurableRestartReport {
 /// How many messages are published before the restart, and again after the recovery.
 pub const MESSAGES: u64 = 300;
 
+/// How many publishers keep publishing while the broker restarts, in the empty-restart run.
+const DURING_PUBLISHERS: u64 = 8;
+
 /// What a restart run saw. [`MESSAGES`] messages were published and handled before the
 /// restart, and again after the recovery (the run fails otherwise).
 #[derive(Debug)]
@@ -186,24 +189,28 @@ where
     let before = publish_all(&bus, &topic, 0..MESSAGES).await;
     wait_handled(&ledger, &before, "published before the restart").await;
 
-    // Publish one message every 50 ms while the broker goes down and comes back.
+    // While the broker goes down and comes back, each of several publishers publishes one
+    // message every 50 ms. Several: a client may spend seconds on one publish (its own
+    // retries), and the outage must be seen by more than one or two of them.
     let stop = Arc::new(AtomicBool::new(false));
-    let during = {
-        let (bus, topic, stop) = (bus.clone(), topic.clone(), Arc::clone(&stop));
-        tokio::spawn(async move {
-            let (mut ok, mut errors): (Vec<String>, Vec<Error>) = (Vec::new(), Vec::new());
-            let mut seq = 10_000;
-            while !stop.load(Ordering::SeqCst) {
-                match bus.publish(&topic, probe(seq, "")).await {
-                    Ok(id) => ok.push(id),
-                    Err(e) => errors.push(e),
+    let during: Vec<_> = (0..DURING_PUBLISHERS)
+        .map(|publisher| {
+            let (bus, topic, stop) = (bus.clone(), topic.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (mut ok, mut errors): (Vec<String>, Vec<Error>) = (Vec::new(), Vec::new());
+                let mut seq = 10_000 + publisher * 1_000;
+                while !stop.load(Ordering::SeqCst) {
+                    match bus.publish(&topic, probe(seq, "")).await {
+                        Ok(id) => ok.push(id),
+                        Err(e) => errors.push(e),
+                    }
+                    seq += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                seq += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            (ok, errors)
+                (ok, errors)
+            })
         })
-    };
+        .collect();
     tokio::task::spawn_blocking(restart)
         .await
         .expect("the restart ran");
@@ -217,7 +224,12 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.store(true, Ordering::SeqCst);
-    let (during_ok, during_errors) = during.await.expect("publisher task");
+    let (mut during_ok, mut during_errors) = (Vec::new(), Vec::new());
+    for publisher in during {
+        let (ok, errors) = publisher.await.expect("publisher task");
+        during_ok.extend(ok);
+        during_errors.extend(errors);
+    }
 
     let after = publish_all(&bus, &topic, 20_000..20_000 + MESSAGES).await;
     wait_handled(&ledger, &after, "published after the recovery").await;
