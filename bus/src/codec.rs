@@ -69,6 +69,11 @@ impl Codec for Json {
     }
 
     fn decode<T: DeserializeOwned>(&self, event_type: &str, bytes: &[u8]) -> Result<T> {
+        // Tracking the path costs about as much as the parse itself, and only an error needs
+        // it: a payload that fails is parsed a second time, to say where.
+        if let Ok(value) = serde_json::from_slice(bytes) {
+            return Ok(value);
+        }
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
