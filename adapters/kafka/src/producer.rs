@@ -17,9 +17,12 @@ pub(crate) async fn send(
     operation: &'static str,
 ) -> Result<()> {
     let total = messages.len();
+    // For the error, should one come: the messages themselves are freed once queued, while
+    // librdkafka lingers, instead of after the acks, when the next batch waits on it.
+    let topics = topics(&messages);
     let mut pending = Vec::with_capacity(total);
-    for message in &messages {
-        let headers = to_headers(message);
+    for message in messages {
+        let headers = to_headers(&message);
         let mut record = FutureRecord::to(&message.topic)
             .payload(message.payload.as_ref())
             .headers(headers);
@@ -47,7 +50,7 @@ pub(crate) async fn send(
                 }
             }
         };
-        pending.push((message.id.clone(), future));
+        pending.push((message.id, future));
     }
     let (ids, futures): (Vec<String>, Vec<_>) = pending.into_iter().unzip();
     let mut failed = Vec::new();
@@ -74,11 +77,7 @@ pub(crate) async fn send(
             failed.join(", ")
         ),
     )
-    .with_resource(format!(
-        "topic {} on {}",
-        topics(&messages),
-        inner.config.url
-    ))
+    .with_resource(format!("topic {topics} on {}", inner.config.url))
     .with_retryable(true);
     if let Some(e) = first_error {
         error = error.with_source(e);
