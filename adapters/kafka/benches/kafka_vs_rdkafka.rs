@@ -10,8 +10,9 @@
 //!
 //! `cargo bench -p busbar-kafka --bench kafka_vs_rdkafka` (Kafka on 127.0.0.1:9092, or
 //! `BUSBAR_KAFKA_URL` with a kafka:// URL; `BUSBAR_BENCH_ROUNDS`, default 5;
-//! `BUSBAR_BENCH_ONLY=busbar`, `hand-rolled`, `raw` or `bare` runs that client alone, e.g.
-//! under a profiler).
+//! `BUSBAR_BENCH_ONLY=busbar,hand-rolled` runs only those clients (of `bare`, `raw`,
+//! `hand-rolled`, `busbar`), e.g. one alone under a profiler; `BUSBAR_BENCH_MESSAGES`,
+//! default 20,000, per timed run).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,16 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use serde::{Deserialize, Serialize};
 
-const N: usize = 20_000;
+/// Messages per timed run: `BUSBAR_BENCH_MESSAGES`, default 20,000 (a multiple of [`BATCH`]).
+fn n() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("BUSBAR_BENCH_MESSAGES")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .map_or(20_000, |n| n.max(BATCH) / BATCH * BATCH)
+    })
+}
 const BATCH: usize = 100;
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -50,7 +60,7 @@ fn brokers() -> String {
 }
 
 fn rate(d: Duration) -> f64 {
-    N as f64 / d.as_secs_f64()
+    n() as f64 / d.as_secs_f64()
 }
 
 /// Headers like the ones busbar writes for one event (CloudEvents Kafka binding).
@@ -99,7 +109,7 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
     let topic = format!("raw-bench-{run}");
     let payload = vec![b'x'; 1024];
     let publish_all = || async {
-        for b in 0..N / BATCH {
+        for b in 0..n() / BATCH {
             let mut pending = Vec::with_capacity(BATCH);
             for i in 0..BATCH {
                 let key = format!("k{}", (b * BATCH + i) % 64);
@@ -146,16 +156,16 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
         .create()
         .expect("consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
-    // Drain the first N (joins the group), then time N published while consuming.
+    // Drain the first n() (joins the group), then time n() published while consuming.
     let mut stream = consumer.stream();
-    for _ in 0..N + 1 {
+    for _ in 0..n() + 1 {
         stream.next().await.expect("stream").expect("record");
     }
     let start = Instant::now();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let consuming = async {
-        let mut n = 0;
-        while n < N {
+        let mut received = 0;
+        while received < n() {
             let record = stream.next().await.expect("stream").expect("record");
             if mode == Raw::HandRolled {
                 use rdkafka::message::Headers;
@@ -176,8 +186,8 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
             } else {
                 std::hint::black_box(record.payload());
             }
-            n += 1;
-            if n % 1000 == 0 {
+            received += 1;
+            if received % 1000 == 0 {
                 consumer
                     .commit_message(&record, CommitMode::Async)
                     .expect("commit");
@@ -209,7 +219,7 @@ async fn busbar(run: &str) -> (Duration, Duration) {
     let bus = Bus::new(transport);
     let topic = format!("bb-bench-{run}");
     let publish_all = || async {
-        for b in 0..N / BATCH {
+        for b in 0..n() / BATCH {
             let batch: Vec<Blob> = (0..BATCH).map(|i| blob(b * BATCH + i)).collect();
             bus.publish_batch(&topic, batch).await.expect("publish");
         }
@@ -233,10 +243,10 @@ async fn busbar(run: &str) -> (Duration, Duration) {
         })
         .await
         .expect("subscribe");
-    let _drained = handled.acquire_many(N as u32 + 1).await.expect("drain");
+    let _drained = handled.acquire_many(n() as u32 + 1).await.expect("drain");
     let start = Instant::now();
     publish_all().await;
-    let _all = handled.acquire_many(N as u32).await.expect("count");
+    let _all = handled.acquire_many(n() as u32).await.expect("count");
     let end_to_end = start.elapsed();
     sub.shutdown(Duration::from_secs(10))
         .await
@@ -258,10 +268,16 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    let only = std::env::var("BUSBAR_BENCH_ONLY").ok().and_then(|name| {
-        ["bare", "raw", "hand-rolled", "busbar"]
-            .iter()
-            .position(|c| *c == name)
+    // The clients to run, by name, comma-separated; all four when unset.
+    let only: Option<Vec<usize>> = std::env::var("BUSBAR_BENCH_ONLY").ok().map(|names| {
+        names
+            .split(',')
+            .filter_map(|name| {
+                ["bare", "raw", "hand-rolled", "busbar"]
+                    .iter()
+                    .position(|c| *c == name.trim())
+            })
+            .collect()
     });
     runtime.block_on(async {
         let pid = std::process::id();
@@ -271,7 +287,7 @@ fn main() {
             // Rotate who goes first, so drift does not favour one client.
             for turn in 0..4 {
                 let client = (round + turn) % 4;
-                if only.is_some_and(|only| only != client) {
+                if only.as_ref().is_some_and(|only| !only.contains(&client)) {
                     continue;
                 }
                 let run = format!("{pid:x}-{round}-{client}");
@@ -292,8 +308,9 @@ fn main() {
             )
         });
         println!(
-            "Kafka ({}), {N} x 1 KiB, acks=all + idempotence, batches of {BATCH}, median of {rounds} rounds",
-            brokers()
+            "Kafka ({}), {} x 1 KiB, acks=all + idempotence, batches of {BATCH}, median of {rounds} rounds",
+            brokers(),
+            n()
         );
         println!("| | bare | raw | hand-rolled | busbar | busbar/raw | busbar/hand-rolled | busbar/bare |");
         println!("|---|---|---|---|---|---|---|---|");
