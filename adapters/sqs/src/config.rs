@@ -27,6 +27,7 @@ pub enum Mode {
 /// | `visibility_timeout_s` | `30` | how long a received message stays hidden (a heartbeat extends it while its handler runs) |
 /// | `wait_time_s` | `10` | long-polling wait of each receive |
 /// | `max_receive_count` | `10` | receives before SQS moves a message to the DLQ itself (crash backstop); keep it above the retry policy's attempts |
+/// | `publish_timeout_ms` | `30000` | how long a publish (its SQS/SNS calls included) or a dead-lettering send may take |
 /// | `fifo` | `false` | FIFO queues (and FIFO SNS topics): per-key order (key → `MessageGroupId`) and publish deduplication (message id → `MessageDeduplicationId`) |
 /// | `access_key_id`, `secret_access_key` | the provider chain's | static credentials, for local servers |
 #[derive(Clone)]
@@ -47,6 +48,9 @@ pub struct SqsConfig {
     pub wait_time: Duration,
     /// Redrive policy threshold.
     pub max_receive_count: u32,
+    /// How long a publish may take, every SQS/SNS call it makes included (the SDK retries
+    /// within it); dead-lettering's send has the same limit.
+    pub publish_timeout: Duration,
     /// FIFO queues and topics: per-key order and publish deduplication.
     pub fifo: bool,
     pub(crate) credentials: Option<(String, String)>,
@@ -63,6 +67,7 @@ impl std::fmt::Debug for SqsConfig {
             .field("visibility_timeout", &self.visibility_timeout)
             .field("wait_time", &self.wait_time)
             .field("max_receive_count", &self.max_receive_count)
+            .field("publish_timeout", &self.publish_timeout)
             .field("fifo", &self.fifo)
             .finish_non_exhaustive()
     }
@@ -100,6 +105,7 @@ impl SqsConfig {
             visibility_timeout: Duration::from_secs(30),
             wait_time: Duration::from_secs(10),
             max_receive_count: 10,
+            publish_timeout: Duration::from_secs(30),
             fifo: false,
             credentials: None,
         };
@@ -137,6 +143,14 @@ impl SqsConfig {
                 "max_receive_count" => {
                     config.max_receive_count = u32::try_from(seconds(&name, &value, 1000)?.max(1)).unwrap_or(1000)
                 }
+                "publish_timeout_ms" => {
+                    config.publish_timeout = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|ms| *ms > 0)
+                        .map(Duration::from_millis)
+                        .ok_or_else(|| config_error(format!("`publish_timeout_ms` must be a positive whole number of milliseconds, got {value:?}")))?
+                }
                 "fifo" => {
                     config.fifo = match value.as_str() {
                         "true" | "1" => true,
@@ -148,7 +162,7 @@ impl SqsConfig {
                 "secret_access_key" => secret = Some(value),
                 other => {
                     return Err(config_error(format!(
-                        "unknown query parameter `{other}`; known: region, endpoint, mode, prefix, visibility_timeout_s, wait_time_s, max_receive_count, fifo, access_key_id, secret_access_key"
+                        "unknown query parameter `{other}`; known: region, endpoint, mode, prefix, visibility_timeout_s, wait_time_s, max_receive_count, publish_timeout_ms, fifo, access_key_id, secret_access_key"
                     )))
                 }
             }

@@ -518,14 +518,24 @@ impl Acknowledger for SqsAck {
         .to_message();
         let sent = match pack(&dead) {
             Ok(packed) => {
-                self.inner
-                    .send_to_queue(
-                        &self.queues.dlq.url,
-                        vec![(dead.id.clone(), packed)],
-                        "dead-letter",
-                        crate::Dedup::Fresh,
-                    )
+                let limit = self.inner.config.publish_timeout;
+                let send = self.inner.send_to_queue(
+                    &self.queues.dlq.url,
+                    vec![(dead.id.clone(), packed)],
+                    "dead-letter",
+                    crate::Dedup::Fresh,
+                );
+                tokio::time::timeout(limit, send)
                     .await
+                    .unwrap_or_else(|_elapsed| {
+                        Err(Error::new(
+                            ErrorKind::Timeout,
+                            "dead-letter",
+                            format!("SQS did not answer within {limit:?} (`publish_timeout_ms`)"),
+                        )
+                        .with_resource(self.queues.dlq.url.clone())
+                        .with_retryable(true))
+                    })
             }
             Err(e) => Err(e),
         };

@@ -328,6 +328,35 @@ impl Inner {
         Ok(queues)
     }
 
+    /// Publishes packed messages, grouped by busbar topic, to their SNS topic (fan-out mode) or
+    /// queue (queue mode); errors name the topic.
+    async fn publish_packed(
+        &self,
+        by_topic: BTreeMap<String, Vec<(String, Packed)>>,
+    ) -> Result<()> {
+        for (topic, packed) in by_topic {
+            let named = |e: Error| {
+                if e.resource().is_some() {
+                    e
+                } else {
+                    e.with_resource(format!("topic {topic}"))
+                }
+            };
+            let target = self.topic_arn(&topic).await.map_err(named)?;
+            match self.config.mode {
+                Mode::FanOut => self
+                    .publish_to_topic(&target, packed)
+                    .await
+                    .map_err(named)?,
+                Mode::Queue => self
+                    .send_to_queue(&target, packed, "publish", Dedup::MessageId)
+                    .await
+                    .map_err(named)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Sends packed messages straight to a queue, 10 per batch call, reporting every failed entry.
     pub(crate) async fn send_to_queue(
         &self,
@@ -593,29 +622,26 @@ impl Transport for SqsTransport {
                 .or_default()
                 .push((message.id.clone(), packed));
         }
-        for (topic, packed) in by_topic {
-            let named = |e: Error| {
-                if e.resource().is_some() {
-                    e
-                } else {
-                    e.with_resource(format!("topic {topic}"))
-                }
-            };
-            let target = self.inner.topic_arn(&topic).await.map_err(named)?;
-            match self.inner.config.mode {
-                Mode::FanOut => self
-                    .inner
-                    .publish_to_topic(&target, packed)
-                    .await
-                    .map_err(named)?,
-                Mode::Queue => self
-                    .inner
-                    .send_to_queue(&target, packed, "publish", Dedup::MessageId)
-                    .await
-                    .map_err(named)?,
-            }
+        let limit = self.inner.config.publish_timeout;
+        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+        let topics: Vec<String> = by_topic.keys().cloned().collect();
+        match tokio::time::timeout(limit, self.inner.publish_packed(by_topic)).await {
+            Ok(result) => result,
+            // An SQS or SNS endpoint that accepts connections and never answers (one shutting
+            // down, a network that drops replies) would hold the publish for as long as that
+            // lasts; the SDK sets no time limit on a call by default.
+            Err(_elapsed) => Err(Error::new(
+                ErrorKind::Timeout,
+                "publish",
+                format!(
+                    "SQS/SNS did not answer within {limit:?} (`publish_timeout_ms`); {} messages may or may not be published (at-least-once: send again): {}",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+            )
+            .with_resource(format!("topic {}", topics.join(", ")))
+            .with_retryable(true)),
         }
-        Ok(())
     }
 
     async fn declare(&self, topic: &str, group: &str) -> Result<()> {
