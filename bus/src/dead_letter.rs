@@ -10,7 +10,7 @@ use std::str::FromStr;
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Headers, Message};
+use crate::message::{HeaderName, Headers, Message};
 
 /// Header names of the dead-letter metadata.
 pub mod header {
@@ -124,8 +124,8 @@ impl DeadLetterInfo {
 
     /// Writes the metadata as `busbar.dlq.*` headers.
     pub fn write_headers(&self, headers: &mut Headers) {
-        let mut set = |k: &str, v: String| {
-            headers.insert(k.to_string(), v);
+        let mut set = |k: &'static str, v: String| {
+            headers.insert(HeaderName::from_static(k), v);
         };
         set(header::REASON, self.reason.as_str().to_string());
         set(header::ERROR, self.error.clone());

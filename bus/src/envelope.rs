@@ -7,13 +7,15 @@
 //! Adapters rename these to their broker's binding (AMQP `cloudEvents:` application properties,
 //! SQS message attributes), so a service using any CloudEvents SDK reads busbar's events.
 
+use std::fmt::Write as _;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Headers, Message, INVALID_UTF8_HEADERS, MAX_HEADERS};
+use crate::message::{HeaderName, Headers, Message, INVALID_UTF8_HEADERS, MAX_HEADERS};
 
 /// A Rust type that travels as an event: serializable, and naming its CloudEvents `type`.
 ///
@@ -262,7 +264,7 @@ impl<E: Event> Envelope<E> {
 
 impl<T> Envelope<T> {
     /// Adds a free-form header (checked when the envelope is encoded).
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with_header(mut self, name: impl Into<HeaderName>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
         self
     }
@@ -319,20 +321,14 @@ impl<T> Envelope<T> {
         }
         let payload = codec.encode(&self.event_type, &self.payload)?;
         let mut headers = self.headers.clone();
-        let mut set = |name: &str, value: &str| {
-            headers.insert(name.to_string(), value.to_string());
+        let mut set = |name: &'static str, value: &str| {
+            headers.insert(HeaderName::from_static(name), value.to_string());
         };
         set(attr::SPECVERSION, attr::SPECVERSION_1_0);
         set(attr::ID, &self.id);
         set(attr::TYPE, &self.event_type);
         set(attr::SOURCE, &self.source);
         set(attr::CONTENT_TYPE, &self.content_type);
-        if let Some(time) = &self.time {
-            set(
-                attr::TIME,
-                &time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            );
-        }
         let optional = [
             (attr::CORRELATION_ID, &self.correlation_id),
             (attr::CAUSATION_ID, &self.causation_id),
@@ -343,6 +339,12 @@ impl<T> Envelope<T> {
             if let Some(value) = value {
                 set(name, value);
             }
+        }
+        if let Some(time) = &self.time {
+            headers.insert(
+                HeaderName::from_static(attr::TIME),
+                time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            );
         }
         Ok(Message {
             id: self.id.clone(),
@@ -396,18 +398,26 @@ pub fn validate_header(name: &str, value: &str) -> Result<()> {
 
 /// A new W3C `traceparent`: the trace id of `parent` (a new one when `None`) and a new span id.
 pub(crate) fn new_traceparent(parent: Option<&str>) -> String {
-    let trace_id = parent
-        .and_then(|p| {
-            let mut parts = p.split('-');
-            let (version, trace) = (parts.next()?, parts.next()?);
-            let valid = version == "00"
-                && trace.len() == 32
-                && trace.bytes().all(|b| b.is_ascii_hexdigit())
-                && trace.bytes().any(|b| b != b'0');
-            valid.then(|| trace.to_ascii_lowercase())
-        })
-        .unwrap_or_else(|| format!("{:032x}", fastrand::u128(1..)));
-    format!("00-{trace_id}-{:016x}-01", fastrand::u64(1..))
+    let parent_trace = parent.and_then(|p| {
+        let mut parts = p.split('-');
+        let (version, trace) = (parts.next()?, parts.next()?);
+        let valid = version == "00"
+            && trace.len() == 32
+            && trace.bytes().all(|b| b.is_ascii_hexdigit())
+            && trace.bytes().any(|b| b != b'0');
+        valid.then_some(trace)
+    });
+    // Built in one allocation: this runs for every event published.
+    let mut traceparent = String::with_capacity(55);
+    traceparent.push_str("00-");
+    match parent_trace {
+        Some(trace) => traceparent.extend(trace.chars().map(|c| c.to_ascii_lowercase())),
+        None => {
+            let _ = write!(traceparent, "{:032x}", fastrand::u128(1..));
+        }
+    }
+    let _ = write!(traceparent, "-{:016x}-01", fastrand::u64(1..));
+    traceparent
 }
 
 fn describe(message: &Message) -> String {
@@ -452,7 +462,7 @@ mod tests {
         env.tracestate = Some("vendor=opaque".into());
         for i in 0..500 {
             env.headers
-                .insert(format!("h-{i}-ключ"), format!("value {i} — ✨\ttab"));
+                .insert(format!("h-{i}-ключ").into(), format!("value {i} — ✨\ttab"));
         }
         let msg = env.to_message(&Json, "notes").unwrap();
         assert_eq!(msg.id, env.id);
@@ -539,7 +549,7 @@ mod tests {
             .unwrap();
         let base = msg.headers.len();
         for n in 0..=(MAX_HEADERS - base) {
-            msg.headers.insert(format!("x{n}"), "v".into());
+            msg.headers.insert(format!("x{n}").into(), "v".into());
         }
         assert_eq!(msg.headers.len(), MAX_HEADERS + 1);
         let err = Envelope::<Note>::from_message(&Json, &msg).unwrap_err();
@@ -643,5 +653,21 @@ mod tests {
         let fresh = new_traceparent(Some("garbage"));
         assert_eq!(fresh.len(), parent.len());
         assert!(!fresh.contains("4bf92f"));
+        let shouted = new_traceparent(Some(&parent.to_ascii_uppercase()));
+        assert!(
+            shouted.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{shouted}"
+        );
+        for made in [child, fresh, shouted, new_traceparent(None)] {
+            let parts: Vec<&str> = made.split('-').collect();
+            assert_eq!(parts.len(), 4, "{made}");
+            assert_eq!((parts[0], parts[3]), ("00", "01"), "{made}");
+            assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{made}");
+            assert!(
+                made.bytes()
+                    .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{made}"
+            );
+        }
     }
 }

@@ -42,7 +42,7 @@ pub use envelope::{Envelope, Event};
 pub use error::{Error, ErrorKind, Result};
 pub use idempotency::{IdempotencyStore, MemoryIdempotencyStore};
 pub use memory::{MemoryOptions, MemoryTransport};
-pub use message::{Headers, Message};
+pub use message::{HeaderName, Headers, Message};
 pub use retry::RetryPolicy;
 pub use transport::{
     Acknowledger, ConsumeOptions, Delivery, DeliveryStream, RedriveSelection, Transport,

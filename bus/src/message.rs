@@ -1,13 +1,153 @@
 //! The untyped [`Message`] that crosses a transport, and name validation shared by every broker.
 
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Deref;
 
 use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 
 /// Header names and string values of a [`Message`], sorted by name.
-pub type Headers = BTreeMap<String, String>;
+///
+/// Look a header up by `&str`; insert with `.into()` on both sides:
+///
+/// ```
+/// use busbar_core::Headers;
+/// let mut headers = Headers::new();
+/// headers.insert("tenant".into(), "acme".into());
+/// assert_eq!(headers.get("tenant").map(String::as_str), Some("acme"));
+/// ```
+pub type Headers = BTreeMap<HeaderName, String>;
+
+/// The name of a header.
+///
+/// The names busbar itself reads and writes (the CloudEvents attributes, the dead-letter
+/// headers) are kept as static strings, so the eight or so headers of every message published
+/// or received cost no allocation for their names; any other name is an owned string.
+/// It compares, orders and hashes as its text, and derefs to `&str`.
+///
+/// ```
+/// use busbar_core::message::HeaderName;
+/// let known = HeaderName::new("ce_id");
+/// let other = HeaderName::from(String::from("tenant"));
+/// assert_eq!(known, "ce_id");
+/// assert!(known.is_static() && !other.is_static());
+/// assert!(other.starts_with("ten"));
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HeaderName(Cow<'static, str>);
+
+/// The names [`HeaderName::new`] shares instead of copying.
+const KNOWN_NAMES: [&str; 17] = [
+    crate::envelope::attr::ID,
+    crate::envelope::attr::TYPE,
+    crate::envelope::attr::SOURCE,
+    crate::envelope::attr::SPECVERSION,
+    crate::envelope::attr::TIME,
+    crate::envelope::attr::CONTENT_TYPE,
+    crate::envelope::attr::CORRELATION_ID,
+    crate::envelope::attr::CAUSATION_ID,
+    crate::envelope::attr::TRACEPARENT,
+    crate::envelope::attr::TRACESTATE,
+    crate::dead_letter::header::REASON,
+    crate::dead_letter::header::ERROR,
+    crate::dead_letter::header::ATTEMPTS,
+    crate::dead_letter::header::TOPIC,
+    crate::dead_letter::header::GROUP,
+    crate::dead_letter::header::FAILED_AT,
+    INVALID_UTF8_HEADERS,
+];
+
+impl HeaderName {
+    /// A name from a static string, without allocating.
+    pub const fn from_static(name: &'static str) -> Self {
+        HeaderName(Cow::Borrowed(name))
+    }
+
+    /// A name read from the wire: one busbar knows is shared, any other copied.
+    pub fn new(name: &str) -> Self {
+        match KNOWN_NAMES.iter().find(|known| **known == name) {
+            Some(known) => HeaderName(Cow::Borrowed(known)),
+            None => HeaderName(Cow::Owned(name.to_owned())),
+        }
+    }
+
+    /// The name's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the name is a static string (no allocation of its own).
+    pub fn is_static(&self) -> bool {
+        matches!(self.0, Cow::Borrowed(_))
+    }
+}
+
+impl Deref for HeaderName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for HeaderName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for HeaderName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for HeaderName {
+    fn from(name: &str) -> Self {
+        HeaderName::new(name)
+    }
+}
+
+impl From<String> for HeaderName {
+    fn from(name: String) -> Self {
+        match KNOWN_NAMES.iter().find(|known| **known == name) {
+            Some(known) => HeaderName(Cow::Borrowed(known)),
+            None => HeaderName(Cow::Owned(name)),
+        }
+    }
+}
+
+impl From<HeaderName> for String {
+    fn from(name: HeaderName) -> Self {
+        name.0.into_owned()
+    }
+}
+
+impl PartialEq<str> for HeaderName {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for HeaderName {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl fmt::Display for HeaderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for HeaderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
 
 /// The untyped form of an event that crosses a transport.
 ///
@@ -124,11 +264,11 @@ pub const INVALID_UTF8_HEADERS: &str = "busbar.invalid-utf8";
 pub fn insert_received_header(headers: &mut Headers, name: &str, value: &[u8]) {
     match std::str::from_utf8(value) {
         Ok(text) => {
-            headers.insert(name.to_string(), text.to_string());
+            headers.insert(HeaderName::new(name), text.to_string());
         }
         Err(_) => {
             headers.insert(
-                name.to_string(),
+                HeaderName::new(name),
                 String::from_utf8_lossy(value).into_owned(),
             );
             note_invalid_utf8(headers, name);
@@ -139,7 +279,9 @@ pub fn insert_received_header(headers: &mut Headers, name: &str, value: &[u8]) {
 /// Records in [`INVALID_UTF8_HEADERS`] that header `name` of a received message was not valid
 /// UTF-8.
 fn note_invalid_utf8(headers: &mut Headers, name: &str) {
-    let list = headers.entry(INVALID_UTF8_HEADERS.to_string()).or_default();
+    let list = headers
+        .entry(HeaderName::from_static(INVALID_UTF8_HEADERS))
+        .or_default();
     if !list.split(',').any(|n| n == name) {
         if !list.is_empty() {
             list.push(',');
@@ -189,6 +331,34 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_names_read_from_the_wire_share_the_known_ones_and_sort_as_text() {
+        let mut headers = Headers::new();
+        for (name, value) in [
+            ("ce_type", "t"),
+            ("b-custom", "x"),
+            ("ce_id", "1"),
+            ("A", "up"),
+        ] {
+            insert_received_header(&mut headers, name, value.as_bytes());
+        }
+        insert_received_header(&mut headers, "content-type", b"application/json");
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted, "a map of names orders as their text");
+        for known in ["ce_type", "ce_id", "content-type"] {
+            let (name, _) = headers.get_key_value(known).unwrap();
+            assert!(name.is_static(), "{known} was copied");
+        }
+        assert!(!headers.get_key_value("b-custom").unwrap().0.is_static());
+        assert_eq!(headers.get("A").map(String::as_str), Some("up"));
+        // An owned and a shared name of the same text are the same key.
+        headers.insert(HeaderName::from(String::from("ce_id")), "2".into());
+        assert_eq!(headers.len(), 5);
+        assert_eq!(headers.get("ce_id").map(String::as_str), Some("2"));
+    }
 
     #[test]
     fn names_outside_the_portable_alphabet_are_rejected_with_the_reason() {

@@ -141,9 +141,10 @@ pub(crate) async fn redrive(
             Vec::new(),
         );
         marker.key = dead.message.key.clone();
-        marker
-            .headers
-            .insert(REDRIVEN.to_string(), dead.message.id.clone());
+        marker.headers.insert(
+            busbar_core::HeaderName::from_static(REDRIVEN),
+            dead.message.id.clone(),
+        );
         crate::producer::send(inner, vec![marker], "redrive").await?;
         moved += 1;
     }

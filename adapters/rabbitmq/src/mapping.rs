@@ -9,7 +9,7 @@
 
 use busbar_core::envelope::attr;
 use busbar_core::message::insert_received_header;
-use busbar_core::{Error, ErrorKind, Headers, Message, Result};
+use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
@@ -56,7 +56,7 @@ pub fn to_amqp(message: &Message, attempt: Option<u32>) -> Result<BasicPropertie
                 )
                 .with_resource(format!("message {}", message.id)))
             }
-            None => name.clone(),
+            None => name.to_string(),
         };
         if amqp_name.len() > SHORT {
             return Err(Error::new(
@@ -155,7 +155,7 @@ pub fn from_amqp(
     let redeliveries = delivery_count.unwrap_or(u32::from(redelivered));
     if let Some(content_type) = properties.content_type() {
         headers
-            .entry(attr::CONTENT_TYPE.to_string())
+            .entry(HeaderName::from_static(attr::CONTENT_TYPE))
             .or_insert_with(|| content_type.as_str().to_string());
     }
     let key = headers.remove(PARTITION_KEY);
@@ -212,7 +212,7 @@ fn insert_value(headers: &mut Headers, name: &str, value: &AMQPValue) {
         AMQPValue::LongString(s) => insert_received_header(headers, name, s.as_bytes()),
         AMQPValue::ByteArray(b) => insert_received_header(headers, name, b.as_slice()),
         other => {
-            headers.insert(name.to_string(), text(other));
+            headers.insert(HeaderName::new(name), text(other));
         }
     }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use busbar_core::envelope::attr;
 use busbar_core::message::insert_received_header;
-use busbar_core::{Error, ErrorKind, Headers, Message, Result};
+use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result};
 
 /// Headers sent as attributes of their own.
 const OWN_ATTRIBUTES: [&str; 6] = [
@@ -62,7 +62,7 @@ pub fn pack(message: &Message) -> Result<Packed> {
         // SQS refuses empty attribute values and some characters: those go into the packed
         // object, where JSON escapes them.
         if OWN_ATTRIBUTES.contains(&name.as_str()) && !value.is_empty() && sqs_text(value) {
-            attributes.insert(name.clone(), value.clone());
+            attributes.insert(name.to_string(), value.clone());
         } else {
             rest.insert(name.as_str(), value.as_str());
         }
@@ -181,11 +181,11 @@ fn fnv1a(value: &str, basis: u64) -> u64 {
 /// The message attributes of a received SQS message as text: `String` and `Number` values as
 /// they are, `Binary` ones (a foreign producer's) as UTF-8 text, or lossily when they are not
 /// UTF-8, named then in [`busbar_core::message::INVALID_UTF8_HEADERS`].
-pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> BTreeMap<String, String> {
-    let mut attributes = BTreeMap::new();
+pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> Headers {
+    let mut attributes = Headers::new();
     for (name, value) in received.message_attributes().into_iter().flatten() {
         if let Some(text) = value.string_value() {
-            attributes.insert(name.clone(), text.to_string());
+            attributes.insert(HeaderName::new(name), text.to_string());
         } else if let Some(bytes) = value.binary_value() {
             insert_received_header(&mut attributes, name, bytes.as_ref());
         }
@@ -195,10 +195,10 @@ pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> BTreeMap<S
 
 /// Unpacks a received message of `topic`; `fallback_id` (the SQS message id) names a message
 /// that carries no id of its own.
-pub fn unpack(
+pub fn unpack<K: AsRef<str>>(
     topic: &str,
     body: &str,
-    attributes: &BTreeMap<String, String>,
+    attributes: &BTreeMap<K, String>,
     fallback_id: &str,
 ) -> Message {
     let mut headers = Headers::new();
@@ -206,7 +206,8 @@ pub fn unpack(
     let mut id = None;
     let mut base64_body = false;
     for (name, value) in attributes {
-        match name.as_str() {
+        let name = name.as_ref();
+        match name {
             PACKED => match serde_json::from_str::<BTreeMap<String, String>>(value) {
                 Ok(mut packed) => {
                     // A key or id SQS could not carry as an attribute travels in here.
@@ -216,18 +217,18 @@ pub fn unpack(
                     if let Some(packed_id) = packed.remove(ID) {
                         id = Some(packed_id);
                     }
-                    headers.extend(packed);
+                    headers.extend(packed.into_iter().map(|(k, v)| (HeaderName::from(k), v)));
                 }
                 // A foreign producer's attribute of that name: keep it as it is.
                 Err(_) => {
-                    headers.insert(name.clone(), value.clone());
+                    headers.insert(HeaderName::new(name), value.clone());
                 }
             },
             KEY => key = Some(value.clone()),
             ID => id = Some(value.clone()),
             ENCODING => base64_body = value == "base64",
             _ => {
-                headers.insert(name.clone(), value.clone());
+                headers.insert(HeaderName::new(name), value.clone());
             }
         }
     }
@@ -369,7 +370,7 @@ mod tests {
             assert_eq!(back.payload.to_vec(), payload);
             assert_eq!(back.id, "m-1");
         }
-        let foreign = unpack("t", "hello", &BTreeMap::new(), "sqs-id");
+        let foreign = unpack("t", "hello", &Headers::new(), "sqs-id");
         assert_eq!(foreign.id, "sqs-id");
     }
 }

@@ -106,7 +106,7 @@ pub async fn custom_headers_survive(h: Harness) {
     let received = &ledger.envelopes()[0];
     for (name, value) in &expected {
         assert_eq!(
-            received.headers.get(name),
+            received.headers.get(name.as_str()),
             Some(value),
             "header {name} changed or lost"
         );
