@@ -60,6 +60,11 @@ const KNOWN_NAMES: [&str; 17] = [
     INVALID_UTF8_HEADERS,
 ];
 
+/// The static copy of `name` when it is one of the names busbar writes.
+fn known_name(name: &str) -> Option<&'static str> {
+    KNOWN_NAMES.iter().copied().find(|known| *known == name)
+}
+
 impl HeaderName {
     /// A name from a static string, without allocating.
     pub const fn from_static(name: &'static str) -> Self {
@@ -68,7 +73,7 @@ impl HeaderName {
 
     /// A name read from the wire: one busbar knows is shared, any other copied.
     pub fn new(name: &str) -> Self {
-        match KNOWN_NAMES.iter().find(|known| **known == name) {
+        match known_name(name) {
             Some(known) => HeaderName(Cow::Borrowed(known)),
             None => HeaderName(Cow::Owned(name.to_owned())),
         }
@@ -112,7 +117,7 @@ impl From<&str> for HeaderName {
 
 impl From<String> for HeaderName {
     fn from(name: String) -> Self {
-        match KNOWN_NAMES.iter().find(|known| **known == name) {
+        match known_name(&name) {
             Some(known) => HeaderName(Cow::Borrowed(known)),
             None => HeaderName(Cow::Owned(name)),
         }
