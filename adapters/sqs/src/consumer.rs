@@ -259,10 +259,12 @@ async fn receive_loop(
 /// delivery or a failed delete, the waiting ones go back to SQS too, so it hands the group out
 /// again from the message that was not done, in order.
 ///
-/// They go back with the same visibility delay as that message, set after its own: SQS keeps a
-/// group back while any of its messages is in flight, but LocalStack does not, and would hand
-/// out the later messages during the earlier one's retry delay. This way they become visible
-/// no earlier than it on either.
+/// The waiting ones go back *first*, to become visible no later than the one before them
+/// (see [`SqsAck::give_back`]). SQS keeps the group back anyway while that one is in flight.
+/// LocalStack does not quite: a message of the group becoming visible again makes the whole
+/// group receivable, and a receive then returns the visible messages and skips the ones
+/// still in flight. It does keep a message becoming visible behind an earlier-received one
+/// still invisible, which the order above relies on.
 struct Gate {
     /// Per busy group: the sequence number of the message out now, and the ones waiting.
     groups: Mutex<HashMap<String, Busy>>,
@@ -282,8 +284,8 @@ struct Ticket {
 
 impl Ticket {
     /// Tells the gate how this message ended (see [`Gate::settled`]).
-    fn settled(self, outcome: Settled) {
-        self.gate.settled(&self.group, self.seq, outcome);
+    fn settled(self, outcome: Settled) -> Vec<Delivery> {
+        self.gate.settled(&self.group, self.seq, outcome)
     }
 }
 
@@ -308,21 +310,22 @@ impl Gate {
     }
 
     /// Message `seq` of `group` was settled: `Done` (deleted) hands out the next one;
-    /// `Again(delay)` gives the waiting ones back to SQS, visible after `delay`. A message
-    /// that was never handed out (it was itself given back) changes nothing.
-    fn settled(&self, group: &str, seq: u64, outcome: Settled) {
+    /// `Again` frees the group and returns the messages that waited behind it, which the
+    /// caller gives back to SQS. A message that was never handed out (it was itself given
+    /// back) changes nothing.
+    fn settled(&self, group: &str, seq: u64, outcome: Settled) -> Vec<Delivery> {
         let mut next = None;
-        let mut given_back = Vec::new();
+        let mut waiting_ones = Vec::new();
         {
             let mut groups = self.lock();
             let Some((out, waiting)) = groups.get_mut(group) else {
-                return;
+                return waiting_ones;
             };
             if *out != seq {
-                return;
+                return waiting_ones;
             }
-            if outcome == Settled::Done {
-                match waiting.pop_front() {
+            match outcome {
+                Settled::Done => match waiting.pop_front() {
                     Some((seq, delivery)) => {
                         *out = seq;
                         next = Some(delivery);
@@ -330,12 +333,14 @@ impl Gate {
                     None => {
                         groups.remove(group);
                     }
+                },
+                Settled::Again => {
+                    if let Some((_, waiting)) = groups.remove(group) {
+                        waiting_ones.extend(waiting.into_iter().map(|(_, d)| d));
+                    }
                 }
-            } else if let Some((_, waiting)) = groups.remove(group) {
-                given_back.extend(waiting.into_iter().map(|(_, d)| d));
             }
         }
-        // Outside the lock: dropping a delivery makes its message visible again.
         if let Some(next) = next {
             // There is always room: the channel holds at most the in-flight limit, and this
             // delivery already counts against it.
@@ -343,16 +348,7 @@ impl Gate {
                 tracing::debug!(error = %e, "consumer gone; the next message of its group returns to SQS");
             }
         }
-        match outcome {
-            Settled::Again(delay) if !delay.is_zero() && !given_back.is_empty() => {
-                tokio::spawn(async move {
-                    for delivery in given_back {
-                        let _ = delivery.nack(delay).await;
-                    }
-                });
-            }
-            _ => drop(given_back),
-        }
+        waiting_ones
     }
 }
 
@@ -361,8 +357,19 @@ impl Gate {
 enum Settled {
     /// Deleted (handled or dead-lettered).
     Done,
-    /// Visible again after the delay.
-    Again(Duration),
+    /// Not deleted: it becomes visible again.
+    Again,
+}
+
+/// The shortest visibility delay with which a FIFO message and the messages of its group that
+/// waited behind it go back together. SQS counts visibility in whole seconds, and a zero
+/// delay would make the waiting ones receivable at once on LocalStack, ahead of the message
+/// before them (see [`Gate`]).
+const GROUP_RETURN_DELAY: Duration = Duration::from_secs(1);
+
+/// Gives `deliveries` back to SQS, all visible after `delay`.
+async fn give_back_all(deliveries: Vec<Delivery>, delay: Duration) {
+    futures::future::join_all(deliveries.into_iter().map(|d| d.nack(delay))).await;
 }
 
 struct SqsAck {
@@ -432,19 +439,39 @@ impl SqsAck {
         self.heartbeat.abort();
     }
 
-    /// Tells the FIFO gate how this message ended (see [`Gate::settled`]).
-    fn release(&mut self, outcome: Settled) {
-        if let Some(ticket) = self.ticket.take() {
-            ticket.settled(outcome);
+    /// Tells the FIFO gate how this message ended (see [`Gate::settled`]); returns the
+    /// messages of its group that must go back with it.
+    fn release(&mut self, outcome: Settled) -> Vec<Delivery> {
+        match self.ticket.take() {
+            Some(ticket) => ticket.settled(outcome),
+            None => Vec::new(),
         }
     }
 
-    /// `Done` when `deleted` worked; otherwise the message returns after its visibility timeout.
-    fn after_delete(&self, deleted: &Result<()>) -> Settled {
+    /// After a delete: the group's next message goes out, or, when the delete failed (the
+    /// message returns after its visibility timeout), the ones waiting behind it go back, in
+    /// [`GROUP_RETURN_DELAY`]: sooner than it, which keeps them behind it (see [`Gate`]).
+    async fn after_delete(&mut self, deleted: &Result<()>) {
         match deleted {
-            Ok(()) => Settled::Done,
-            Err(_) => Settled::Again(self.inner.config.visibility_timeout),
+            Ok(()) => drop(self.release(Settled::Done)),
+            Err(_) => give_back_all(self.release(Settled::Again), GROUP_RETURN_DELAY).await,
         }
+    }
+
+    /// Makes the message visible again after `delay`. On a FIFO queue the messages of its
+    /// group waiting behind it go back first, with the same delay and at least
+    /// [`GROUP_RETURN_DELAY`], so none becomes visible after it (see [`Gate`]).
+    async fn give_back(&mut self, delay: Duration) -> Result<()> {
+        self.settle();
+        let waiting = self.release(Settled::Again);
+        let delay = if waiting.is_empty() {
+            delay
+        } else {
+            let delay = delay.max(GROUP_RETURN_DELAY);
+            give_back_all(waiting, delay).await;
+            delay
+        };
+        self.show_after(delay).await
     }
 
     async fn delete(&mut self, operation: &'static str) -> Result<()> {
@@ -468,18 +495,8 @@ impl SqsAck {
 
     async fn show_after(&mut self, delay: Duration) -> Result<()> {
         self.settle();
-        let seconds = i32::try_from(delay.as_millis().div_ceil(1000))
-            .unwrap_or(43_200)
-            .min(43_200);
-        self.inner
-            .sqs
-            .change_message_visibility()
-            .queue_url(&self.queues.queue.url)
-            .receipt_handle(&self.receipt)
-            .visibility_timeout(seconds)
-            .send()
+        change_visibility(&self.inner, &self.queues.queue.url, &self.receipt, delay)
             .await
-            .map(drop)
             .map_err(|e| {
                 sdk_error(
                     "nack",
@@ -491,19 +508,42 @@ impl SqsAck {
     }
 }
 
+/// Makes a received message visible again after `delay` (in whole seconds, rounded up).
+async fn change_visibility(
+    inner: &Inner,
+    queue_url: &str,
+    receipt: &str,
+    delay: Duration,
+) -> std::result::Result<
+    (),
+    aws_sdk_sqs::error::SdkError<
+        aws_sdk_sqs::operation::change_message_visibility::ChangeMessageVisibilityError,
+    >,
+> {
+    let seconds = i32::try_from(delay.as_millis().div_ceil(1000))
+        .unwrap_or(43_200)
+        .min(43_200);
+    inner
+        .sqs
+        .change_message_visibility()
+        .queue_url(queue_url)
+        .receipt_handle(receipt)
+        .visibility_timeout(seconds)
+        .send()
+        .await
+        .map(drop)
+}
+
 #[async_trait]
 impl Acknowledger for SqsAck {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         let deleted = self.delete("ack").await;
-        let outcome = self.after_delete(&deleted);
-        self.release(outcome);
+        self.after_delete(&deleted).await;
         deleted
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
-        let shown = self.show_after(delay).await;
-        self.release(Settled::Again(delay));
-        shown
+        self.give_back(delay).await
     }
 
     async fn dead_letter(
@@ -542,13 +582,11 @@ impl Acknowledger for SqsAck {
         match sent {
             Ok(()) => {
                 let deleted = self.delete("dead-letter").await;
-                let outcome = self.after_delete(&deleted);
-                self.release(outcome);
+                self.after_delete(&deleted).await;
                 deleted
             }
             Err(e) => {
-                let _ = self.show_after(Duration::ZERO).await;
-                self.release(Settled::Again(Duration::ZERO));
+                let _ = self.give_back(Duration::ZERO).await;
                 Err(Error::new(
                     ErrorKind::Broker,
                     "dead-letter",
@@ -566,41 +604,37 @@ impl Acknowledger for SqsAck {
 impl Drop for SqsAck {
     fn drop(&mut self) {
         self.heartbeat.abort();
+        // Its group's waiting messages go back before it (see `give_back`).
+        let waiting = self.release(Settled::Again);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to call SQS from: the visibility timeouts bring them all back.
+            return;
+        };
         if self.settled {
-            self.release(Settled::Again(Duration::ZERO));
+            // Settling was cut short (its future dropped): it returns after its timeout.
+            if !waiting.is_empty() {
+                runtime.spawn(give_back_all(waiting, GROUP_RETURN_DELAY));
+            }
             return;
         }
         // Abandoned (the handler was stopped): make it visible again now, not after its
-        // timeout (a crashed process cannot; then the timeout brings it back). Its group's
-        // waiting messages go back only after it, so none becomes visible before it.
+        // timeout (a crashed process cannot; then the timeout brings it back), or with the
+        // group's shortest delay when messages of its group go back with it.
         let (inner, url, receipt) = (
             Arc::clone(&self.inner),
             self.queues.queue.url.clone(),
             self.receipt.clone(),
         );
-        let release = {
-            let ticket = self.ticket.take();
-            move || {
-                if let Some(ticket) = ticket {
-                    ticket.settled(Settled::Again(Duration::ZERO));
-                }
+        runtime.spawn(async move {
+            let delay = if waiting.is_empty() {
+                Duration::ZERO
+            } else {
+                give_back_all(waiting, GROUP_RETURN_DELAY).await;
+                GROUP_RETURN_DELAY
+            };
+            if let Err(e) = change_visibility(&inner, &url, &receipt, delay).await {
+                tracing::debug!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "could not return an abandoned message; it returns after its visibility timeout");
             }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    let _ = inner
-                        .sqs
-                        .change_message_visibility()
-                        .queue_url(url)
-                        .receipt_handle(receipt)
-                        .visibility_timeout(0)
-                        .send()
-                        .await;
-                    release();
-                });
-            }
-            Err(_) => release(),
-        }
+        });
     }
 }
