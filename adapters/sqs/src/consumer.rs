@@ -558,24 +558,18 @@ impl Acknowledger for SqsAck {
         .to_message();
         let sent = match pack(&dead) {
             Ok(packed) => {
-                let limit = self.inner.config.publish_timeout;
+                let dlq = &self.queues.dlq.url;
                 let send = self.inner.send_to_queue(
-                    &self.queues.dlq.url,
+                    dlq,
                     vec![(dead.id.clone(), packed)],
                     "dead-letter",
                     crate::Dedup::Fresh,
                 );
-                tokio::time::timeout(limit, send)
-                    .await
-                    .unwrap_or_else(|_elapsed| {
-                        Err(Error::new(
-                            ErrorKind::Timeout,
-                            "dead-letter",
-                            format!("SQS did not answer within {limit:?} (`publish_timeout_ms`)"),
-                        )
-                        .with_resource(self.queues.dlq.url.clone())
-                        .with_retryable(true))
+                self.inner
+                    .within_publish_timeout("dead-letter", send, || {
+                        ("it may or may not be in the DLQ".to_string(), dlq.clone())
                     })
+                    .await
             }
             Err(e) => Err(e),
         };

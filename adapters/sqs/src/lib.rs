@@ -27,7 +27,7 @@ mod consumer;
 mod dead_letters;
 pub mod mapping;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -328,6 +328,34 @@ impl Inner {
         Ok(queues)
     }
 
+    /// Runs a send (`publish` or `dead-letter`) within `publish_timeout_ms`. An SQS or SNS
+    /// endpoint that accepts connections and never answers (one shutting down, a network that
+    /// drops replies) would otherwise hold it for as long as that lasts: the SDK sets no time
+    /// limit on a call by default. `describe` gives the error's detail and resource.
+    pub(crate) async fn within_publish_timeout(
+        &self,
+        operation: &'static str,
+        send: impl std::future::Future<Output = Result<()>>,
+        describe: impl FnOnce() -> (String, String),
+    ) -> Result<()> {
+        let limit = self.config.publish_timeout;
+        match tokio::time::timeout(limit, send).await {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                let (detail, resource) = describe();
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    operation,
+                    format!(
+                        "SQS/SNS did not answer within {limit:?} (`publish_timeout_ms`); {detail}"
+                    ),
+                )
+                .with_resource(resource)
+                .with_retryable(true))
+            }
+        }
+    }
+
     /// Publishes packed messages, grouped by busbar topic, to their SNS topic (fan-out mode) or
     /// queue (queue mode); errors name the topic.
     async fn publish_packed(
@@ -622,26 +650,25 @@ impl Transport for SqsTransport {
                 .or_default()
                 .push((message.id.clone(), packed));
         }
-        let limit = self.inner.config.publish_timeout;
-        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
-        let topics: Vec<String> = by_topic.keys().cloned().collect();
-        match tokio::time::timeout(limit, self.inner.publish_packed(by_topic)).await {
-            Ok(result) => result,
-            // An SQS or SNS endpoint that accepts connections and never answers (one shutting
-            // down, a network that drops replies) would hold the publish for as long as that
-            // lasts; the SDK sets no time limit on a call by default.
-            Err(_elapsed) => Err(Error::new(
-                ErrorKind::Timeout,
-                "publish",
-                format!(
-                    "SQS/SNS did not answer within {limit:?} (`publish_timeout_ms`); {} messages may or may not be published (at-least-once: send again): {}",
-                    ids.len(),
-                    ids.join(", ")
-                ),
-            )
-            .with_resource(format!("topic {}", topics.join(", ")))
-            .with_retryable(true)),
-        }
+        let published = self.inner.publish_packed(by_topic);
+        self.inner
+            .within_publish_timeout("publish", published, || {
+                // Only when the time ran out: what the error names.
+                let topics: BTreeSet<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+                let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+                (
+                    format!(
+                        "{} messages may or may not be published (at-least-once: send again): {}",
+                        ids.len(),
+                        ids.join(", ")
+                    ),
+                    format!(
+                        "topic {}",
+                        topics.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })
+            .await
     }
 
     async fn declare(&self, topic: &str, group: &str) -> Result<()> {
