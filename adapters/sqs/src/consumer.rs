@@ -204,7 +204,7 @@ async fn receive_loop(
             let message = unpack(
                 &topic,
                 received.body().unwrap_or_default(),
-                &attributes,
+                attributes,
                 received.message_id().unwrap_or_default(),
             );
             let attempt = received

@@ -57,7 +57,7 @@ async fn read(
             let message = unpack(
                 topic,
                 received.body().unwrap_or_default(),
-                &attributes,
+                attributes,
                 received.message_id().unwrap_or_default(),
             );
             // Without busbar's metadata, the queue's redrive policy moved it.

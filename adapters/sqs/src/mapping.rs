@@ -194,11 +194,11 @@ pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> Headers {
 }
 
 /// Unpacks a received message of `topic`; `fallback_id` (the SQS message id) names a message
-/// that carries no id of its own.
-pub fn unpack<K: AsRef<str>>(
+/// that carries no id of its own. The attributes move into the message's headers.
+pub fn unpack<K: AsRef<str> + Into<HeaderName>>(
     topic: &str,
     body: &str,
-    attributes: &BTreeMap<K, String>,
+    attributes: BTreeMap<K, String>,
     fallback_id: &str,
 ) -> Message {
     let mut headers = Headers::new();
@@ -206,9 +206,8 @@ pub fn unpack<K: AsRef<str>>(
     let mut id = None;
     let mut base64_body = false;
     for (name, value) in attributes {
-        let name = name.as_ref();
-        match name {
-            PACKED => match serde_json::from_str::<BTreeMap<String, String>>(value) {
+        match name.as_ref() {
+            PACKED => match serde_json::from_str::<BTreeMap<String, String>>(&value) {
                 Ok(mut packed) => {
                     // A key or id SQS could not carry as an attribute travels in here.
                     if let Some(packed_key) = packed.remove(KEY) {
@@ -221,14 +220,14 @@ pub fn unpack<K: AsRef<str>>(
                 }
                 // A foreign producer's attribute of that name: keep it as it is.
                 Err(_) => {
-                    headers.insert(HeaderName::new(name), value.clone());
+                    headers.insert(name.into(), value);
                 }
             },
-            KEY => key = Some(value.clone()),
-            ID => id = Some(value.clone()),
+            KEY => key = Some(value),
+            ID => id = Some(value),
             ENCODING => base64_body = value == "base64",
             _ => {
-                headers.insert(HeaderName::new(name), value.clone());
+                headers.insert(name.into(), value);
             }
         }
     }
@@ -326,7 +325,7 @@ mod tests {
             "{:?}",
             packed.attributes.keys()
         );
-        let back = unpack("t", &packed.body, &packed.attributes, "sqs-id");
+        let back = unpack("t", &packed.body, packed.attributes.clone(), "sqs-id");
         assert_eq!(back, message);
         assert_eq!(
             Envelope::<Ping>::from_message(&Json, &back).unwrap(),
@@ -366,11 +365,11 @@ mod tests {
         ] {
             let message = Message::new("m-1", "t", payload.clone());
             let packed = pack(&message).unwrap();
-            let back = unpack("t", &packed.body, &packed.attributes, "sqs-id");
+            let back = unpack("t", &packed.body, packed.attributes.clone(), "sqs-id");
             assert_eq!(back.payload.to_vec(), payload);
             assert_eq!(back.id, "m-1");
         }
-        let foreign = unpack("t", "hello", &Headers::new(), "sqs-id");
+        let foreign = unpack("t", "hello", Headers::new(), "sqs-id");
         assert_eq!(foreign.id, "sqs-id");
     }
 }

@@ -48,7 +48,7 @@ proptest! {
         prop_assert!(packed.attributes.len() <= 10, "{:?}", packed.attributes.keys());
         prop_assert!(packed.attributes.values().all(|v| !v.is_empty() && sqs_text(v)));
         prop_assert!(!packed.body.is_empty() && sqs_text(&packed.body));
-        let back = unpack("topic", &packed.body, &packed.attributes, "sqs-id");
+        let back = unpack("topic", &packed.body, packed.attributes.clone(), "sqs-id");
         prop_assert_eq!(back, message);
     }
 
@@ -58,7 +58,7 @@ proptest! {
         attributes in btree_map(attribute_name(), attribute_value(), 0..12),
         fallback_id in any::<String>(),
     ) {
-        let message = unpack("topic", &body, &attributes, &fallback_id);
+        let message = unpack("topic", &body, attributes.clone(), &fallback_id);
         prop_assert!(!message.id.is_empty() || fallback_id.is_empty());
         // Decoding may fail (with a typed error), but never panics.
         let _ = Envelope::<Probe>::from_message(&Json, &message);
@@ -79,7 +79,7 @@ fn characters_sqs_refuses_are_escaped_not_sent() {
     );
     assert!(sqs_text(&packed.body));
     assert_eq!(
-        unpack("t", &packed.body, &packed.attributes, "x"),
+        unpack("t", &packed.body, packed.attributes.clone(), "x"),
         message,
         "{packed:?}"
     );
