@@ -7,13 +7,14 @@ use tracing::Instrument;
 
 use crate::codec::Json;
 use crate::config::BusConfig;
-use crate::consumer::{ClaimWaits, Interceptor, SubscriptionBuilder};
+use crate::consumer::{ClaimWaits, Interceptor, Registry, RouteBuilder, SubscriptionBuilder};
 use crate::dead_letter::DeadLetter;
 use crate::envelope::{Envelope, Event};
 use crate::error::{Error, Result};
 use crate::memory::MemoryTransport;
 use crate::message::{validate_name, Message};
 use crate::retry::RetryPolicy;
+use crate::routing::EventSet;
 use crate::transport::{RedriveSelection, Transport};
 use crate::Capabilities;
 
@@ -55,6 +56,7 @@ struct BusInner {
     interceptor: Option<Arc<dyn Interceptor>>,
     closed: AtomicBool,
     claim_waits: ClaimWaits,
+    registry: Registry,
 }
 
 impl std::fmt::Debug for Bus {
@@ -126,6 +128,7 @@ impl BusBuilder {
                 interceptor: self.interceptor,
                 closed: AtomicBool::new(false),
                 claim_waits: ClaimWaits::default(),
+                registry: Registry::default(),
             }),
         }
     }
@@ -135,6 +138,11 @@ impl Bus {
     /// The claim waits of this bus's subscriptions (see [`ClaimWaits`]).
     pub(crate) fn claim_waits(&self) -> &ClaimWaits {
         &self.inner.claim_waits
+    }
+
+    /// The running subscriptions of this bus by (topic, group) (see [`Registry`]).
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
     }
 
     /// A bus over `transport` with default settings.
@@ -258,9 +266,18 @@ impl Bus {
         self.inner.transport.declare(topic, group).await
     }
 
-    /// Starts building a subscription of `group` to events of type `E` on `topic`.
-    pub fn subscribe<E: Event>(&self, topic: &str, group: &str) -> SubscriptionBuilder<E> {
+    /// Starts building a subscription of `group` to events of type `E` on `topic`: one
+    /// [`Event`] type (and its older [`ALIASES`](Event::ALIASES)), or an
+    /// [`event_set!`](crate::event_set) enum of several, handled by one handler.
+    pub fn subscribe<E: EventSet>(&self, topic: &str, group: &str) -> SubscriptionBuilder<E> {
         SubscriptionBuilder::new(self.clone(), topic, group)
+    }
+
+    /// Starts building a subscription of `group` to `topic` with one handler per event type:
+    /// each message goes to the handler of its CloudEvents `type`, on one consumer, so per-key
+    /// order holds across the types.
+    pub fn route(&self, topic: &str, group: &str) -> RouteBuilder {
+        RouteBuilder::new(self.clone(), topic, group)
     }
 
     /// Up to `limit` dead letters of (`topic`, `group`), oldest first.

@@ -41,8 +41,11 @@ pub enum DeadLetterReason {
     RetriesExhausted,
     /// The handler returned a permanent error.
     Permanent,
-    /// The message could not be decoded into the subscription's event type.
+    /// The message could not be decoded into the event type its CloudEvents `type` names.
     Undecodable,
+    /// No handler of the subscription handles the message's CloudEvents `type` (see
+    /// [`UnknownTypes`](crate::UnknownTypes)).
+    UnknownType,
     /// The broker gave up on the message on its own (e.g. a delivery limit after crashes).
     DeliveryLimit,
 }
@@ -54,6 +57,7 @@ impl DeadLetterReason {
             DeadLetterReason::RetriesExhausted => "retries_exhausted",
             DeadLetterReason::Permanent => "permanent_error",
             DeadLetterReason::Undecodable => "undecodable",
+            DeadLetterReason::UnknownType => "unknown_type",
             DeadLetterReason::DeliveryLimit => "delivery_limit",
         }
     }
@@ -72,6 +76,7 @@ impl FromStr for DeadLetterReason {
             DeadLetterReason::RetriesExhausted,
             DeadLetterReason::Permanent,
             DeadLetterReason::Undecodable,
+            DeadLetterReason::UnknownType,
             DeadLetterReason::DeliveryLimit,
         ]
         .into_iter()

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{HeaderName, Headers, Message, INVALID_UTF8_HEADERS, MAX_HEADERS};
+use crate::routing::{EventSet, Payload};
 
 /// A Rust type that travels as an event: serializable, and naming its CloudEvents `type`.
 ///
@@ -31,13 +32,53 @@ use crate::message::{HeaderName, Headers, Message, INVALID_UTF8_HEADERS, MAX_HEA
 /// }
 /// ```
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// The CloudEvents `type`, e.g. `"orders.order_placed.v1"`. Version it in the name.
+    /// The CloudEvents `type`, e.g. `"orders.order_placed.v1"`. Version it in the name; to
+    /// change the shape, make a new version and list the old name in [`ALIASES`](Self::ALIASES).
     const TYPE: &'static str;
+
+    /// Older CloudEvents types this event also accepts, e.g. `&["orders.order_placed.v1"]` on
+    /// the v2 type. Subscriptions of this type handle messages of these types too, after
+    /// [`upcast`](Self::upcast), so during a rollout the v1 events still in flight (or still
+    /// published by services not yet upgraded) reach the v2 handler instead of a dead-letter
+    /// queue.
+    const ALIASES: &'static [&'static str] = &[];
 
     /// The ordering/partition key: events with the same key are delivered in publish order
     /// where the transport can order (see [`crate::Capabilities::ordered_by_key`]).
     fn key(&self) -> Option<String> {
         None
+    }
+
+    /// Turns the payload of an older type (one of [`ALIASES`](Self::ALIASES); see
+    /// [`Payload::event_type`]) into this event. The default decodes it as this type, which
+    /// fits a rename or a shape that only gained optional fields. An error makes the message
+    /// `undecodable`.
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use busbar_core::{codec::{Codec, Json}, routing::{EventSet, Payload}, Event};
+    ///
+    /// #[derive(Deserialize)]
+    /// struct OrderPlacedV1 { order_id: String, cents: u64 }
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderPlaced { order_id: String, cents: u64, currency: String }
+    ///
+    /// impl Event for OrderPlaced {
+    ///     const TYPE: &'static str = "orders.order_placed.v2";
+    ///     const ALIASES: &'static [&'static str] = &["orders.order_placed.v1"];
+    ///     fn upcast<C: Codec>(old: Payload<'_, C>) -> busbar_core::Result<Self> {
+    ///         let v1: OrderPlacedV1 = old.decode()?;
+    ///         Ok(OrderPlaced { order_id: v1.order_id, cents: v1.cents, currency: "EUR".into() })
+    ///     }
+    /// }
+    ///
+    /// let v1 = Payload::new(&Json, "orders.order_placed.v1", br#"{"order_id":"o-1","cents":5}"#);
+    /// let upcast = OrderPlaced::decode(v1).unwrap().unwrap();
+    /// assert_eq!(upcast.currency, "EUR");
+    /// ```
+    fn upcast<C: Codec>(old: Payload<'_, C>) -> Result<Self> {
+        old.decode()
     }
 }
 
@@ -157,21 +198,71 @@ impl<E: Event> Envelope<E> {
             payload,
         }
     }
+}
 
-    /// Decodes a message into an envelope of `E`.
+impl<S: EventSet> Envelope<S> {
+    /// Decodes a message into an envelope of `S`: an [`Event`] (or one of its older
+    /// [`ALIASES`](Event::ALIASES), upcast), or any [`EventSet`].
     ///
     /// Fails with a [`ErrorKind::Decode`] error that names what is wrong: a missing or invalid
-    /// CloudEvents attribute, a `type` other than `E::TYPE`, an unsupported content type, or the
-    /// payload field that does not fit `E`.
+    /// CloudEvents attribute, a `type` that `S` does not claim, an unsupported content type, or
+    /// the payload field that does not fit.
     pub fn from_message<C: Codec>(codec: &C, message: &Message) -> Result<Self> {
+        Envelope::decode_with(codec, message, S::decode).map_err(|undecoded| match undecoded {
+            Undecoded::UnknownType(event_type) => {
+                unknown_type_error(message, &event_type, &S::event_types())
+            }
+            Undecoded::Invalid(error) => error,
+        })
+    }
+}
+
+/// Why a received message did not become an envelope.
+#[derive(Debug)]
+pub(crate) enum Undecoded {
+    /// Its CloudEvents `type`, which the decoder does not claim.
+    UnknownType(String),
+    /// Not a readable CloudEvent, or a payload that does not fit its claimed type.
+    Invalid(Error),
+}
+
+impl From<Error> for Undecoded {
+    fn from(error: Error) -> Self {
+        Undecoded::Invalid(error)
+    }
+}
+
+/// The error for a message whose `type` is none of `claimed`.
+pub(crate) fn unknown_type_error(message: &Message, event_type: &str, claimed: &[&str]) -> Error {
+    decode_error(
+        message,
+        format!(
+            "event type {event_type:?} is not handled by this subscription (it handles {})",
+            claimed
+                .iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+impl<T> Envelope<T> {
+    /// Reads a message's CloudEvents attributes and decodes its payload with `decode`, which
+    /// returns `None` for a `type` it does not claim.
+    pub(crate) fn decode_with<C: Codec>(
+        codec: &C,
+        message: &Message,
+        decode: impl FnOnce(Payload<'_, C>) -> Option<Result<T>>,
+    ) -> std::result::Result<Self, Undecoded> {
         if message.headers.len() > MAX_HEADERS {
-            return Err(decode_error(
+            return Err(Undecoded::Invalid(decode_error(
                 message,
                 format!(
                     "message has {} headers; busbar reads at most {MAX_HEADERS}",
                     message.headers.len()
                 ),
-            ));
+            )));
         }
         if let Some(invalid) = message.header(INVALID_UTF8_HEADERS) {
             let unreadable: Vec<&str> = invalid
@@ -179,13 +270,13 @@ impl<E: Event> Envelope<E> {
                 .filter(|name| name.starts_with(attr::CE_PREFIX) || *name == attr::CONTENT_TYPE)
                 .collect();
             if !unreadable.is_empty() {
-                return Err(decode_error(
+                return Err(Undecoded::Invalid(decode_error(
                     message,
                     format!(
                         "CloudEvents attribute `{}` is not valid UTF-8",
                         unreadable.join("`, `")
                     ),
-                ));
+                )));
             }
         }
         let required = |name: &str| {
@@ -195,21 +286,12 @@ impl<E: Event> Envelope<E> {
         };
         let spec = required(attr::SPECVERSION)?;
         if spec != attr::SPECVERSION_1_0 {
-            return Err(decode_error(
+            return Err(Undecoded::Invalid(decode_error(
                 message,
                 format!("unsupported CloudEvents specversion {spec:?}; busbar reads 1.0"),
-            ));
+            )));
         }
         let event_type = required(attr::TYPE)?;
-        if event_type != E::TYPE {
-            return Err(decode_error(
-                message,
-                format!(
-                    "event type {event_type:?} does not match the subscription's type {:?}",
-                    E::TYPE
-                ),
-            ));
-        }
         let id = required(attr::ID)?.to_string();
         let source = required(attr::SOURCE)?.to_string();
         let time = match message.header(attr::TIME) {
@@ -227,16 +309,16 @@ impl<E: Event> Envelope<E> {
             .unwrap_or(codec.content_type())
             .to_string();
         if !codec.accepts(&content_type) {
-            return Err(decode_error(
+            return Err(Undecoded::Invalid(decode_error(
                 message,
                 format!(
                     "content type {content_type:?} is not readable by the {} codec",
                     codec.content_type()
                 ),
-            ));
+            )));
         }
-        let payload = codec
-            .decode::<E>(event_type, &message.payload)
+        let payload = decode(Payload::new(codec, event_type, &message.payload))
+            .ok_or_else(|| Undecoded::UnknownType(event_type.to_string()))?
             .map_err(|e| e.with_resource(describe(message)))?;
         let owned = |name: &str| message.header(name).map(str::to_string);
         let headers = message
@@ -263,6 +345,35 @@ impl<E: Event> Envelope<E> {
 }
 
 impl<T> Envelope<T> {
+    /// The same envelope around `f(payload)`, or `f`'s error.
+    pub(crate) fn try_map_payload<U, X>(
+        self,
+        f: impl FnOnce(T) -> std::result::Result<U, X>,
+    ) -> std::result::Result<Envelope<U>, X> {
+        Ok(Envelope {
+            payload: f(self.payload)?,
+            id: self.id,
+            event_type: self.event_type,
+            source: self.source,
+            time: self.time,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            content_type: self.content_type,
+            traceparent: self.traceparent,
+            tracestate: self.tracestate,
+            headers: self.headers,
+            key: self.key,
+        })
+    }
+
+    /// The same envelope around `f(payload)`.
+    pub(crate) fn map_payload<U>(self, f: impl FnOnce(T) -> U) -> Envelope<U> {
+        match self.try_map_payload(|payload| Ok::<_, std::convert::Infallible>(f(payload))) {
+            Ok(envelope) => envelope,
+            Err(never) => match never {},
+        }
+    }
+
     /// Adds a free-form header (checked when the envelope is encoded).
     pub fn with_header(mut self, name: impl Into<HeaderName>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
@@ -606,7 +717,7 @@ mod tests {
             ),
             (
                 Box::new(|m| drop(m.headers.insert(attr::TYPE.into(), "other.v1".into()))),
-                "does not match the subscription's type",
+                "is not handled by this subscription (it handles \"test.note.v1\")",
             ),
             (
                 Box::new(|m| drop(m.headers.insert(attr::TIME.into(), "yesterday".into()))),

@@ -6,6 +6,8 @@
 //!   in-process one.
 //! - [`Bus`]: publishing and [`Bus::subscribe`], whose consumer runtime (retry, dead-letter,
 //!   idempotency, per-key order, graceful shutdown) is written once here for every broker.
+//! - [`routing`]: several event types on one topic ([`EventSet`], [`event_set!`],
+//!   [`Bus::route`]), older versions of an event, and the [`UnknownTypes`] policy.
 //!
 //! Most users depend on the `busbar` facade, which re-exports this crate and adds
 //! `busbar::connect(url)`.
@@ -28,14 +30,15 @@ pub mod idempotency;
 pub mod memory;
 pub mod message;
 pub mod retry;
+pub mod routing;
 pub mod transport;
 
 pub use bus::{Bus, BusBuilder};
 pub use capabilities::Capabilities;
 pub use config::{BusConfig, TransportUrl};
 pub use consumer::{
-    Context, Handler, HandlerError, Interceptor, ShutdownReport, Subscription, SubscriptionBuilder,
-    SubscriptionStats,
+    Context, Handler, HandlerError, Interceptor, RouteBuilder, ShutdownReport, Subscription,
+    SubscriptionBuilder, SubscriptionStats,
 };
 pub use dead_letter::{DeadLetter, DeadLetterInfo, DeadLetterReason};
 pub use envelope::{Envelope, Event};
@@ -44,6 +47,7 @@ pub use idempotency::{IdempotencyStore, MemoryIdempotencyStore};
 pub use memory::{MemoryOptions, MemoryTransport};
 pub use message::{HeaderName, Headers, Message};
 pub use retry::RetryPolicy;
+pub use routing::{EventSet, UnknownTypes};
 pub use transport::{
     Acknowledger, ConsumeOptions, Delivery, DeliveryStream, RedriveSelection, Transport,
 };

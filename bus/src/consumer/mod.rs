@@ -4,9 +4,13 @@
 mod claim_waits;
 mod context;
 mod handler;
+mod registry;
+mod router;
 mod runtime;
 
 pub(crate) use claim_waits::ClaimWaits;
+pub(crate) use registry::Registry;
+pub use router::RouteBuilder;
 
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,14 +25,30 @@ pub use context::Context;
 pub use handler::{Handler, HandlerError, Interceptor};
 
 use crate::bus::Bus;
-use crate::envelope::{Envelope, Event};
+use crate::codec::Json;
+use crate::envelope::{Envelope, Undecoded};
 use crate::error::{Error, ErrorKind, Result};
 use crate::idempotency::IdempotencyStore;
-use crate::message::validate_name;
+use crate::message::{validate_name, Message};
 use crate::retry::RetryPolicy;
+use crate::routing::{EventSet, UnknownTypes};
 use crate::transport::ConsumeOptions;
 
 type KeyFn<E> = Arc<dyn Fn(&Envelope<E>) -> String + Send + Sync>;
+
+/// How a subscription turns a received message into the envelope its handler takes.
+pub(crate) trait Decoder<E>: Send + Sync + 'static {
+    fn decode(&self, message: &Message) -> std::result::Result<Envelope<E>, Undecoded>;
+}
+
+/// The decoder of a subscription with one handler: the [`EventSet`] decodes.
+struct Typed<S>(PhantomData<fn() -> S>);
+
+impl<S: EventSet> Decoder<S> for Typed<S> {
+    fn decode(&self, message: &Message) -> std::result::Result<Envelope<S>, Undecoded> {
+        Envelope::decode_with(&Json, message, S::decode)
+    }
+}
 
 pub(crate) struct Idempotency<E> {
     store: Arc<dyn IdempotencyStore>,
@@ -73,11 +93,11 @@ pub struct SubscriptionBuilder<E> {
     max_in_flight: Option<usize>,
     retry: Option<RetryPolicy>,
     key_ordered: bool,
+    unknown_types: UnknownTypes,
     idempotency: Option<Idempotency<E>>,
-    _event: PhantomData<fn() -> E>,
 }
 
-impl<E: Event> SubscriptionBuilder<E> {
+impl<E: Send + 'static> SubscriptionBuilder<E> {
     pub(crate) fn new(bus: Bus, topic: &str, group: &str) -> Self {
         SubscriptionBuilder {
             bus,
@@ -87,8 +107,8 @@ impl<E: Event> SubscriptionBuilder<E> {
             max_in_flight: None,
             retry: None,
             key_ordered: true,
+            unknown_types: UnknownTypes::default(),
             idempotency: None,
-            _event: PhantomData,
         }
     }
 
@@ -115,6 +135,13 @@ impl<E: Event> SubscriptionBuilder<E> {
     /// (default `true`; messages without a key always run in parallel).
     pub fn key_ordered(mut self, key_ordered: bool) -> Self {
         self.key_ordered = key_ordered;
+        self
+    }
+
+    /// What to do with a message whose CloudEvents `type` this subscription does not handle
+    /// (default: [`UnknownTypes::DeadLetter`], reason `unknown_type`).
+    pub fn unknown_types(mut self, policy: UnknownTypes) -> Self {
+        self.unknown_types = policy;
         self
     }
 
@@ -160,13 +187,22 @@ impl<E: Event> SubscriptionBuilder<E> {
         self
     }
 
-    /// Declares the subscription and starts consuming with `handler`.
-    pub async fn start(self, handler: impl Handler<E>) -> Result<Subscription> {
+    /// Starts consuming with `decoder` and `handler`, which claim `event_types`.
+    async fn start_with(
+        self,
+        decoder: Box<dyn Decoder<E>>,
+        handler: Arc<dyn Handler<E>>,
+        event_types: Vec<&'static str>,
+    ) -> Result<Subscription> {
         validate_name("topic", &self.topic)?;
         validate_name("group", &self.group)?;
         if self.bus.is_closed() {
             return Err(Error::closed("subscribe", "bus"));
         }
+        let registration = self
+            .bus
+            .registry()
+            .register(&self.topic, &self.group, &event_types)?;
         let concurrency = self
             .concurrency
             .unwrap_or(self.bus.default_concurrency())
@@ -189,7 +225,10 @@ impl<E: Event> SubscriptionBuilder<E> {
             bus: self.bus,
             topic: self.topic.clone(),
             group: self.group.clone(),
-            handler: Arc::new(handler),
+            decoder,
+            event_types,
+            unknown_types: self.unknown_types,
+            handler,
             idempotency: self.idempotency,
             counters: Arc::clone(&counters),
         });
@@ -207,7 +246,25 @@ impl<E: Event> SubscriptionBuilder<E> {
             stop,
             task: Some(task),
             counters,
+            _registration: registration,
         })
+    }
+}
+
+impl<E: EventSet> SubscriptionBuilder<E> {
+    /// Declares the subscription and starts consuming with `handler`.
+    ///
+    /// Fails when another running subscription of this bus consumes the same (topic, group)
+    /// with other event types: the group's messages would be split between the two, and each
+    /// would reject the other's types. Handle several types in one subscription instead
+    /// ([`Bus::route`], or an [`event_set!`](crate::event_set) enum).
+    pub async fn start(self, handler: impl Handler<E>) -> Result<Subscription> {
+        self.start_with(
+            Box::new(Typed(PhantomData)),
+            Arc::new(handler),
+            E::event_types(),
+        )
+        .await
     }
 }
 
@@ -219,6 +276,7 @@ pub(crate) struct Counters {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     duplicates_skipped: AtomicU64,
+    skipped_unknown: AtomicU64,
     panics: AtomicU64,
 }
 
@@ -243,6 +301,9 @@ pub struct SubscriptionStats {
     pub dead_lettered: u64,
     /// Deliveries skipped because the idempotency store had them done.
     pub duplicates_skipped: u64,
+    /// Messages of a type the subscription does not handle, acknowledged unhandled under
+    /// [`UnknownTypes::Skip`] (under the default policy they count in `dead_lettered`).
+    pub skipped_unknown: u64,
     /// Handler attempts that panicked (also counted in `failed_attempts`).
     pub panics: u64,
 }
@@ -268,6 +329,8 @@ pub struct Subscription {
     stop: watch::Sender<Option<Instant>>,
     task: Option<JoinHandle<ShutdownReport>>,
     counters: Arc<Counters>,
+    /// Holds this subscription's event types for its (topic, group) on the bus until dropped.
+    _registration: registry::Registration,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -302,6 +365,7 @@ impl Subscription {
             retried: get(&c.retried),
             dead_lettered: get(&c.dead_lettered),
             duplicates_skipped: get(&c.duplicates_skipped),
+            skipped_unknown: get(&c.skipped_unknown),
             panics: get(&c.panics),
         }
     }

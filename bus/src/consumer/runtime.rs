@@ -11,19 +11,23 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{Context, Counters, Handler, Idempotency, ShutdownReport};
+use super::{Context, Counters, Decoder, Handler, Idempotency, ShutdownReport};
 use crate::bus::Bus;
-use crate::codec::Json;
 use crate::dead_letter::{DeadLetterInfo, DeadLetterReason};
-use crate::envelope::{Envelope, Event};
+use crate::envelope::{attr, unknown_type_error, Envelope, Undecoded};
 use crate::idempotency::{Claim, Lease};
 use crate::retry::RetryPolicy;
+use crate::routing::UnknownTypes;
 use crate::transport::{Delivery, DeliveryStream};
 
 pub(crate) struct Shared<E> {
     pub(crate) bus: Bus,
     pub(crate) topic: String,
     pub(crate) group: String,
+    pub(crate) decoder: Box<dyn Decoder<E>>,
+    /// The CloudEvents types the decoder claims, to say so when a message has another.
+    pub(crate) event_types: Vec<&'static str>,
+    pub(crate) unknown_types: UnknownTypes,
     pub(crate) handler: Arc<dyn Handler<E>>,
     pub(crate) retry: RetryPolicy,
     pub(crate) idempotency: Option<Idempotency<E>>,
@@ -100,7 +104,7 @@ impl Dispatch {
     }
 }
 
-pub(crate) async fn run<E: Event>(
+pub(crate) async fn run<E: Send + 'static>(
     shared: Arc<Shared<E>>,
     mut stream: DeliveryStream,
     mut stop: watch::Receiver<Option<Instant>>,
@@ -208,7 +212,7 @@ enum Outcome {
     Failed { permanent: bool, error: String },
 }
 
-async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
+async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) {
     let message = delivery.shared_message();
     let attempt = shared.attempt(&message.id, delivery.attempt());
     let span = tracing::info_span!(
@@ -220,7 +224,7 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
         messaging.message.id = %message.id,
         messaging.message.conversation_id = tracing::field::Empty,
         busbar.causation_id = tracing::field::Empty,
-        busbar.event_type = E::TYPE,
+        busbar.event_type = message.header(attr::TYPE).unwrap_or_default(),
         busbar.attempt = attempt,
     );
     async move {
@@ -229,11 +233,15 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
             dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error).await;
             return;
         }
-        let envelope = match Envelope::<E>::from_message(&Json, &message) {
+        let envelope = match shared.decoder.decode(&message) {
             Ok(envelope) => envelope,
-            Err(error) => {
+            Err(Undecoded::Invalid(error)) => {
                 tracing::warn!(%error, "undecodable message; dead-lettering it");
                 dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error.to_string()).await;
+                return;
+            }
+            Err(Undecoded::UnknownType(event_type)) => {
+                unknown_type(&shared, delivery, attempt, &event_type).await;
                 return;
             }
         };
@@ -301,7 +309,32 @@ async fn process<E: Event>(shared: Arc<Shared<E>>, delivery: Delivery) {
     .await;
 }
 
-async fn run_handler<E: Event>(
+/// A message of a type the subscription does not handle: dead-lettered or skipped, as the
+/// subscription's policy says; never handed to a handler.
+async fn unknown_type<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, event_type: &str) {
+    match shared.unknown_types {
+        UnknownTypes::DeadLetter => {
+            let error = unknown_type_error(delivery.message(), event_type, &shared.event_types);
+            tracing::warn!(%error, "unknown event type; dead-lettering it");
+            dead_letter(
+                shared,
+                delivery,
+                attempt,
+                DeadLetterReason::UnknownType,
+                error.to_string(),
+            )
+            .await;
+        }
+        UnknownTypes::Skip => {
+            tracing::debug!(event_type, "unknown event type; skipping it");
+            shared.forget_waits(&delivery.message().id);
+            Counters::bump(&shared.counters.skipped_unknown);
+            settle("ack", delivery.ack().await);
+        }
+    }
+}
+
+async fn run_handler<E: Send + 'static>(
     shared: &Shared<E>,
     envelope: Envelope<E>,
     context: Context,
@@ -348,12 +381,7 @@ async fn release_or_complete<E>(
     }
 }
 
-async fn conclude<E: Event>(
-    shared: &Shared<E>,
-    delivery: Delivery,
-    attempt: u32,
-    outcome: Outcome,
-) {
+async fn conclude<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, outcome: Outcome) {
     match outcome {
         Outcome::Handled => {
             shared.forget_waits(&delivery.message().id);
