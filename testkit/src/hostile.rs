@@ -33,6 +33,9 @@ pub struct HostileCase {
     pub payload: Vec<u8>,
     /// Text its dead letter's error must contain.
     pub expect: &'static str,
+    /// Its dead letter's reason: `undecodable`, or `unknown_type` for a readable event of a
+    /// type the subscription does not handle.
+    pub reason: DeadLetterReason,
 }
 
 fn case(
@@ -52,6 +55,7 @@ fn case(
         binary_headers: BTreeMap::new(),
         payload: payload.to_vec(),
         expect,
+        reason: DeadLetterReason::Undecodable,
     }
 }
 
@@ -136,12 +140,15 @@ pub fn cases(max_message_bytes: Option<usize>) -> Vec<HostileCase> {
             body,
             "content type",
         ),
-        case(
-            "wrong-type",
-            &with("h-8", attr::TYPE, "someone.else.v1"),
-            body,
-            "does not match the subscription's type",
-        ),
+        HostileCase {
+            reason: DeadLetterReason::UnknownType,
+            ..case(
+                "wrong-type",
+                &with("h-8", attr::TYPE, "someone.else.v1"),
+                body,
+                "\"someone.else.v1\" is not handled by this subscription",
+            )
+        },
     ];
     all.extend(oversize);
     all
@@ -151,7 +158,8 @@ pub fn cases(max_message_bytes: Option<usize>) -> Vec<HostileCase> {
 /// case but those labelled in `except` (what the broker itself refuses) to the topic with the
 /// raw client, then publishes a good probe through busbar. Checks
 /// the good one is handled (the consumer kept running), and that every case is in the
-/// dead-letter queue as `undecodable` with an error containing its expected text.
+/// dead-letter queue with its reason (`undecodable`, or `unknown_type` for the event of another
+/// type) and an error containing its expected text.
 pub async fn foreign_messages_are_dead_lettered_clearly<F, Fut>(
     transport: Arc<dyn Transport>,
     except: &[&str],
@@ -202,7 +210,7 @@ pub async fn foreign_messages_are_dead_lettered_clearly<F, Fut>(
             .collect();
         match found.as_slice() {
             [one] => {
-                if one.info.reason != DeadLetterReason::Undecodable {
+                if one.info.reason != case.reason {
                     problems.push(format!("{}: reason {}", case.label, one.info.reason));
                 }
                 if !one.info.error.contains(case.expect) {

@@ -27,12 +27,14 @@ mod envelope;
 mod failure;
 mod lifecycle;
 mod order;
+mod routing;
 
 pub use delivery::*;
 pub use envelope::*;
 pub use failure::*;
 pub use lifecycle::*;
 pub use order::*;
+pub use routing::*;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -303,6 +305,10 @@ macro_rules! conformance_suite {
             closed_subscription_stops_and_resubscribing_resumes,
             publishing_after_close_is_a_clear_error,
             shutdown_drains_in_flight_handlers,
+            several_types_on_one_topic_reach_their_handlers_in_key_order,
+            unknown_types_follow_the_subscription_policy,
+            v1_and_v2_on_one_topic_are_handled_as_v2,
+            a_group_split_between_different_types_is_refused,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
