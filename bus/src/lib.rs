@@ -37,8 +37,8 @@ pub use bus::{Bus, BusBuilder};
 pub use capabilities::Capabilities;
 pub use config::{BusConfig, TransportUrl};
 pub use consumer::{
-    Context, Handler, HandlerError, Interceptor, RouteBuilder, ShutdownReport, Subscription,
-    SubscriptionBuilder, SubscriptionStats,
+    BoxFuture, Context, Handler, HandlerError, Interceptor, RouteBuilder, ShutdownReport,
+    Subscription, SubscriptionBuilder, SubscriptionStats,
 };
 pub use dead_letter::{DeadLetter, DeadLetterInfo, DeadLetterReason};
 pub use envelope::{Envelope, Event};

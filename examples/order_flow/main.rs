@@ -3,6 +3,11 @@
 //! is declined for good and lands in the dead-letter queue, and a duplicated order is ignored by
 //! the idempotent inventory service. Every order's events share one correlation id.
 //!
+//! The orders topic carries two event types: the customer with the declined card cancels the
+//! order, and the inventory service, which handles both types in one subscription, releases
+//! its stock. Both events have the order id as key, so the cancellation is handled after the
+//! placement on every broker that orders by key.
+//!
 //! Runs on the in-process memory transport by default; set `BUSBAR_URL` to run it on a broker.
 //!
 //! ```text
@@ -14,7 +19,7 @@ mod shop;
 use std::time::Duration;
 
 use busbar::{BusConfig, Envelope, RetryPolicy};
-use shop::{start_services, InventoryReserved, Journal, Topics};
+use shop::{start_services, InventoryReserved, Journal, OrderCancelled, Reservations, Topics};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,7 +44,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("busbar order flow on {}", config.url);
 
     let journal = Journal::default();
-    let subscriptions = start_services(&bus, &topics, &journal).await?;
+    let reserved = Reservations::default();
+    let subscriptions = start_services(&bus, &topics, &journal, &reserved).await?;
 
     // Place the orders. Order o-4 is published twice with the same id, as a producer that
     // retried after a timeout would: the idempotent inventory service handles it once.
@@ -56,13 +62,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if order_id == "o-4" {
             bus.publish_envelope(&topics.orders, &envelope).await?;
         }
+        if card == "declined" {
+            // Another event type on the same topic, continuing the order's conversation.
+            let cancelled = OrderCancelled {
+                order_id: order_id.to_string(),
+                reason: "customer changed their mind".to_string(),
+            };
+            let cancelled = bus
+                .envelope(cancelled)
+                .with_correlation_id(envelope.conversation_id())
+                .with_causation_id(envelope.id.clone());
+            bus.publish_envelope(&topics.orders, &cancelled).await?;
+        }
     }
 
     // Wait (with a deadline) until every order reached its end: shipped or dead-lettered.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let [inventory, payments, shipping] = [0, 1, 2].map(|i| subscriptions[i].1.stats());
-        let done = shipping.handled == 4 && payments.dead_lettered == 1 && inventory.handled == 5;
+        let done = shipping.handled == 4 && payments.dead_lettered == 1 && inventory.handled == 6;
         if done {
             break;
         }
@@ -105,6 +123,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             s.handled, s.failed_attempts, s.retried, s.dead_lettered, s.duplicates_skipped
         );
     }
+
+    let held = reserved
+        .lock()
+        .map_err(|_| "reservations poisoned")?
+        .clone();
+    println!(
+        "\nstock held for: {} (o-3 was cancelled and released)",
+        held.into_iter().collect::<Vec<_>>().join(", ")
+    );
 
     println!("\ndead letters:");
     let mut dead_orders = Vec::new();

@@ -1,10 +1,17 @@
 //! The shop's services: the event types, the topics, and the three subscriptions (inventory,
 //! payments, shipping) the order-flow example runs and its tests drive with `TestBus`.
+//!
+//! The orders topic carries two event types, `OrderPlaced` and `OrderCancelled`, keyed by
+//! order id so each order's events keep their order. The inventory service handles both with
+//! one subscription (`bus.route`) and a handler struct that keeps the reservations.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use busbar::{Bus, Context, Envelope, Event, HandlerError, MemoryIdempotencyStore, Subscription};
+use busbar::{
+    BoxFuture, Bus, Context, Envelope, Event, Handler, HandlerError, MemoryIdempotencyStore,
+    Subscription,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,6 +24,19 @@ pub struct OrderPlaced {
 
 impl Event for OrderPlaced {
     const TYPE: &'static str = "shop.order_placed.v1";
+    fn key(&self) -> Option<String> {
+        Some(self.order_id.clone())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    pub order_id: String,
+    pub reason: String,
+}
+
+impl Event for OrderCancelled {
+    const TYPE: &'static str = "shop.order_cancelled.v1";
     fn key(&self) -> Option<String> {
         Some(self.order_id.clone())
     }
@@ -107,28 +127,79 @@ impl Topics {
     }
 }
 
+/// Orders whose stock the inventory service holds.
+pub type Reservations = Arc<Mutex<BTreeSet<String>>>;
+
+/// The inventory service: reserves stock for placed orders (and tells payments), releases it
+/// for cancelled ones. A handler struct with its own state, one `Handler` impl per event type.
+#[derive(Clone)]
+struct Inventory {
+    reserved: Reservations,
+    next: String,
+    journal: Journal,
+}
+
+impl Handler<OrderPlaced> for Inventory {
+    fn handle(
+        &self,
+        order: Envelope<OrderPlaced>,
+        ctx: Context,
+    ) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let order = order.payload;
+            note(&this.journal, &order.order_id, &ctx, "order placed");
+            if let Ok(mut reserved) = this.reserved.lock() {
+                reserved.insert(order.order_id.clone());
+            }
+            let reserved = InventoryReserved {
+                order_id: order.order_id,
+                amount_cents: order.amount_cents,
+                card: order.card,
+            };
+            ctx.publish(&this.next, reserved).await?;
+            Ok(())
+        })
+    }
+}
+
+impl Handler<OrderCancelled> for Inventory {
+    fn handle(
+        &self,
+        cancelled: Envelope<OrderCancelled>,
+        ctx: Context,
+    ) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let order_id = cancelled.payload.order_id;
+        note(
+            &self.journal,
+            &order_id,
+            &ctx,
+            "order cancelled → stock released",
+        );
+        if let Ok(mut reserved) = self.reserved.lock() {
+            reserved.remove(&order_id);
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
 pub async fn start_services(
     bus: &Bus,
     topics: &Topics,
     journal: &Journal,
+    reserved: &Reservations,
 ) -> busbar::Result<Vec<(&'static str, Subscription)>> {
-    let (next, log) = (topics.inventory.clone(), journal.clone());
+    let inventory = Inventory {
+        reserved: Arc::clone(reserved),
+        next: topics.inventory.clone(),
+        journal: journal.clone(),
+    };
     let inventory = bus
-        .subscribe::<OrderPlaced>(&topics.orders, "inventory")
+        .route(&topics.orders, "inventory")
+        .on::<OrderPlaced>(inventory.clone())
+        .on::<OrderCancelled>(inventory)
         .idempotent(Arc::new(MemoryIdempotencyStore::new(100_000)))
-        .start(move |order: Envelope<OrderPlaced>, ctx: Context| {
-            let (next, log) = (next.clone(), log.clone());
-            async move {
-                note(&log, &order.payload.order_id, &ctx, "order placed");
-                let reserved = InventoryReserved {
-                    order_id: order.payload.order_id,
-                    amount_cents: order.payload.amount_cents,
-                    card: order.payload.card,
-                };
-                ctx.publish(&next, reserved).await?;
-                Ok(())
-            }
-        })
+        .start()
         .await?;
 
     let (next, log) = (topics.payments.clone(), journal.clone());

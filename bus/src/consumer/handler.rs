@@ -3,7 +3,9 @@
 use std::fmt;
 use std::future::Future;
 
-use futures::future::BoxFuture;
+/// The boxed future a [`Handler`] returns (re-exported from `futures`, so a handler struct
+/// needs no dependency of its own to name it).
+pub use futures::future::BoxFuture;
 
 use crate::consumer::Context;
 use crate::envelope::Envelope;
@@ -86,6 +88,31 @@ impl fmt::Debug for HandlerError {
 
 /// Handles events of type `E`. Implemented for every
 /// `Fn(Envelope<E>, Context) -> impl Future<Output = Result<(), HandlerError>>`.
+///
+/// Implement it on a struct for a handler with state of its own (a repository, a client, a
+/// cache), instead of cloning that state into a closure. One struct may handle several event
+/// types, one impl each, for [`Bus::route`](crate::Bus::route):
+///
+/// ```
+/// use std::sync::{atomic::{AtomicU64, Ordering}, Arc};
+/// use serde::{Deserialize, Serialize};
+/// use busbar_core::{BoxFuture, Context, Envelope, Event, Handler, HandlerError};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Deposited { cents: u64 }
+/// impl Event for Deposited { const TYPE: &'static str = "bank.deposited.v1"; }
+///
+/// #[derive(Clone, Default)]
+/// struct Balance { cents: Arc<AtomicU64> }
+///
+/// impl Handler<Deposited> for Balance {
+///     fn handle(&self, event: Envelope<Deposited>, _ctx: Context)
+///         -> BoxFuture<'static, Result<(), HandlerError>> {
+///         self.cents.fetch_add(event.payload.cents, Ordering::Relaxed);
+///         Box::pin(async { Ok(()) })
+///     }
+/// }
+/// ```
 pub trait Handler<E>: Send + Sync + 'static {
     /// Handles one event.
     fn handle(

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use context::Context;
-pub use handler::{Handler, HandlerError, Interceptor};
+pub use handler::{BoxFuture, Handler, HandlerError, Interceptor};
 
 use crate::bus::Bus;
 use crate::codec::Json;

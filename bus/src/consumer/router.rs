@@ -116,9 +116,8 @@ impl Handler<Routed> for Table {
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// use std::sync::{atomic::{AtomicU64, Ordering}, Arc};
-/// use futures::future::BoxFuture;
 /// use serde::{Deserialize, Serialize};
-/// use busbar_core::{Bus, Context, Envelope, Event, Handler, HandlerError, UnknownTypes};
+/// use busbar_core::{BoxFuture, Bus, Context, Envelope, Event, Handler, HandlerError, UnknownTypes};
 ///
 /// #[derive(Serialize, Deserialize)]
 /// struct OrderPlaced { order_id: String, cents: u64 }
