@@ -92,6 +92,40 @@ impl FromStr for DeadLetterReason {
 }
 
 /// The metadata attached to a dead letter.
+///
+/// What [`Bus::dead_letters`](crate::Bus::dead_letters) returns beside each message:
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use serde::{Deserialize, Serialize};
+/// use busbar_core::{Bus, Context, DeadLetterReason, Envelope, Event, HandlerError};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Charge { card: String }
+/// impl Event for Charge { const TYPE: &'static str = "pay.charge.v1"; }
+///
+/// let bus = Bus::memory();
+/// let payments = bus
+///     .subscribe::<Charge>("charges", "payments")
+///     .start(|_: Envelope<Charge>, _: Context| async {
+///         Err(HandlerError::permanent("card declined"))
+///     })
+///     .await?;
+/// bus.publish("charges", Charge { card: "4000-0002".into() }).await?;
+/// # while payments.stats().dead_lettered == 0 { tokio::task::yield_now().await; }
+///
+/// let dead = bus.dead_letters("charges", "payments", 10).await?;
+/// let info = &dead[0].info;
+/// assert_eq!(info.reason, DeadLetterReason::Permanent);
+/// assert_eq!((info.error.as_str(), info.attempts), ("card declined", 1));
+/// assert_eq!((info.topic.as_str(), info.group.as_str()), ("charges", "payments"));
+/// // Once the cause is fixed, send them back to the group:
+/// bus.redrive("charges", "payments").await?;
+/// # payments.shutdown(Duration::from_secs(1)).await?;
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterInfo {
     /// Why it was dead-lettered.

@@ -48,6 +48,37 @@ pub enum Claim {
 ///
 /// Implementations must make `claim`, `complete` and `release` atomic on the server: no
 /// read-then-write races between consumers.
+///
+/// A subscription uses it through [`idempotent`](crate::SubscriptionBuilder::idempotent):
+/// it claims the message id (or the [idempotency key](crate::SubscriptionBuilder::idempotency_key))
+/// before the handler runs, completes the claim when the handler succeeds and releases it when
+/// it fails. A duplicate finds the key done and is acknowledged without running the handler; a
+/// key another consumer holds is looked at again later. busbar ships
+/// [`MemoryIdempotencyStore`] here, and PostgreSQL and Redis stores in their crates.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::{sync::Arc, time::Duration};
+/// use serde::{Deserialize, Serialize};
+/// use busbar_core::{Bus, Context, Envelope, Event, IdempotencyStore, MemoryIdempotencyStore};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Paid { payment_id: String }
+/// impl Event for Paid { const TYPE: &'static str = "pay.paid.v1"; }
+///
+/// let store: Arc<dyn IdempotencyStore> = Arc::new(MemoryIdempotencyStore::new(100_000));
+/// let bus = Bus::memory();
+/// let ledger = bus
+///     .subscribe::<Paid>("payments", "ledger")
+///     .idempotent(store)
+///     .idempotency_key(|paid: &Envelope<Paid>| paid.payload.payment_id.clone())
+///     .lease(Duration::from_secs(60)) // above the handler's longest run
+///     .start(|_: Envelope<Paid>, _: Context| async { Ok(()) })
+///     .await?;
+/// # ledger.shutdown(Duration::from_secs(1)).await?;
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Claims `key` in `scope` for `lease`, unless it is done or validly held by someone else.

@@ -50,6 +50,35 @@ struct Plan {
 }
 
 /// The shared switchboard of a [`FaultyTransport`]: set faults, read what happened.
+///
+/// [`TestBus::faults`](crate::TestBus::faults) gives the one of a test bus:
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap().block_on(async {
+/// use serde::{Deserialize, Serialize};
+/// use busbar_core::{Context, Envelope, Event};
+/// use busbar_testkit::TestBus;
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Charge { cents: u64 }
+/// impl Event for Charge { const TYPE: &'static str = "pay.charge.v1"; }
+///
+/// let bus = TestBus::new();
+/// let _payments = bus
+///     .subscribe::<Charge>("charges", "payments")
+///     .start(|_: Envelope<Charge>, _: Context| async { Ok(()) })
+///     .await?;
+/// bus.faults().fail_next_handler_calls("charges", "payments", 2); // a flaky provider
+/// bus.faults().duplicate_every("charges", "payments", 1);          // a broker that repeats
+/// bus.publish("charges", Charge { cents: 500 }).await?;
+/// bus.run_until_idle().await;
+///
+/// let settled = bus.faults().settled("charges", "payments");
+/// assert_eq!(settled.nacked, 2); // two failed attempts, retried
+/// assert_eq!(settled.acked, 2); // then handled, and its duplicate too (no idempotency store)
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Default)]
 pub struct Faults {
     plan: Mutex<Plan>,

@@ -11,6 +11,37 @@ use crate::error::Result;
 ///
 /// Events published through the context carry the handled message's correlation id and have
 /// the handled message's id as their causation id, so a chain of handlers forms one conversation.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use serde::{Deserialize, Serialize};
+/// use busbar_core::{Bus, Context, Envelope, Event, HandlerError};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct OrderPlaced { order_id: String }
+/// impl Event for OrderPlaced { const TYPE: &'static str = "shop.order_placed.v1"; }
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct InvoiceIssued { order_id: String }
+/// impl Event for InvoiceIssued { const TYPE: &'static str = "billing.invoice_issued.v1"; }
+///
+/// let bus = Bus::memory();
+/// let billing = bus
+///     .subscribe::<OrderPlaced>("orders", "billing")
+///     .start(|order: Envelope<OrderPlaced>, ctx: Context| async move {
+///         if ctx.attempt() > 1 {
+///             tracing::info!(message = ctx.message_id(), "retrying");
+///         }
+///         let invoice = InvoiceIssued { order_id: order.payload.order_id };
+///         // Same conversation: correlation_id kept, causation_id = the order's id.
+///         ctx.publish("invoices", invoice).await?;
+///         Ok::<(), HandlerError>(())
+///     })
+///     .await?;
+/// # billing.shutdown(std::time::Duration::from_secs(1)).await?;
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone, Debug)]
 pub struct Context {
     bus: Bus,

@@ -322,6 +322,33 @@ pub struct ShutdownReport {
 
 /// A running subscription. Shut it down with [`Subscription::shutdown`]; dropping it stops it
 /// at once, abandoning (not acking) whatever handlers were running.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use serde::{Deserialize, Serialize};
+/// use busbar_core::{Bus, Context, Envelope, Event};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Ping { n: u32 }
+/// impl Event for Ping { const TYPE: &'static str = "demo.ping.v1"; }
+///
+/// let bus = Bus::memory();
+/// let subscription = bus
+///     .subscribe::<Ping>("pings", "pong")
+///     .start(|_: Envelope<Ping>, _: Context| async { Ok(()) })
+///     .await?;
+/// bus.publish("pings", Ping { n: 1 }).await?;
+/// # while subscription.stats().handled == 0 { tokio::task::yield_now().await; }
+/// assert_eq!((subscription.topic(), subscription.group()), ("pings", "pong"));
+/// assert_eq!(subscription.stats().handled, 1);
+///
+/// // Stop fetching; handlers still running get 10 s to finish and be acked.
+/// let report = subscription.shutdown(Duration::from_secs(10)).await?;
+/// assert_eq!(report.abandoned, 0);
+/// # Ok::<(), busbar_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[must_use = "dropping a Subscription stops it"]
 pub struct Subscription {
     topic: String,
