@@ -202,7 +202,9 @@ async fn bus(messages: usize, concurrency: usize) -> Cost {
         .map(|b| (0..BATCH as u64).map(|i| blob(b * 1000 + i)).collect())
         .collect();
     if setup_only() {
-        sub.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+        sub.shutdown(Duration::from_secs(5))
+            .await
+            .expect("shutdown");
         return Start::now().cost(messages);
     }
     let start = Start::now();

@@ -24,6 +24,15 @@ pub trait Codec: Send + Sync + 'static {
     fn decode<T: DeserializeOwned>(&self, event_type: &str, bytes: &[u8]) -> Result<T>;
 }
 
+thread_local! {
+    /// Where [`Json::encode`] writes before copying the payload out.
+    static ENCODE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest encode buffer a thread keeps between payloads; a larger one (after an unusually
+/// big event) is freed.
+const MAX_KEPT_BUFFER: usize = 1024 * 1024;
+
 /// The JSON codec (`application/json`).
 ///
 /// ```
@@ -57,15 +66,32 @@ impl Codec for Json {
     }
 
     fn encode<T: Serialize>(&self, event_type: &str, value: &T) -> Result<Bytes> {
-        serde_json::to_vec(value).map(Bytes::from).map_err(|e| {
-            Error::new(
-                ErrorKind::Encode,
-                "encode",
-                format!("cannot encode the payload as JSON: {e}"),
-            )
-            .with_resource(format!("event type {event_type}"))
-            .with_source(e)
-        })
+        // Written into this thread's buffer, then copied once into a payload of exactly its
+        // size: one allocation, where growing a fresh vector reallocates about log2(size / 128)
+        // times, copying each time. A nested encode (a `Serialize` impl that publishes)
+        // finds the buffer taken and uses a vector of its own.
+        ENCODE_BUFFER
+            .with(|buffer| match buffer.try_borrow_mut() {
+                Ok(mut buffer) => {
+                    buffer.clear();
+                    let written = serde_json::to_writer(&mut *buffer, value);
+                    let payload = written.map(|()| Bytes::copy_from_slice(&buffer));
+                    if buffer.capacity() > MAX_KEPT_BUFFER {
+                        *buffer = Vec::new();
+                    }
+                    payload
+                }
+                Err(_) => serde_json::to_vec(value).map(Bytes::from),
+            })
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Encode,
+                    "encode",
+                    format!("cannot encode the payload as JSON: {e}"),
+                )
+                .with_resource(format!("event type {event_type}"))
+                .with_source(e)
+            })
     }
 
     fn decode<T: DeserializeOwned>(&self, event_type: &str, bytes: &[u8]) -> Result<T> {
@@ -134,6 +160,44 @@ mod tests {
         assert!(text.contains("orders.order_created.v1"), "{text}");
         assert!(text.contains("items[0]"), "{text}");
         assert!(text.contains("missing field `sku`"), "{text}");
+    }
+
+    /// A value whose serialization encodes another value, as a `Serialize` impl that embeds
+    /// an encoded event would.
+    struct Nested(u32);
+
+    impl Serialize for Nested {
+        fn serialize<S: serde::Serializer>(
+            &self,
+            serializer: S,
+        ) -> std::result::Result<S::Ok, S::Error> {
+            let inner = Json
+                .encode("inner.v1", &vec![self.0; 3])
+                .map_err(serde::ser::Error::custom)?;
+            serializer
+                .serialize_str(std::str::from_utf8(&inner).map_err(serde::ser::Error::custom)?)
+        }
+    }
+
+    #[test]
+    fn encoding_matches_serde_json_also_nested_and_after_a_large_payload() {
+        let big = "x".repeat(2 * MAX_KEPT_BUFFER);
+        let encoded = Json.encode("big.v1", &big).unwrap();
+        assert_eq!(
+            encoded.as_ref(),
+            serde_json::to_vec(&big).unwrap().as_slice()
+        );
+        ENCODE_BUFFER.with(|b| assert!(b.borrow().capacity() <= MAX_KEPT_BUFFER, "not kept"));
+        let small = Json.encode("small.v1", &[1, 2]).unwrap();
+        assert_eq!(
+            small.as_ref(),
+            b"[1,2]",
+            "nothing of the big payload is left"
+        );
+        let nested = Json
+            .encode("outer.v1", &vec![Nested(7), Nested(8)])
+            .unwrap();
+        assert_eq!(nested.as_ref(), br#"["[7,7,7]","[8,8,8]"]"#);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use crate::bus::Bus;
-use crate::envelope::{new_traceparent, Envelope, Event};
+use crate::envelope::{attr, new_traceparent, Envelope, Event};
 use crate::error::Result;
+use crate::message::Message;
 
 /// What a handler knows about the message it handles, and a bus to publish follow-ups.
 ///
@@ -45,63 +46,61 @@ use crate::error::Result;
 #[derive(Clone, Debug)]
 pub struct Context {
     bus: Bus,
-    origin: Arc<Origin>,
-}
-
-#[derive(Debug)]
-struct Origin {
-    topic: String,
-    group: String,
-    message_id: String,
-    correlation_id: String,
-    traceparent: Option<String>,
+    subscription: Arc<Origin>,
+    /// The handled message, shared with the delivery: its attributes are read from it, not
+    /// copied, since most handlers never ask for them.
+    message: Arc<Message>,
     attempt: u32,
 }
 
+/// Where a subscription's messages come from; one per subscription, shared by its contexts.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    pub(crate) topic: String,
+    pub(crate) group: String,
+}
+
 impl Context {
-    pub(crate) fn new<E>(
+    pub(crate) fn new(
         bus: Bus,
-        group: &str,
-        topic: &str,
-        envelope: &Envelope<E>,
+        subscription: &Arc<Origin>,
+        message: Arc<Message>,
         attempt: u32,
     ) -> Self {
         Context {
             bus,
-            origin: Arc::new(Origin {
-                topic: topic.to_string(),
-                group: group.to_string(),
-                message_id: envelope.id.clone(),
-                correlation_id: envelope.conversation_id().to_string(),
-                traceparent: envelope.traceparent.clone(),
-                attempt,
-            }),
+            subscription: Arc::clone(subscription),
+            message,
+            attempt,
         }
     }
 
     /// The topic the handled message came from.
     pub fn topic(&self) -> &str {
-        &self.origin.topic
+        &self.subscription.topic
     }
 
     /// The subscription group handling it.
     pub fn group(&self) -> &str {
-        &self.origin.group
+        &self.subscription.group
     }
 
-    /// The handled message's id.
+    /// The handled message's id (its CloudEvents `id`).
     pub fn message_id(&self) -> &str {
-        &self.origin.message_id
+        self.message.header(attr::ID).unwrap_or(&self.message.id)
     }
 
-    /// The conversation the handled message belongs to.
+    /// The conversation the handled message belongs to: its correlation id, or its id when it
+    /// has none (see [`Envelope::conversation_id`]).
     pub fn correlation_id(&self) -> &str {
-        &self.origin.correlation_id
+        self.message
+            .header(attr::CORRELATION_ID)
+            .unwrap_or_else(|| self.message_id())
     }
 
     /// Which delivery attempt this is, starting at 1.
     pub fn attempt(&self) -> u32 {
-        self.origin.attempt
+        self.attempt
     }
 
     /// The bus, for anything the context does not offer.
@@ -114,9 +113,9 @@ impl Context {
         let mut envelope = self
             .bus
             .envelope(event)
-            .with_correlation_id(self.origin.correlation_id.clone())
-            .with_causation_id(self.origin.message_id.clone());
-        envelope.traceparent = Some(new_traceparent(self.origin.traceparent.as_deref()));
+            .with_correlation_id(self.correlation_id())
+            .with_causation_id(self.message_id());
+        envelope.traceparent = Some(new_traceparent(self.message.header(attr::TRACEPARENT)));
         envelope
     }
 

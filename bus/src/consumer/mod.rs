@@ -223,8 +223,10 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             system: transport.name(),
             max_message_bytes: transport.capabilities().max_message_bytes,
             bus: self.bus,
-            topic: self.topic.clone(),
-            group: self.group.clone(),
+            origin: Arc::new(context::Origin {
+                topic: self.topic.clone(),
+                group: self.group.clone(),
+            }),
             decoder,
             event_types,
             unknown_types: self.unknown_types,

@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::context::Origin;
 use super::{Context, Counters, Decoder, Handler, Idempotency, ShutdownReport};
 use crate::bus::Bus;
 use crate::dead_letter::{DeadLetterInfo, DeadLetterReason};
@@ -22,8 +23,8 @@ use crate::transport::{Delivery, DeliveryStream};
 
 pub(crate) struct Shared<E> {
     pub(crate) bus: Bus,
-    pub(crate) topic: String,
-    pub(crate) group: String,
+    /// The subscription's topic and group, shared with every handler's [`Context`].
+    pub(crate) origin: Arc<Origin>,
     pub(crate) decoder: Box<dyn Decoder<E>>,
     /// The CloudEvents types the decoder claims, to say so when a message has another.
     pub(crate) event_types: Vec<&'static str>,
@@ -41,15 +42,15 @@ impl<E> Shared<E> {
     fn attempt(&self, id: &str, transport_attempt: u32) -> u32 {
         self.bus
             .claim_waits()
-            .attempt(&self.group, id, transport_attempt)
+            .attempt(&self.origin.group, id, transport_attempt)
     }
 
     fn waited_busy(&self, id: &str) {
-        self.bus.claim_waits().waited(&self.group, id);
+        self.bus.claim_waits().waited(&self.origin.group, id);
     }
 
     fn forget_waits(&self, id: &str) {
-        self.bus.claim_waits().forget(&self.group, id);
+        self.bus.claim_waits().forget(&self.origin.group, id);
     }
 }
 
@@ -146,13 +147,13 @@ pub(crate) async fn run<E: Send + 'static>(
                 report.returned = dispatch.return_unstarted();
                 dispatch.held = tasks.len();
                 report.drained = tasks.len();
-                tracing::debug!(topic = %shared.topic, group = %shared.group, running = tasks.len(), "subscription shutting down");
+                tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, running = tasks.len(), "subscription shutting down");
             }
             Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                 let id = match &joined {
                     Ok((id, ())) => *id,
                     Err(e) => {
-                        tracing::error!(topic = %shared.topic, group = %shared.group, error = %e, "handler task failed; its message returns unacked");
+                        tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, error = %e, "handler task failed; its message returns unacked");
                         e.id()
                     }
                 };
@@ -165,10 +166,10 @@ pub(crate) async fn run<E: Send + 'static>(
                         dispatch.receive(delivery, limits.key_ordered);
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(topic = %shared.topic, group = %shared.group, error = %e, "transport reported a consume error");
+                        tracing::warn!(topic = %shared.origin.topic, group = %shared.origin.group, error = %e, "transport reported a consume error");
                     }
                     None => {
-                        tracing::debug!(topic = %shared.topic, group = %shared.group, "delivery stream ended");
+                        tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, "delivery stream ended");
                         fetching = false;
                     }
                 }
@@ -219,8 +220,8 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         "busbar.process",
         messaging.system = shared.system,
         messaging.operation.type = "process",
-        messaging.destination.name = %shared.topic,
-        messaging.consumer.group.name = %shared.group,
+        messaging.destination.name = %shared.origin.topic,
+        messaging.consumer.group.name = %shared.origin.group,
         messaging.message.id = %message.id,
         messaging.message.conversation_id = tracing::field::Empty,
         busbar.causation_id = tracing::field::Empty,
@@ -257,7 +258,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
                 .key
                 .as_ref()
                 .map_or_else(|| envelope.id.clone(), |key| key(&envelope));
-            match idempotency.store.claim(&shared.group, &key, idempotency.lease).await {
+            match idempotency.store.claim(&shared.origin.group, &key, idempotency.lease).await {
                 Ok(Claim::Acquired(granted)) => lease = Some((key, granted)),
                 Ok(Claim::Done) => {
                     tracing::debug!(idempotency_key = %key, "already handled; skipping duplicate");
@@ -290,8 +291,8 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         let intercepted = shared
             .bus
             .interceptor()
-            .and_then(|i| i.before_handle(&shared.topic, &shared.group, &message, attempt));
-        let context = Context::new(shared.bus.clone(), &shared.group, &shared.topic, &envelope, attempt);
+            .and_then(|i| i.before_handle(&shared.origin.topic, &shared.origin.group, &message, attempt));
+        let context = Context::new(shared.bus.clone(), &shared.origin, Arc::clone(&message), attempt);
         let outcome = match intercepted {
             Some(error) => Outcome::Failed {
                 permanent: error.is_permanent(),
@@ -301,7 +302,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         };
 
         if let (Some(idempotency), Some((key, granted))) = (&shared.idempotency, &lease) {
-            release_or_complete(idempotency, &shared.group, key, granted, &outcome).await;
+            release_or_complete(idempotency, &shared.origin.group, key, granted, &outcome).await;
         }
         conclude(&shared, delivery, attempt, outcome).await;
     }
@@ -428,7 +429,13 @@ async fn dead_letter<E>(
     error: String,
 ) {
     shared.forget_waits(&delivery.message().id);
-    let info = DeadLetterInfo::new(reason, error, attempt, &shared.topic, &shared.group);
+    let info = DeadLetterInfo::new(
+        reason,
+        error,
+        attempt,
+        &shared.origin.topic,
+        &shared.origin.group,
+    );
     match delivery.dead_letter(&info).await {
         Ok(()) => Counters::bump(&shared.counters.dead_lettered),
         Err(e) => {
