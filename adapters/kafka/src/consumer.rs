@@ -41,18 +41,68 @@ struct PartitionState {
     /// that key waiting their turn: one message per key at a time keeps per-key order, also
     /// across retries.
     keys: HashMap<String, VecDeque<(Arc<Message>, i64)>>,
+    /// Payload bytes of the messages in `in_flight`.
+    held_bytes: usize,
     /// Whether fetching from the partition is paused because too many of its messages are
     /// held here (waiting behind their key, mostly).
     paused: bool,
 }
 
+impl PartitionState {
+    fn over(&self, limit: &HeldLimit) -> bool {
+        self.in_flight.len() >= limit.messages || self.held_bytes >= limit.bytes
+    }
+
+    fn under_half(&self, limit: &HeldLimit) -> bool {
+        self.in_flight.len() < limit.messages / 2 && self.held_bytes < limit.bytes / 2
+    }
+}
+
+/// How much of one partition may be held (handed out, retrying or waiting behind its key)
+/// before its fetching pauses; it resumes below half of both.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct HeldLimit {
+    pub(crate) messages: usize,
+    pub(crate) bytes: usize,
+}
+
+impl HeldLimit {
+    /// Per partition: 64 times the subscription's in-flight limit (at least 1,024 messages),
+    /// and 16 MiB of payload. Large enough that a backlog of keyed records, most of them
+    /// waiting behind their key for a moment, keeps flowing without pauses (each pause costs
+    /// a re-fetch); small enough to bound what a key stuck in retries holds back.
+    pub(crate) fn for_subscription(max_in_flight: usize) -> Self {
+        HeldLimit {
+            messages: max_in_flight.saturating_mul(64).max(1024),
+            bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// What finishing a message freed.
+#[derive(Debug, Default)]
+struct Finished {
+    /// The next message of its key, to hand out now.
+    next: Option<(Arc<Message>, i64)>,
+    /// The offset to resume fetching from, when its partition was paused and is now under
+    /// half its limit.
+    resume_from: Option<i64>,
+}
+
 /// In-flight offsets per partition, and what may be committed.
-#[derive(Default)]
 pub(crate) struct Tracker {
     partitions: HashMap<Partition, PartitionState>,
+    limit: HeldLimit,
 }
 
 impl Tracker {
+    pub(crate) fn new(limit: HeldLimit) -> Self {
+        Tracker {
+            partitions: HashMap::new(),
+            limit,
+        }
+    }
+
     /// Records a received message; returns whether it may be handed out now (false: an
     /// earlier message of its key is still out, so it waits its turn).
     fn received(&mut self, partition: &Partition, message: &Arc<Message>, offset: i64) -> bool {
@@ -65,6 +115,7 @@ impl Tracker {
             return true;
         };
         state.in_flight.insert(offset);
+        state.held_bytes += message.payload.len();
         state.next = state.next.max(offset + 1);
         let Some(key) = &message.key else { return true };
         match state.keys.get_mut(key) {
@@ -80,22 +131,28 @@ impl Tracker {
         }
     }
 
-    /// Records a finished message; returns the next message of its key to hand out, if any.
-    fn finished(
-        &mut self,
-        partition: &Partition,
-        key: Option<&str>,
-        offset: i64,
-    ) -> Option<(Arc<Message>, i64)> {
-        let state = self.partitions.get_mut(partition)?;
-        state.in_flight.remove(&offset);
-        state.parked.remove(&offset);
-        let key = key?;
-        let next = state.keys.get_mut(key).and_then(VecDeque::pop_front);
-        if next.is_none() {
-            state.keys.remove(key);
+    /// Records a finished message: the next message of its key to hand out, if any, and
+    /// whether its partition may fetch again.
+    fn finished(&mut self, partition: &Partition, message: &Message, offset: i64) -> Finished {
+        let Some(state) = self.partitions.get_mut(partition) else {
+            return Finished::default();
+        };
+        if state.in_flight.remove(&offset) {
+            state.held_bytes = state.held_bytes.saturating_sub(message.payload.len());
         }
-        next
+        state.parked.remove(&offset);
+        let mut finished = Finished::default();
+        if state.paused && state.under_half(&self.limit) {
+            state.paused = false;
+            finished.resume_from = Some(state.next);
+        }
+        if let Some(key) = message.key.as_deref() {
+            finished.next = state.keys.get_mut(key).and_then(VecDeque::pop_front);
+            if finished.next.is_none() {
+                state.keys.remove(key);
+            }
+        }
+        finished
     }
 
     fn park(&mut self, partition: &Partition, offset: i64, parked: bool) {
@@ -142,11 +199,11 @@ impl Tracker {
         list
     }
 
-    /// Whether the partition holds `limit` messages or more and is not paused yet; marks it
-    /// paused if so (the caller pauses the fetch).
-    fn should_pause(&mut self, partition: &Partition, limit: usize) -> bool {
+    /// Whether the partition holds its limit or more and is not paused yet; marks it paused
+    /// if so (the caller pauses the fetch).
+    fn should_pause(&mut self, partition: &Partition) -> bool {
         match self.partitions.get_mut(partition) {
-            Some(state) if !state.paused && state.in_flight.len() >= limit => {
+            Some(state) if !state.paused && state.over(&self.limit) => {
                 state.paused = true;
                 true
             }
@@ -154,12 +211,13 @@ impl Tracker {
         }
     }
 
-    /// The paused partitions that now hold fewer than `low` messages, marked resumed, with
+    /// The paused partitions that now hold less than half their limit, marked resumed, with
     /// the offset to fetch from (past the last one received); the caller resumes their fetch.
-    fn take_resumable(&mut self, low: usize) -> Vec<(Partition, i64)> {
+    /// [`Tracker::finished`] says so as soon as it happens; this is the periodic check.
+    fn take_resumable(&mut self) -> Vec<(Partition, i64)> {
         let mut resumable = Vec::new();
         for (partition, state) in &mut self.partitions {
-            if state.paused && state.in_flight.len() < low {
+            if state.paused && state.under_half(&self.limit) {
                 state.paused = false;
                 resumable.push((partition.clone(), state.next));
             }
@@ -289,6 +347,14 @@ struct Redelivery {
     offset: i64,
 }
 
+/// What settling a delivery asks of the consumer's loop.
+enum Wake {
+    /// Hand this message out (again).
+    Redeliver(Redelivery),
+    /// Fetch from this partition again, from this offset.
+    Resume(Partition, i64),
+}
+
 pub(crate) fn consume(
     inner: Arc<Inner>,
     topic: &str,
@@ -296,7 +362,9 @@ pub(crate) fn consume(
     max_in_flight: usize,
 ) -> Result<DeliveryStream> {
     let config = &inner.config;
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let tracker = Arc::new(Mutex::new(Tracker::new(HeldLimit::for_subscription(
+        max_in_flight,
+    ))));
     let consumer: StreamConsumer<RebalanceContext> = config
         .client_config()
         .set("group.id", group)
@@ -322,7 +390,6 @@ pub(crate) fn consume(
     let route = Arc::new(Route {
         topic: topic.to_string(),
         dlq: config.dead_letter_topic(topic, group),
-        held_limit: held_limit(max_in_flight),
     });
     tokio::spawn(async move {
         run(inner, consumer, tracker, route, tx, retry_tx, retry_rx).await;
@@ -336,16 +403,6 @@ pub(crate) fn consume(
 struct Route {
     topic: String,
     dlq: String,
-    /// How many messages of one partition may be held (handed out, retrying or waiting behind
-    /// their key) before its fetching pauses.
-    held_limit: usize,
-}
-
-/// Per partition: eight times the subscription's in-flight limit, so a key that retries for
-/// a while holds back a bounded number of the messages behind it, while the other keys of
-/// the partition keep flowing.
-fn held_limit(max_in_flight: usize) -> usize {
-    max_in_flight.max(16).saturating_mul(8)
 }
 
 async fn run(
@@ -354,11 +411,10 @@ async fn run(
     tracker: Arc<Mutex<Tracker>>,
     route: Arc<Route>,
     tx: mpsc::Sender<Result<Delivery>>,
-    retry_tx: mpsc::UnboundedSender<Redelivery>,
-    mut retry_rx: mpsc::UnboundedReceiver<Redelivery>,
+    retry_tx: mpsc::UnboundedSender<Wake>,
+    mut retry_rx: mpsc::UnboundedReceiver<Wake>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let held_limit = route.held_limit;
     let make = |message: Arc<Message>, attempt: u32, partition: Partition, offset: i64| {
         Delivery::new(
             Arc::clone(&message),
@@ -383,7 +439,14 @@ async fn run(
         tokio::select! {
             biased;
             () = tx.closed() => break,
-            Some(again) = retry_rx.recv() => {
+            Some(wake) = retry_rx.recv() => {
+                let again = match wake {
+                    Wake::Redeliver(again) => again,
+                    Wake::Resume(partition, from) => {
+                        fetch(&consumer, &partition, Fetch::Resume(from));
+                        continue;
+                    }
+                };
                 if !lock(&tracker).owns(&again.partition, again.offset) {
                     continue; // its partition was revoked: the new owner redelivers it
                 }
@@ -395,7 +458,7 @@ async fn run(
             }
             _ = tick.tick() => {
                 commit(&consumer, &tracker, CommitMode::Async);
-                let resumable = lock(&tracker).take_resumable(held_limit / 2);
+                let resumable = lock(&tracker).take_resumable();
                 for (partition, next) in resumable {
                     fetch(&consumer, &partition, Fetch::Resume(next));
                 }
@@ -410,7 +473,7 @@ async fn run(
                     let (now, pause) = {
                         let mut tracker = lock(&tracker);
                         let now = tracker.received(&partition, &message, offset);
-                        (now, tracker.should_pause(&partition, held_limit))
+                        (now, tracker.should_pause(&partition))
                     };
                     if pause {
                         // Bounded memory: a partition whose messages wait behind a retrying
@@ -487,7 +550,7 @@ fn commit(consumer: &StreamConsumer<RebalanceContext>, tracker: &Mutex<Tracker>,
 struct KafkaAck {
     inner: Arc<Inner>,
     tracker: Arc<Mutex<Tracker>>,
-    retry: mpsc::UnboundedSender<Redelivery>,
+    retry: mpsc::UnboundedSender<Wake>,
     route: Arc<Route>,
     message: Arc<Message>,
     attempt: u32,
@@ -499,16 +562,19 @@ struct KafkaAck {
 impl KafkaAck {
     fn finish(&mut self) {
         self.settled = true;
-        let next =
-            lock(&self.tracker).finished(&self.partition, self.message.key.as_deref(), self.offset);
-        if let Some((message, offset)) = next {
+        let finished = lock(&self.tracker).finished(&self.partition, &self.message, self.offset);
+        if let Some(from) = finished.resume_from {
+            // Under half its limit: fetch again now, not at the next tick.
+            let _ = self.retry.send(Wake::Resume(self.partition.clone(), from));
+        }
+        if let Some((message, offset)) = finished.next {
             // The next message of this key gets its turn.
-            let _ = self.retry.send(Redelivery {
+            let _ = self.retry.send(Wake::Redeliver(Redelivery {
                 message,
                 attempt: 1,
                 partition: self.partition.clone(),
                 offset,
-            });
+            }));
         }
     }
 
@@ -522,6 +588,7 @@ impl KafkaAck {
             offset: self.offset,
         };
         let retry = self.retry.clone();
+        let redelivery = Wake::Redeliver(redelivery);
         if delay.is_zero() {
             let _ = retry.send(redelivery);
         } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -597,6 +664,10 @@ mod tests {
         ("t".into(), 0)
     }
 
+    fn tracker(messages: usize, bytes: usize) -> Tracker {
+        Tracker::new(HeldLimit { messages, bytes })
+    }
+
     fn committed(tracker: &mut Tracker) -> Option<i64> {
         let list = tracker.take_commit(None);
         list.elements().first().and_then(|e| match e.offset() {
@@ -607,70 +678,105 @@ mod tests {
 
     #[test]
     fn only_the_contiguous_prefix_of_finished_offsets_is_committed() {
-        let mut t = Tracker::default();
+        let mut t = tracker(100, 1 << 20);
         let m = Arc::new(Message::new("m", "t", ""));
         for o in 0..5 {
             assert!(t.received(&p(), &m, o));
         }
-        t.finished(&p(), None, 1);
-        t.finished(&p(), None, 2);
+        t.finished(&p(), &m, 1);
+        t.finished(&p(), &m, 2);
         assert_eq!(
             committed(&mut t),
             None,
             "offset 0 is unfinished: nothing may be committed"
         );
-        t.finished(&p(), None, 0);
+        t.finished(&p(), &m, 0);
         assert_eq!(committed(&mut t), Some(3));
         t.park(&p(), 3, true);
-        t.finished(&p(), None, 4);
+        t.finished(&p(), &m, 4);
         assert_eq!(committed(&mut t), None, "a parked retry holds the position");
         assert_eq!(t.busy(), 0, "a parked message is not busy");
-        t.finished(&p(), None, 3);
+        t.finished(&p(), &m, 3);
         assert_eq!(committed(&mut t), Some(5));
     }
 
     #[test]
     fn a_partition_holding_too_many_messages_pauses_until_half_are_done() {
-        let mut t = Tracker::default();
+        let mut t = tracker(4, 1 << 20);
         let m = Arc::new(Message::new("m", "t", ""));
         for o in 0..3 {
             t.received(&p(), &m, o);
-            assert!(!t.should_pause(&p(), 4), "below the limit at {o}");
+            assert!(!t.should_pause(&p()), "below the limit at {o}");
         }
         t.received(&p(), &m, 3);
-        assert!(t.should_pause(&p(), 4), "four held: pause");
+        assert!(t.should_pause(&p()), "four held: pause");
         t.received(&p(), &m, 4);
-        assert!(!t.should_pause(&p(), 4), "already paused");
-        t.finished(&p(), None, 0);
-        t.finished(&p(), None, 1);
-        t.finished(&p(), None, 2);
-        assert!(
-            t.take_resumable(2).is_empty(),
-            "two still held: not below two"
-        );
-        t.finished(&p(), None, 3);
+        assert!(!t.should_pause(&p()), "already paused");
+        assert_eq!(t.finished(&p(), &m, 0).resume_from, None);
+        assert_eq!(t.finished(&p(), &m, 1).resume_from, None);
+        assert!(t.take_resumable().is_empty(), "three still held");
         assert_eq!(
-            t.take_resumable(2),
-            vec![(p(), 5)],
-            "resumes past the last received"
+            t.finished(&p(), &m, 2).resume_from,
+            None,
+            "two still held: not below half"
         );
-        assert!(t.take_resumable(2).is_empty(), "resumed once");
+        assert_eq!(
+            t.finished(&p(), &m, 3).resume_from,
+            Some(5),
+            "under half: the finish says to resume at once, past the last received"
+        );
+        assert!(t.take_resumable().is_empty(), "resumed once");
         t.forget(&[p()]);
-        assert!(
-            !t.should_pause(&p(), 1),
-            "a forgotten partition is not paused"
+        assert!(!t.should_pause(&p()), "a forgotten partition is not paused");
+    }
+
+    #[test]
+    fn the_periodic_check_resumes_a_paused_partition_under_half() {
+        let mut t = tracker(2, 1 << 20);
+        let m = Arc::new(Message::new("m", "t", ""));
+        t.received(&p(), &m, 0);
+        t.received(&p(), &m, 1);
+        assert!(t.should_pause(&p()));
+        assert!(t.take_resumable().is_empty(), "still full");
+        if let Some(state) = t.partitions.get_mut(&p()) {
+            state.in_flight.clear();
+        }
+        assert_eq!(t.take_resumable(), vec![(p(), 2)]);
+    }
+
+    #[test]
+    fn held_payload_bytes_pause_a_partition_too() {
+        let mut t = tracker(1000, 3000);
+        let big = Arc::new(Message::new("m", "t", vec![0u8; 1000]));
+        t.received(&p(), &big, 0);
+        t.received(&p(), &big, 1);
+        assert!(!t.should_pause(&p()), "2,000 bytes held");
+        t.received(&p(), &big, 2);
+        assert!(t.should_pause(&p()), "3,000 bytes held: pause");
+        assert_eq!(t.finished(&p(), &big, 0).resume_from, None, "2,000 bytes");
+        assert_eq!(
+            t.finished(&p(), &big, 1).resume_from,
+            Some(3),
+            "1,000 bytes"
+        );
+        t.finished(&p(), &big, 1);
+        assert_eq!(
+            t.partitions.get(&p()).map(|s| s.held_bytes),
+            Some(1000),
+            "a message finished twice is subtracted once"
         );
     }
 
     #[test]
     fn one_message_per_key_is_out_at_a_time_and_the_rest_follow_in_order() {
-        let mut t = Tracker::default();
+        let mut t = tracker(100, 1 << 20);
         let keyed = |id: &str, key: &str| {
             let mut m = Message::new(id, "t", "");
             m.key = Some(key.into());
             Arc::new(m)
         };
-        assert!(t.received(&p(), &keyed("a0", "a"), 0));
+        let a0 = keyed("a0", "a");
+        assert!(t.received(&p(), &a0, 0));
         assert!(
             !t.received(&p(), &keyed("a1", "a"), 1),
             "a1 waits behind a0"
@@ -683,11 +789,11 @@ mod tests {
         assert_eq!(t.busy(), 2, "waiting messages are not busy");
         // a0 is retried: still out, so a1 keeps waiting. When a0 finally finishes, a1 follows.
         t.park(&p(), 0, true);
-        let next = t.finished(&p(), Some("a"), 0).unwrap();
-        assert_eq!((next.0.id.as_str(), next.1), ("a1", 1));
-        let next = t.finished(&p(), Some("a"), 1).unwrap();
-        assert_eq!(next.0.id.as_str(), "a2");
-        assert!(t.finished(&p(), Some("a"), 3).is_none());
+        let (a1, offset) = t.finished(&p(), &a0, 0).next.unwrap();
+        assert_eq!((a1.id.as_str(), offset), ("a1", 1));
+        let (a2, _) = t.finished(&p(), &a1, 1).next.unwrap();
+        assert_eq!(a2.id.as_str(), "a2");
+        assert!(t.finished(&p(), &a2, 3).next.is_none());
         assert!(
             t.received(&p(), &keyed("a3", "a"), 4),
             "the key is free again"
