@@ -67,13 +67,14 @@ pub(crate) struct HeldLimit {
 }
 
 impl HeldLimit {
-    /// Per partition: 64 times the subscription's in-flight limit (at least 1,024 messages),
-    /// and 16 MiB of payload. Large enough that a backlog of keyed records, most of them
-    /// waiting behind their key for a moment, keeps flowing without pauses (each pause costs
-    /// a re-fetch); small enough to bound what a key stuck in retries holds back.
+    /// Per partition: 16 MiB of payload, and 256 times the subscription's in-flight limit
+    /// (at least 8,192 messages) for small ones. Large enough that a backlog of keyed records,
+    /// most of them waiting behind their key for a moment, flows without pauses (each pause
+    /// costs a re-fetch from the broker); small enough to bound what a key stuck in retries
+    /// holds back. librdkafka's own fetch buffer is 64 MiB by default.
     pub(crate) fn for_subscription(max_in_flight: usize) -> Self {
         HeldLimit {
-            messages: max_in_flight.saturating_mul(64).max(1024),
+            messages: max_in_flight.saturating_mul(256).max(8192),
             bytes: 16 * 1024 * 1024,
         }
     }
