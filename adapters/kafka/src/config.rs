@@ -92,8 +92,15 @@ impl KafkaConfig {
                 "replication" => config.replication = i32::try_from(positive(&name, &value)?).unwrap_or(i32::MAX),
                 "publish_timeout_ms" => config.publish_timeout = Duration::from_millis(positive(&name, &value)?),
                 "session_timeout_ms" => config.session_timeout = Duration::from_millis(positive(&name, &value)?),
-                "bootstrap.servers" | "group.id" | "enable.auto.commit" | "enable.idempotence" | "acks" => {
+                "bootstrap.servers" | "group.id" | "enable.auto.commit" | "enable.auto.offset.store"
+                | "enable.partition.eof" | "auto.offset.reset" | "enable.idempotence" | "acks" => {
                     return Err(config_error(format!("`{name}` is set by busbar and cannot be overridden")))
+                }
+                "message.timeout.ms" => {
+                    return Err(config_error("`message.timeout.ms` is set by busbar from `publish_timeout_ms`; set that instead".into()))
+                }
+                "session.timeout.ms" => {
+                    return Err(config_error("`session.timeout.ms` is set by busbar from `session_timeout_ms`; set that instead".into()))
                 }
                 // librdkafka's few settings without a dot that are safe to pass.
                 _ if name.contains('.') || name == "debug" => config.passthrough.push((name, value)),
@@ -141,12 +148,36 @@ impl KafkaConfig {
         }
     }
 
+    /// A client's settings: the bootstrap servers, then the librdkafka settings from the URL.
     pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
+        self.client_config_over(&[])
+    }
+
+    /// Like [`client_config`](Self::client_config), over busbar's `defaults`: a setting the
+    /// URL gives wins over busbar's default for it.
+    fn client_config_over(&self, defaults: &[(&str, &str)]) -> rdkafka::ClientConfig {
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", self.bootstrap_servers());
+        for (name, value) in defaults {
+            config.set(*name, *value);
+        }
         for (name, value) in &self.passthrough {
             config.set(name, value);
         }
+        config
+    }
+
+    /// The producer's settings: durable (`acks=all`, idempotent), with the publish time limit
+    /// as librdkafka's message timeout, and a 5 ms `linger.ms` unless the URL sets its own.
+    pub(crate) fn producer_config(&self) -> rdkafka::ClientConfig {
+        let mut config = self.client_config_over(&[("linger.ms", "5")]);
+        config
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set(
+                "message.timeout.ms",
+                self.publish_timeout.as_millis().to_string(),
+            );
         config
     }
 }
@@ -165,6 +196,36 @@ mod tests {
         ] {
             let err = KafkaConfig::from_url(&url.parse().unwrap()).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_setting_the_url_gives_wins_over_busbars_default_and_durability_stays() {
+        let config =
+            KafkaConfig::from_url(&"kafka://h:9092?linger.ms=50".parse().unwrap()).unwrap();
+        let producer = config.producer_config();
+        assert_eq!(producer.get("linger.ms"), Some("50"));
+        assert_eq!(producer.get("acks"), Some("all"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("message.timeout.ms"), Some("30000"));
+        let default = KafkaConfig::from_url(&"kafka://h:9092".parse().unwrap()).unwrap();
+        assert_eq!(default.producer_config().get("linger.ms"), Some("5"));
+    }
+
+    #[test]
+    fn timeouts_busbar_derives_point_to_its_own_parameters() {
+        for (name, instead) in [
+            ("message.timeout.ms", "publish_timeout_ms"),
+            ("session.timeout.ms", "session_timeout_ms"),
+        ] {
+            let url = format!("kafka://h:9092?{name}=1000");
+            let err = KafkaConfig::from_url(&url.parse().unwrap()).unwrap_err();
+            assert!(err.to_string().contains(instead), "{err}");
+        }
+        for owned in ["auto.offset.reset=latest", "enable.auto.offset.store=true"] {
+            let url = format!("kafka://h:9092?{owned}");
+            let err = KafkaConfig::from_url(&url.parse().unwrap()).unwrap_err();
+            assert!(err.to_string().contains("set by busbar"), "{err}");
         }
     }
 

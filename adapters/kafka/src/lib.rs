@@ -250,14 +250,7 @@ impl KafkaTransport {
         };
         let diagnosis = Diagnosis::default();
         let producer: FutureProducer<Diagnosis> = config
-            .client_config()
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .set(
-                "message.timeout.ms",
-                config.publish_timeout.as_millis().to_string(),
-            )
+            .producer_config()
             .create_with_context(diagnosis.clone())
             .map_err(|e| config_error("cannot create the producer", e))?;
         let admin: AdminClient<DefaultClientContext> = config
