@@ -1,6 +1,6 @@
 //! The cost of one message through busbar's hot path, stage by stage, on the memory transport:
 //! time, allocations and bytes allocated per message (a counting allocator wraps the system
-//! one), for 1 KiB events and a no-op handler.
+//! one), for 1 KiB events (`BUSBAR_BENCH_BYTES` for another size) and a no-op handler.
 //!
 //! ```text
 //! cargo bench --bench hot_path                       # every stage
@@ -47,11 +47,19 @@ impl Event for Blob {
     const TYPE: &'static str = "bench.blob.v1";
 }
 
+/// The payload size: `BUSBAR_BENCH_BYTES`, default 1,024.
+fn payload_bytes() -> usize {
+    std::env::var("BUSBAR_BENCH_BYTES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024)
+}
+
 fn blob(seq: u64) -> Blob {
-    // ~1 KiB once encoded as JSON.
+    // About `payload_bytes()` once encoded as JSON.
     Blob {
         seq,
-        data: "x".repeat(1000),
+        data: "x".repeat(payload_bytes().saturating_sub(24)),
     }
 }
 
@@ -159,7 +167,7 @@ async fn spi(messages: usize) -> Cost {
         .consume("bench", "g", ConsumeOptions { max_in_flight: 64 })
         .await
         .expect("consume");
-    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
+    let payload = bytes::Bytes::from(vec![b'x'; payload_bytes()]);
     let batches: Vec<Vec<Message>> = (0..messages / BATCH)
         .map(|batch| {
             (0..BATCH)
@@ -233,7 +241,10 @@ fn main() {
         .build()
         .expect("runtime");
     let wanted = |stage: &str| only.as_deref().is_none_or(|only| only == stage);
-    println!("{messages} messages of 1 KiB per stage, no-op handler, memory transport\n");
+    println!(
+        "{messages} messages of {} bytes per stage, no-op handler, memory transport\n",
+        payload_bytes()
+    );
     println!("| stage                        | µs/msg    | msg/s        | allocs  | bytes    |");
     println!("|---|---|---|---|---|");
     runtime.block_on(async {

@@ -188,25 +188,35 @@ impl QueueState {
         self.ready.push_front(entry);
     }
 
-    /// A message left the queue for good: free a slot and pass its key's lock on.
-    fn remove(&mut self, message: &Message) {
+    /// A message left the queue for good: free a slot and pass its key's lock on. Returns
+    /// whether a message waiting behind it became ready.
+    fn remove(&mut self, message: &Message) -> bool {
         self.len = self.len.saturating_sub(1);
         if let Some(key) = &message.key {
             let next = self.waiting.get_mut(key).and_then(VecDeque::pop_front);
             match next {
-                Some(next) => self.ready.push_front(next),
+                Some(next) => {
+                    self.ready.push_front(next);
+                    return true;
+                }
                 None => {
                     self.waiting.remove(key);
                 }
             }
         }
+        false
     }
 }
 
 impl GroupQueue {
+    /// Removes a settled message. Consumers are woken only when a message waiting behind it
+    /// became ready: an ack frees no message otherwise, and a waiting consumer woken for
+    /// nothing costs a context switch.
     fn settle_removed(&self, message: &Message) {
-        lock(&self.state).remove(message);
-        self.ready.notify_waiters();
+        let became_ready = lock(&self.state).remove(message);
+        if became_ready {
+            self.ready.notify_waiters();
+        }
         if let Some(transport) = self.transport.upgrade() {
             transport.space.notify_waiters();
         }

@@ -97,7 +97,9 @@ async fn competing_consumers_split_the_work_with_nothing_lost_or_doubled() {
     let batch: Vec<Message> = (0..1000)
         .map(|i| msg(&topic, &format!("m{i}"), None))
         .collect();
-    t.publish(batch).await.unwrap();
+    // The consumers start together once the messages are there, so none can take them all
+    // before the others start (on a loaded machine the first one could).
+    let started = std::sync::Arc::new(tokio::sync::Barrier::new(4));
     let mut workers = Vec::new();
     for _ in 0..3 {
         let mut s = t
@@ -106,7 +108,9 @@ async fn competing_consumers_split_the_work_with_nothing_lost_or_doubled() {
             .unwrap();
         let t = t.clone();
         let topic = topic.clone();
+        let started = std::sync::Arc::clone(&started);
         workers.push(tokio::spawn(async move {
+            started.wait().await;
             let mut got = Vec::new();
             while t.pending(&topic, "g") > 0 {
                 if let Ok(Some(Ok(d))) = timeout(Duration::from_millis(20), s.next()).await {
@@ -118,6 +122,8 @@ async fn competing_consumers_split_the_work_with_nothing_lost_or_doubled() {
             got
         }));
     }
+    t.publish(batch).await.unwrap();
+    started.wait().await;
     let mut all = Vec::new();
     let mut per_worker = Vec::new();
     for w in workers {
