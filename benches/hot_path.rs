@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Stages:
-//! - `encode`: a fresh envelope for the event, encoded to a `Message` (what `publish` does
+//! - `encode`: a fresh envelope for the event, moved into a `Message` (what `publish` does
 //!   before the transport);
 //! - `decode`: a received `Message` decoded to an `Envelope` (what the consumer does first);
 //! - `spi`: the bare transport SPI, publish (batches of 100) → consume → ack;
@@ -127,7 +127,7 @@ async fn encode(messages: usize) -> Cost {
     for event in events {
         let message = bus
             .envelope(event)
-            .to_message(&Json, "bench")
+            .into_message(&Json, "bench")
             .expect("encode");
         std::hint::black_box(message);
     }

@@ -201,9 +201,19 @@ impl Bus {
     /// Publishes `event` to `topic` as a new conversation. Returns the message id once the
     /// broker durably accepted it.
     pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<String> {
-        let envelope = self.envelope(event);
-        self.publish_envelope(topic, &envelope).await?;
-        Ok(envelope.id)
+        self.publish_owned(topic, self.envelope(event)).await
+    }
+
+    /// Publishes an envelope busbar made, moving its strings into the message; returns its id.
+    pub(crate) async fn publish_owned<E: Event>(
+        &self,
+        topic: &str,
+        envelope: Envelope<E>,
+    ) -> Result<String> {
+        let id = envelope.id.clone();
+        let message = envelope.into_message(&Json, topic)?;
+        self.publish_messages(vec![message]).await?;
+        Ok(id)
     }
 
     /// Publishes a prepared envelope (its id, correlation and headers as they are).
@@ -223,13 +233,13 @@ impl Bus {
         topic: &str,
         events: impl IntoIterator<Item = E>,
     ) -> Result<Vec<String>> {
-        let envelopes: Vec<Envelope<E>> = events.into_iter().map(|e| self.envelope(e)).collect();
-        let messages = envelopes
-            .iter()
-            .map(|envelope| envelope.to_message(&Json, topic))
+        let messages = events
+            .into_iter()
+            .map(|event| self.envelope(event).into_message(&Json, topic))
             .collect::<Result<Vec<_>>>()?;
+        let ids = messages.iter().map(|message| message.id.clone()).collect();
         self.publish_messages(messages).await?;
-        Ok(envelopes.into_iter().map(|e| e.id).collect())
+        Ok(ids)
     }
 
     /// Publishes already-encoded messages (for bridges and tools; services use

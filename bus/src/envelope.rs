@@ -419,6 +419,51 @@ impl<T> Envelope<T> {
     where
         T: Serialize,
     {
+        let payload = self.encode_payload(codec)?;
+        Ok(Attributes {
+            id: self.id.clone(),
+            event_type: self.event_type.clone(),
+            source: self.source.clone(),
+            time: self.time,
+            correlation_id: self.correlation_id.clone(),
+            causation_id: self.causation_id.clone(),
+            content_type: self.content_type.clone(),
+            traceparent: self.traceparent.clone(),
+            tracestate: self.tracestate.clone(),
+            headers: self.headers.clone(),
+            key: self.key.clone(),
+        }
+        .into_message(topic, payload))
+    }
+
+    /// Like [`to_message`](Self::to_message), moving the envelope's strings into the message
+    /// instead of copying them (what `publish` does with the envelopes it makes).
+    pub fn into_message<C: Codec>(self, codec: &C, topic: &str) -> Result<Message>
+    where
+        T: Serialize,
+    {
+        let payload = self.encode_payload(codec)?;
+        Ok(Attributes {
+            id: self.id,
+            event_type: self.event_type,
+            source: self.source,
+            time: self.time,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            content_type: self.content_type,
+            traceparent: self.traceparent,
+            tracestate: self.tracestate,
+            headers: self.headers,
+            key: self.key,
+        }
+        .into_message(topic, payload))
+    }
+
+    /// Checks the headers and the event type, and encodes the payload.
+    fn encode_payload<C: Codec>(&self, codec: &C) -> Result<bytes::Bytes>
+    where
+        T: Serialize,
+    {
         for (name, value) in &self.headers {
             validate_header(name, value)?;
         }
@@ -430,21 +475,41 @@ impl<T> Envelope<T> {
             )
             .with_resource(format!("message {}", self.id)));
         }
-        let payload = codec.encode(&self.event_type, &self.payload)?;
-        let mut headers = self.headers.clone();
-        let mut set = |name: &'static str, value: &str| {
-            headers.insert(HeaderName::from_static(name), value.to_string());
+        codec.encode(&self.event_type, &self.payload)
+    }
+}
+
+/// An envelope's metadata, owned, on its way into a [`Message`].
+struct Attributes {
+    id: String,
+    event_type: String,
+    source: String,
+    time: Option<DateTime<Utc>>,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    content_type: String,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    headers: Headers,
+    key: Option<String>,
+}
+
+impl Attributes {
+    fn into_message(self, topic: &str, payload: bytes::Bytes) -> Message {
+        let mut headers = self.headers;
+        let mut set = |name: &'static str, value: String| {
+            headers.insert(HeaderName::from_static(name), value);
         };
-        set(attr::SPECVERSION, attr::SPECVERSION_1_0);
-        set(attr::ID, &self.id);
-        set(attr::TYPE, &self.event_type);
-        set(attr::SOURCE, &self.source);
-        set(attr::CONTENT_TYPE, &self.content_type);
+        set(attr::SPECVERSION, attr::SPECVERSION_1_0.to_string());
+        set(attr::ID, self.id.clone());
+        set(attr::TYPE, self.event_type);
+        set(attr::SOURCE, self.source);
+        set(attr::CONTENT_TYPE, self.content_type);
         let optional = [
-            (attr::CORRELATION_ID, &self.correlation_id),
-            (attr::CAUSATION_ID, &self.causation_id),
-            (attr::TRACEPARENT, &self.traceparent),
-            (attr::TRACESTATE, &self.tracestate),
+            (attr::CORRELATION_ID, self.correlation_id),
+            (attr::CAUSATION_ID, self.causation_id),
+            (attr::TRACEPARENT, self.traceparent),
+            (attr::TRACESTATE, self.tracestate),
         ];
         for (name, value) in optional {
             if let Some(value) = value {
@@ -452,18 +517,18 @@ impl<T> Envelope<T> {
             }
         }
         if let Some(time) = &self.time {
-            headers.insert(
-                HeaderName::from_static(attr::TIME),
+            set(
+                attr::TIME,
                 time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
             );
         }
-        Ok(Message {
-            id: self.id.clone(),
+        Message {
+            id: self.id,
             topic: topic.to_string(),
-            key: self.key.clone(),
+            key: self.key,
             headers,
             payload,
-        })
+        }
     }
 }
 
@@ -582,6 +647,22 @@ mod tests {
         let back = Envelope::<Note>::from_message(&Json, &msg).unwrap();
         assert_eq!(back, env);
         assert_eq!(back.headers.len(), 500);
+    }
+
+    #[test]
+    fn moving_an_envelope_into_a_message_gives_the_same_message_as_copying_it() {
+        let mut env = Envelope::new("/svc", note())
+            .with_causation_id("cause-1")
+            .with_header("tenant", "acme");
+        env.tracestate = Some("vendor=opaque".into());
+        let copied = env.to_message(&Json, "notes").unwrap();
+        let moved = env.clone().into_message(&Json, "notes").unwrap();
+        assert_eq!(moved, copied);
+        let bad = env.with_header("ce_id", "x");
+        assert_eq!(
+            bad.into_message(&Json, "t").unwrap_err().kind(),
+            ErrorKind::InvalidHeader
+        );
     }
 
     #[test]

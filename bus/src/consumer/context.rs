@@ -121,8 +121,6 @@ impl Context {
 
     /// Publishes a follow-up event to `topic`; returns its id.
     pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<String> {
-        let envelope = self.envelope(event);
-        self.bus.publish_envelope(topic, &envelope).await?;
-        Ok(envelope.id)
+        self.bus.publish_owned(topic, self.envelope(event)).await
     }
 }
