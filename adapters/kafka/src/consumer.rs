@@ -29,7 +29,8 @@ use tokio::sync::mpsc;
 use crate::mapping::from_record;
 use crate::Inner;
 
-type Partition = (String, i32);
+/// A topic's partition. The topic name is shared, not copied for every record received.
+type Partition = (Arc<str>, i32);
 
 #[derive(Default)]
 struct PartitionState {
@@ -250,7 +251,7 @@ impl ConsumerContext for RebalanceContext {
             let partitions: Vec<Partition> = revoked
                 .elements()
                 .iter()
-                .map(|e| (e.topic().to_string(), e.partition()))
+                .map(|e| (Arc::from(e.topic()), e.partition()))
                 .collect();
             let list = {
                 let mut tracker = lock(&self.tracker);
@@ -406,6 +407,21 @@ struct Route {
     dlq: String,
 }
 
+/// The names of the topics a consumer reads (its topic and its redrive topic), shared.
+#[derive(Default)]
+struct TopicNames(Vec<Arc<str>>);
+
+impl TopicNames {
+    fn name(&mut self, topic: &str) -> Arc<str> {
+        if let Some(known) = self.0.iter().find(|known| ***known == *topic) {
+            return Arc::clone(known);
+        }
+        let name: Arc<str> = Arc::from(topic);
+        self.0.push(Arc::clone(&name));
+        name
+    }
+}
+
 async fn run(
     inner: Arc<Inner>,
     consumer: StreamConsumer<RebalanceContext>,
@@ -416,6 +432,7 @@ async fn run(
     mut retry_rx: mpsc::UnboundedReceiver<Wake>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut topics = TopicNames::default();
     let make = |message: Arc<Message>, attempt: u32, partition: Partition, offset: i64| {
         Delivery::new(
             Arc::clone(&message),
@@ -467,7 +484,7 @@ async fn run(
             record = consumer.recv() => match record {
                 Ok(record) => {
                     use rdkafka::Message as _;
-                    let partition = (record.topic().to_string(), record.partition());
+                    let partition = (topics.name(record.topic()), record.partition());
                     let offset = record.offset();
                     let message = Arc::new(from_record(&route.topic, &record));
                     drop(record);
