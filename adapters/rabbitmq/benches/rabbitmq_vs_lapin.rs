@@ -1,19 +1,30 @@
-//! busbar on RabbitMQ against raw lapin, same broker, same settings, one run:
-//! 1 KiB persistent messages to a quorum queue through a topic exchange, publisher confirms
-//! awaited per batch of 100, consumers with prefetch 64 acking each message.
+//! busbar on RabbitMQ against an expert raw lapin client, same broker, same settings, one run:
+//! 1 KiB persistent messages to a quorum queue through a topic exchange, publisher confirms,
+//! consumers with prefetch 64 acking each message.
+//!
+//! The raw client does what a service written on lapin does with its events: it serializes
+//! the event to JSON, writes the same CloudEvents application properties and AMQP properties
+//! busbar writes, and sends a batch's messages before awaiting their confirms together; its
+//! consumer reads the id and type, parses the JSON and acks each message without waiting for
+//! the ack to be written before taking the next delivery.
+//!
+//! Two regimes:
+//! - **latency-bound**: one publisher, one batch of 100 in flight at a time;
+//! - **throughput-bound**: 8 publishers, so 8 batches are in flight at once.
 //!
 //! `cargo bench -p busbar-rabbitmq --bench rabbitmq_vs_lapin` (RabbitMQ on 127.0.0.1:5672, or
-//! `BUSBAR_RABBITMQ_URL`). Prints messages per second and the busbar/raw ratio.
+//! `BUSBAR_RABBITMQ_URL`). Prints messages per second and the busbar/raw ratios.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use busbar_core::{Bus, Context, Envelope, Event, HandlerError};
 use busbar_rabbitmq::RabbitTransport;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::{Deserialize, Serialize};
 
 const N: usize = 20_000;
@@ -28,6 +39,12 @@ impl Event for Blob {
     const TYPE: &'static str = "bench.blob.v1";
 }
 
+fn blob() -> Blob {
+    Blob {
+        data: "x".repeat(1024 - 11), // 1 KiB of JSON
+    }
+}
+
 fn url() -> String {
     std::env::var("BUSBAR_RABBITMQ_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -37,80 +54,145 @@ fn rate(took: Duration) -> f64 {
     N as f64 / took.as_secs_f64()
 }
 
-/// Raw lapin: publish N with confirms per batch; then (separately timed) publish N while a
-/// consumer acks them, until all are consumed.
-async fn raw(run: &str) -> (Duration, Duration) {
+/// Publishers publishing at once: 1 (latency-bound) or 8 (throughput-bound).
+#[derive(Clone, Copy)]
+enum Regime {
+    Latency,
+    Throughput,
+}
+
+impl Regime {
+    fn publishers(self) -> usize {
+        match self {
+            Regime::Latency => 1,
+            Regime::Throughput => 8,
+        }
+    }
+}
+
+/// The properties busbar writes for one event (CloudEvents AMQP binding, mirrored AMQP
+/// properties), for message `i`.
+fn properties(i: usize) -> BasicProperties {
+    let id = format!("0193a5c2-7b1e-7c3d-9f00-{i:012x}");
+    let trace = format!("00-{:032x}-{:016x}-01", i + 1, i + 1);
+    let mut headers = FieldTable::default();
+    for (name, value) in [
+        ("cloudEvents:specversion", "1.0"),
+        ("cloudEvents:id", id.as_str()),
+        ("cloudEvents:source", "/bench"),
+        ("cloudEvents:type", Blob::TYPE),
+        ("cloudEvents:time", "2026-11-29T10:00:00.000000Z"),
+        ("cloudEvents:correlationid", id.as_str()),
+        ("cloudEvents:traceparent", trace.as_str()),
+    ] {
+        headers.insert(
+            name.into(),
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers)
+        .with_message_id(id.as_str().into())
+        .with_content_type("application/json".into())
+        .with_type(Blob::TYPE.into())
+        .with_correlation_id(id.as_str().into())
+        .with_timestamp(1_795_000_000)
+}
+
+async fn raw_publish(ch: &Channel, exchange: &str, first: usize, count: usize) {
+    for b in 0..count / BATCH {
+        let mut confirms = Vec::with_capacity(BATCH);
+        for i in 0..BATCH {
+            let payload = serde_json::to_vec(&blob()).expect("json");
+            confirms.push(
+                ch.basic_publish(
+                    exchange.into(),
+                    "bench".into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    properties(first + b * BATCH + i),
+                )
+                .await
+                .expect("publish"),
+            );
+        }
+        for c in futures::future::join_all(confirms).await {
+            assert!(c.expect("confirm").is_ack());
+        }
+    }
+}
+
+/// The expert raw client: publish N (timed), purge, then publish N while a consumer takes
+/// them (timed until all are consumed).
+async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
     let conn = Connection::connect(&url(), ConnectionProperties::default())
         .await
         .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
     let exchange = format!("raw-bench-{run}");
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("exchange");
     let queue = format!("raw-bench-{run}");
+    let admin = conn.create_channel().await.expect("channel");
+    admin
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString(LongString::from("quorum")),
     );
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .expect("queue");
-    ch.queue_bind(
-        queue.as_str().into(),
-        exchange.as_str().into(),
-        "bench".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("bind");
-    let payload = vec![b'x'; 1024];
-    let publish_all = || async {
-        for _ in 0..N / BATCH {
-            let mut confirms = Vec::with_capacity(BATCH);
-            for _ in 0..BATCH {
-                let props = BasicProperties::default().with_delivery_mode(2);
-                confirms.push(
-                    ch.basic_publish(
-                        exchange.as_str().into(),
-                        "bench".into(),
-                        BasicPublishOptions::default(),
-                        &payload,
-                        props,
-                    )
-                    .await
-                    .expect("publish"),
-                );
-            }
-            for c in futures::future::join_all(confirms).await {
-                assert!(c.expect("confirm").is_ack());
-            }
-        }
+    admin
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("queue");
+    admin
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "bench".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    // One confirming channel per publisher, as a service with concurrent publishers has.
+    let mut channels = Vec::new();
+    for _ in 0..regime.publishers() {
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        channels.push(ch);
+    }
+    let per_publisher = N / regime.publishers();
+    let publish_all = || {
+        futures::future::join_all(
+            channels
+                .iter()
+                .enumerate()
+                .map(|(p, ch)| raw_publish(ch, &exchange, p * per_publisher, per_publisher)),
+        )
     };
     let start = Instant::now();
     publish_all().await;
     let publish = start.elapsed();
-    ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+    admin
+        .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await
         .expect("purge");
 
@@ -130,26 +212,53 @@ async fn raw(run: &str) -> (Duration, Duration) {
         .expect("consume");
     let start = Instant::now();
     let consuming = tokio::spawn(async move {
-        for _ in 0..N {
-            let d = consumer.next().await.expect("stream").expect("delivery");
-            d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        let mut acks = FuturesUnordered::new();
+        let mut received = 0;
+        while received < N {
+            tokio::select! {
+                Some(acked) = acks.next(), if !acks.is_empty() => {
+                    let () = acked;
+                }
+                delivery = consumer.next() => {
+                    let d = delivery.expect("stream").expect("delivery");
+                    let header = |name: &str| {
+                        d.properties.headers().as_ref().and_then(|h| match h.inner().get(name) {
+                            Some(AMQPValue::LongString(s)) => {
+                                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                            }
+                            _ => None,
+                        })
+                    };
+                    let (id, kind) = (header("cloudEvents:id"), header("cloudEvents:type"));
+                    assert_eq!(kind.as_deref(), Some(Blob::TYPE));
+                    let event: Blob = serde_json::from_slice(&d.data).expect("json");
+                    std::hint::black_box((id, event));
+                    received += 1;
+                    let acker = d.acker;
+                    acks.push(async move {
+                        acker.ack(BasicAckOptions::default()).await.expect("ack");
+                    });
+                }
+            }
         }
+        while acks.next().await.is_some() {}
     });
     publish_all().await;
     consuming.await.expect("consumer");
     let end_to_end = start.elapsed();
-    let _ = ch
+    let _ = admin
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-    let _ = ch
+    let _ = admin
         .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
         .await;
     let _ = conn.close(200, "done".into()).await;
     (publish, end_to_end)
 }
 
-/// busbar: the same through `Bus::publish_batch` and a subscription with a no-op handler.
-async fn busbar(run: &str) -> (Duration, Duration) {
+/// busbar: the same through `Bus::publish_batch` (from as many tasks as the raw client has
+/// publishers) and a subscription with a no-op handler and the raw consumer's prefetch.
+async fn busbar(run: &str, regime: Regime) -> (Duration, Duration) {
     let transport = RabbitTransport::connect(
         &format!("{}?exchange=bb-bench-{run}&queue_expires_ms=600000", url())
             .parse()
@@ -161,15 +270,18 @@ async fn busbar(run: &str) -> (Duration, Duration) {
     let topic = "bench";
     let group = format!("g-{run}");
     bus.declare(topic, &group).await.expect("declare");
-    let blob = Blob {
-        data: "x".repeat(1024 - 11),
-    }; // 1 KiB of JSON
-    let publish_all = || async {
-        for _ in 0..N / BATCH {
-            bus.publish_batch(topic, vec![blob.clone(); BATCH])
-                .await
-                .expect("publish");
-        }
+    let per_publisher = N / regime.publishers();
+    let publish_all = || {
+        futures::future::join_all((0..regime.publishers()).map(|_| {
+            let bus = bus.clone();
+            async move {
+                for _ in 0..per_publisher / BATCH {
+                    bus.publish_batch(topic, vec![blob(); BATCH])
+                        .await
+                        .expect("publish");
+                }
+            }
+        }))
     };
     let start = Instant::now();
     publish_all().await;
@@ -207,11 +319,27 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let run = format!("{:x}", std::process::id());
-        let (raw_publish, raw_e2e) = raw(&run).await;
-        let (bb_publish, bb_e2e) = busbar(&run).await;
-        println!("RabbitMQ, {N} x 1 KiB persistent, quorum queue, confirms per batch of {BATCH}, prefetch {PREFETCH}");
-        println!("publish     raw lapin {:>8.0} msg/s | busbar {:>8.0} msg/s | busbar/raw {:.2}", rate(raw_publish), rate(bb_publish), rate(bb_publish) / rate(raw_publish));
-        println!("end-to-end  raw lapin {:>8.0} msg/s | busbar {:>8.0} msg/s | busbar/raw {:.2}", rate(raw_e2e), rate(bb_e2e), rate(bb_e2e) / rate(raw_e2e));
+        println!("RabbitMQ, {N} x 1 KiB persistent, quorum queue, confirms per batch of {BATCH}, prefetch {PREFETCH}\n");
+        println!("| regime | | expert raw lapin | busbar | busbar/raw |");
+        println!("|---|---|---|---|---|");
+        for (name, regime) in [
+            ("latency-bound (1 batch in flight)", Regime::Latency),
+            ("throughput-bound (8 batches in flight)", Regime::Throughput),
+        ] {
+            let run = format!("{:x}-{}", std::process::id(), regime.publishers());
+            let (raw_publish, raw_e2e) = raw(&run, regime).await;
+            let (bb_publish, bb_e2e) = busbar(&run, regime).await;
+            for (what, raw, bb) in [
+                ("publish", raw_publish, bb_publish),
+                ("end-to-end", raw_e2e, bb_e2e),
+            ] {
+                println!(
+                    "| {name} | {what} | {:.0} msg/s | {:.0} msg/s | {:.2} |",
+                    rate(raw),
+                    rate(bb),
+                    rate(bb) / rate(raw)
+                );
+            }
+        }
     });
 }

@@ -38,6 +38,7 @@ impl QueueType {
 /// | `delivery_limit` | `20` | quorum only: deliveries before RabbitMQ itself dead-letters a message (crash backstop) |
 /// | `max_message_bytes` | 16 MiB | larger messages are refused before sending |
 /// | `publish_timeout_ms` | `30000` | how long a publish waits (reconnecting) for the broker's confirm |
+/// | `publish_channels` | `4` | confirming channels concurrent publishes spread over (a batch stays on one) |
 /// | `reconnect_max_ms` | `5000` | the longest wait between reconnect attempts |
 /// | `tls_ca_file` | none | `amqps://` only: a PEM file of CA certificates to trust besides the system's |
 /// | `queue_expires_ms` | none | delete queues unused this long (`x-expires`), messages included: for tests and ephemeral environments |
@@ -55,6 +56,8 @@ pub struct RabbitConfig {
     pub max_message_bytes: usize,
     /// How long a publish may take, reconnects included.
     pub publish_timeout: Duration,
+    /// Confirming channels that concurrent publishes spread over; each batch goes on one.
+    pub publish_channels: usize,
     /// The longest pause between reconnect attempts.
     pub reconnect_max: Duration,
     /// Extra CA certificates (PEM) for `amqps://`, read from `tls_ca_file`.
@@ -75,6 +78,7 @@ impl std::fmt::Debug for RabbitConfig {
             .field("delivery_limit", &self.delivery_limit)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("publish_timeout", &self.publish_timeout)
+            .field("publish_channels", &self.publish_channels)
             .field("reconnect_max", &self.reconnect_max)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<PEM>"))
             .field("queue_expires", &self.queue_expires)
@@ -82,12 +86,13 @@ impl std::fmt::Debug for RabbitConfig {
     }
 }
 
-const OWN_PARAMS: [&str; 8] = [
+const OWN_PARAMS: [&str; 9] = [
     "exchange",
     "queue_type",
     "delivery_limit",
     "max_message_bytes",
     "publish_timeout_ms",
+    "publish_channels",
     "reconnect_max_ms",
     "tls_ca_file",
     "queue_expires_ms",
@@ -133,6 +138,7 @@ impl RabbitConfig {
             delivery_limit: 20,
             max_message_bytes: 16 * 1024 * 1024,
             publish_timeout: Duration::from_secs(30),
+            publish_channels: 4,
             reconnect_max: Duration::from_secs(5),
             tls_ca_pem: None,
             queue_expires: None,
@@ -176,6 +182,15 @@ impl RabbitConfig {
                 }
                 "reconnect_max_ms" => {
                     config.reconnect_max = Duration::from_millis(positive(&name, &value)?)
+                }
+                "publish_channels" => {
+                    let channels = positive(&name, &value)?;
+                    if channels > 64 {
+                        return Err(config_error(format!(
+                            "`publish_channels` must be at most 64, got {channels}"
+                        )));
+                    }
+                    config.publish_channels = usize::try_from(channels).unwrap_or(1);
                 }
                 "queue_expires_ms" => {
                     config.queue_expires = Some(Duration::from_millis(positive(&name, &value)?))
@@ -265,8 +280,10 @@ mod tests {
 
     #[test]
     fn busbar_parameters_are_read_and_lapin_ones_passed_through() {
-        let c = parse("amqp://u:p@h:5672/vh?exchange=shop&delivery_limit=3&heartbeat=10&publish_timeout_ms=500").unwrap();
+        let c = parse("amqp://u:p@h:5672/vh?exchange=shop&delivery_limit=3&heartbeat=10&publish_timeout_ms=500&publish_channels=8").unwrap();
         assert_eq!(c.exchange, "shop");
+        assert_eq!(c.publish_channels, 8);
+        assert_eq!(parse("amqp://h/").unwrap().publish_channels, 4);
         assert_eq!(c.delivery_limit, 3);
         assert_eq!(c.publish_timeout, Duration::from_millis(500));
         assert_eq!(c.lapin_uri, "amqp://u:p@h:5672/vh?heartbeat=10");
@@ -278,6 +295,8 @@ mod tests {
         for url in [
             "amqp://u:hunter2@h/?queue_type=stream",
             "amqp://u:hunter2@h/?delivery_limit=0",
+            "amqp://u:hunter2@h/?publish_channels=0",
+            "amqp://u:hunter2@h/?publish_channels=65",
             "amqp://u:hunter2@h/?prefetch=10",
             "amqp://u:hunter2@h1,h2/",
             "amqp://u:hunter2@h/?exchange=a%20b",

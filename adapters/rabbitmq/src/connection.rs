@@ -6,7 +6,7 @@
 //! channel and consume again, and unacked deliveries of the lost channel are redelivered by
 //! the broker.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,16 +22,23 @@ use crate::config::RabbitConfig;
 pub(crate) struct Connector {
     pub(crate) config: RabbitConfig,
     current: Mutex<Option<Arc<Connection>>>,
-    publisher: Mutex<Option<Channel>>,
+    /// Confirming channels for publishing, taken in turn: RabbitMQ handles each channel's
+    /// publishes one after another, so concurrent publishes on one channel queue up.
+    publishers: Vec<Mutex<Option<Channel>>>,
+    next_publisher: AtomicUsize,
     closed: AtomicBool,
 }
 
 impl Connector {
     pub(crate) fn new(config: RabbitConfig) -> Self {
+        let publishers = (0..config.publish_channels.max(1))
+            .map(|_| Mutex::new(None))
+            .collect();
         Connector {
             config,
             current: Mutex::new(None),
-            publisher: Mutex::new(None),
+            publishers,
+            next_publisher: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
         }
     }
@@ -148,8 +155,31 @@ impl Connector {
     }
 
     /// The shared publishing channel, in confirm mode.
+    /// Opens every publishing channel, so the first publishes after connecting find theirs
+    /// open: a channel opened during an outage would end in a `Timeout`, where a publish on an
+    /// open one sees the lost connection.
+    pub(crate) async fn open_publishers(&self, deadline: Instant) -> Result<()> {
+        for turn in 0..self.publishers.len() {
+            self.publisher_at(turn, deadline).await?;
+        }
+        Ok(())
+    }
+
+    /// A confirming channel to publish one batch on: the pool's next, (re)opened if needed.
     pub(crate) async fn publisher(&self, deadline: Instant) -> Result<Channel> {
-        let mut publisher = self.publisher.lock().await;
+        let turn = self.next_publisher.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
+        self.publisher_at(turn, deadline).await
+    }
+
+    async fn publisher_at(&self, turn: usize, deadline: Instant) -> Result<Channel> {
+        let Some(slot) = self.publishers.get(turn) else {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "publish",
+                "no publisher channel",
+            ));
+        };
+        let mut publisher = slot.lock().await;
         if let Some(channel) = publisher.as_ref() {
             if channel.status().connected() {
                 return Ok(channel.clone());
@@ -166,8 +196,10 @@ impl Connector {
 
     pub(crate) async fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        if let Some(channel) = self.publisher.lock().await.take() {
-            let _ = channel.close(200, "busbar transport closed".into()).await;
+        for slot in &self.publishers {
+            if let Some(channel) = slot.lock().await.take() {
+                let _ = channel.close(200, "busbar transport closed".into()).await;
+            }
         }
         if let Some(connection) = self.current.lock().await.take() {
             let _ = connection

@@ -90,6 +90,8 @@ impl RabbitTransport {
     pub async fn connect_with(config: RabbitConfig) -> Result<Self> {
         let connector = Connector::new(config);
         connector.connect_once().await?;
+        let deadline = Instant::now() + connector.config.publish_timeout;
+        connector.open_publishers(deadline).await?;
         Ok(RabbitTransport {
             inner: Arc::new(Inner {
                 connector,
