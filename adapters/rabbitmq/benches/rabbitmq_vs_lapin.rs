@@ -1,4 +1,4 @@
-//! busbar on RabbitMQ against an expert raw lapin client, same broker, same settings, one run:
+//! busbar on RabbitMQ against an expert raw lapin client, same broker, same settings:
 //! 1 KiB persistent messages to a quorum queue through a topic exchange, publisher confirms,
 //! consumers with prefetch 64 acking each message.
 //!
@@ -13,7 +13,9 @@
 //! - **throughput-bound**: 8 publishers, so 8 batches are in flight at once.
 //!
 //! `cargo bench -p busbar-rabbitmq --bench rabbitmq_vs_lapin` (RabbitMQ on 127.0.0.1:5672, or
-//! `BUSBAR_RABBITMQ_URL`). Prints messages per second and the busbar/raw ratios.
+//! `BUSBAR_RABBITMQ_URL`; `BUSBAR_BENCH_ROUNDS`, default 5; `BUSBAR_BENCH_PARAMS` adds
+//! parameters to busbar's URL, e.g. `&publish_channels=1`). Prints the median messages per
+//! second of the rounds (single runs drift by ±20 %) and the busbar/raw ratios.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -260,9 +262,14 @@ async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
 /// publishers) and a subscription with a no-op handler and the raw consumer's prefetch.
 async fn busbar(run: &str, regime: Regime) -> (Duration, Duration) {
     let transport = RabbitTransport::connect(
-        &format!("{}?exchange=bb-bench-{run}&queue_expires_ms=600000", url())
-            .parse()
-            .expect("url"),
+        &format!(
+            "{}?exchange=bb-bench-{run}&queue_expires_ms=600000{}",
+            url(),
+            // More of busbar's URL parameters, e.g. `&publish_channels=1`.
+            std::env::var("BUSBAR_BENCH_PARAMS").unwrap_or_default()
+        )
+        .parse()
+        .expect("url"),
     )
     .await
     .expect("connect");
@@ -313,31 +320,50 @@ async fn busbar(run: &str, regime: Regime) -> (Duration, Duration) {
     (publish, end_to_end)
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    let rounds: usize = std::env::var("BUSBAR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
     runtime.block_on(async {
-        println!("RabbitMQ, {N} x 1 KiB persistent, quorum queue, confirms per batch of {BATCH}, prefetch {PREFETCH}\n");
+        println!("RabbitMQ, {N} x 1 KiB persistent, quorum queue, confirms per batch of {BATCH}, prefetch {PREFETCH}, median of {rounds} rounds\n");
         println!("| regime | | expert raw lapin | busbar | busbar/raw |");
         println!("|---|---|---|---|---|");
         for (name, regime) in [
             ("latency-bound (1 batch in flight)", Regime::Latency),
             ("throughput-bound (8 batches in flight)", Regime::Throughput),
         ] {
-            let run = format!("{:x}-{}", std::process::id(), regime.publishers());
-            let (raw_publish, raw_e2e) = raw(&run, regime).await;
-            let (bb_publish, bb_e2e) = busbar(&run, regime).await;
-            for (what, raw, bb) in [
-                ("publish", raw_publish, bb_publish),
-                ("end-to-end", raw_e2e, bb_e2e),
-            ] {
+            // [raw, busbar] x [publish, end-to-end], msg/s per round; who goes first alternates.
+            let mut rates = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+            for round in 0..rounds {
+                let run = format!("{:x}-{}-{round}", std::process::id(), regime.publishers());
+                let (raw_run, bb_run) = if round % 2 == 0 {
+                    let raw_run = raw(&run, regime).await;
+                    (raw_run, busbar(&run, regime).await)
+                } else {
+                    let bb_run = busbar(&run, regime).await;
+                    (raw(&run, regime).await, bb_run)
+                };
+                for (client, (publish, e2e)) in [raw_run, bb_run].into_iter().enumerate() {
+                    rates[client][0].push(rate(publish));
+                    rates[client][1].push(rate(e2e));
+                }
+            }
+            for (stage, what) in ["publish", "end-to-end"].into_iter().enumerate() {
+                let raw = median(rates[0][stage].clone());
+                let bb = median(rates[1][stage].clone());
                 println!(
-                    "| {name} | {what} | {:.0} msg/s | {:.0} msg/s | {:.2} |",
-                    rate(raw),
-                    rate(bb),
-                    rate(bb) / rate(raw)
+                    "| {name} | {what} | {raw:.0} msg/s | {bb:.0} msg/s | {:.2} |",
+                    bb / raw
                 );
             }
         }
