@@ -419,8 +419,7 @@ impl<T> Envelope<T> {
     where
         T: Serialize,
     {
-        let payload = self.encode_payload(codec)?;
-        Ok(Attributes {
+        Envelope {
             id: self.id.clone(),
             event_type: self.event_type.clone(),
             source: self.source.clone(),
@@ -432,35 +431,14 @@ impl<T> Envelope<T> {
             tracestate: self.tracestate.clone(),
             headers: self.headers.clone(),
             key: self.key.clone(),
+            payload: &self.payload,
         }
-        .into_message(topic, payload))
+        .into_message(codec, topic)
     }
 
     /// Like [`to_message`](Self::to_message), moving the envelope's strings into the message
     /// instead of copying them (what `publish` does with the envelopes it makes).
     pub fn into_message<C: Codec>(self, codec: &C, topic: &str) -> Result<Message>
-    where
-        T: Serialize,
-    {
-        let payload = self.encode_payload(codec)?;
-        Ok(Attributes {
-            id: self.id,
-            event_type: self.event_type,
-            source: self.source,
-            time: self.time,
-            correlation_id: self.correlation_id,
-            causation_id: self.causation_id,
-            content_type: self.content_type,
-            traceparent: self.traceparent,
-            tracestate: self.tracestate,
-            headers: self.headers,
-            key: self.key,
-        }
-        .into_message(topic, payload))
-    }
-
-    /// Checks the headers and the event type, and encodes the payload.
-    fn encode_payload<C: Codec>(&self, codec: &C) -> Result<bytes::Bytes>
     where
         T: Serialize,
     {
@@ -475,27 +453,7 @@ impl<T> Envelope<T> {
             )
             .with_resource(format!("message {}", self.id)));
         }
-        codec.encode(&self.event_type, &self.payload)
-    }
-}
-
-/// An envelope's metadata, owned, on its way into a [`Message`].
-struct Attributes {
-    id: String,
-    event_type: String,
-    source: String,
-    time: Option<DateTime<Utc>>,
-    correlation_id: Option<String>,
-    causation_id: Option<String>,
-    content_type: String,
-    traceparent: Option<String>,
-    tracestate: Option<String>,
-    headers: Headers,
-    key: Option<String>,
-}
-
-impl Attributes {
-    fn into_message(self, topic: &str, payload: bytes::Bytes) -> Message {
+        let payload = codec.encode(&self.event_type, &self.payload)?;
         let mut headers = self.headers;
         let mut set = |name: &'static str, value: String| {
             headers.insert(HeaderName::from_static(name), value);
@@ -522,13 +480,13 @@ impl Attributes {
                 time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
             );
         }
-        Message {
+        Ok(Message {
             id: self.id,
             topic: topic.to_string(),
             key: self.key,
             headers,
             payload,
-        }
+        })
     }
 }
 
