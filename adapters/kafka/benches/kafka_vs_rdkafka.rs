@@ -12,7 +12,8 @@
 //! `BUSBAR_KAFKA_URL` with a kafka:// URL; `BUSBAR_BENCH_ROUNDS`, default 5;
 //! `BUSBAR_BENCH_ONLY=busbar,hand-rolled` runs only those clients (of `bare`, `raw`,
 //! `hand-rolled`, `busbar`), e.g. one alone under a profiler; `BUSBAR_BENCH_MESSAGES`,
-//! default 50,000, per timed run: long enough that the last fetch, 2-240 ms, weighs little).
+//! default 50,000, per timed run: long enough that the last fetch, 2-240 ms, weighs little;
+//! `BUSBAR_BENCH_PUBLISHERS`, default 1: concurrent publishers, 8 for the throughput-bound regime).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +37,20 @@ fn n() -> usize {
     })
 }
 const BATCH: usize = 100;
+
+/// Concurrent publishers, each with one batch in flight: `BUSBAR_BENCH_PUBLISHERS`, default 1
+/// (latency-bound); 8 makes publishing throughput-bound.
+fn publishers() -> usize {
+    std::env::var("BUSBAR_BENCH_PUBLISHERS")
+        .ok()
+        .and_then(|p| p.parse::<usize>().ok())
+        .map_or(1, |p| p.clamp(1, n() / BATCH))
+}
+
+/// The batch numbers publisher `p` of [`publishers`] sends.
+fn batches_of(p: usize) -> impl Iterator<Item = usize> {
+    (0..n() / BATCH).filter(move |b| b % publishers() == p)
+}
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Blob {
@@ -108,8 +123,9 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
         .expect("producer");
     let topic = format!("raw-bench-{run}");
     let payload = vec![b'x'; 1024];
-    let publish_all = || async {
-        for b in 0..n() / BATCH {
+    let (producer_ref, topic_ref, payload_ref) = (&producer, &topic, &payload);
+    let publish_some = move |p: usize| async move {
+        for b in batches_of(p) {
             let mut pending = Vec::with_capacity(BATCH);
             for i in 0..BATCH {
                 let key = format!("k{}", (b * BATCH + i) % 64);
@@ -118,14 +134,14 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
                     json = serde_json::to_vec(&blob(b * BATCH + i)).expect("json");
                     &json
                 } else {
-                    &payload
+                    payload_ref
                 };
-                let mut record = FutureRecord::to(&topic).payload(value).key(&key);
+                let mut record = FutureRecord::to(topic_ref).payload(value).key(&key);
                 if mode != Raw::Bare {
                     record = record.headers(cloudevents_headers(b * BATCH + i));
                 }
                 pending.push(
-                    producer
+                    producer_ref
                         .send_result(record)
                         .map_err(|(e, _)| e)
                         .expect("queue"),
@@ -136,6 +152,7 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
             }
         }
     };
+    let publish_all = || futures::future::join_all((0..publishers()).map(publish_some));
     // Warm-up (topic creation, connections), not timed; its records are consumed below.
     let warm = FutureRecord::to(&topic).payload(&payload).key("k0");
     producer
@@ -195,7 +212,7 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
         }
         let _ = done_tx.send(());
     };
-    let (_, ()) = tokio::join!(consuming, publish_all());
+    let (_, _published) = tokio::join!(consuming, publish_all());
     done_rx.await.expect("done");
     (publish, start.elapsed())
 }
@@ -218,11 +235,16 @@ async fn busbar(run: &str) -> (Duration, Duration) {
     .expect("connect");
     let bus = Bus::new(transport);
     let topic = format!("bb-bench-{run}");
-    let publish_all = || async {
-        for b in 0..n() / BATCH {
-            let batch: Vec<Blob> = (0..BATCH).map(|i| blob(b * BATCH + i)).collect();
-            bus.publish_batch(&topic, batch).await.expect("publish");
-        }
+    let publish_all = || {
+        futures::future::join_all((0..publishers()).map(|p| {
+            let (bus, topic) = (bus.clone(), topic.clone());
+            async move {
+                for b in batches_of(p) {
+                    let batch: Vec<Blob> = (0..BATCH).map(|i| blob(b * BATCH + i)).collect();
+                    bus.publish_batch(&topic, batch).await.expect("publish");
+                }
+            }
+        }))
     };
     // Warm-up (topic creation, connections), not timed; consumed below.
     bus.publish(&topic, blob(0)).await.expect("warm-up");
@@ -308,9 +330,10 @@ fn main() {
             )
         });
         println!(
-            "Kafka ({}), {} x 1 KiB, acks=all + idempotence, batches of {BATCH}, median of {rounds} rounds",
+            "Kafka ({}), {} x 1 KiB, acks=all + idempotence, batches of {BATCH}, {} publisher(s), median of {rounds} rounds",
             brokers(),
-            n()
+            n(),
+            publishers()
         );
         println!("| | bare | raw | hand-rolled | busbar | busbar/raw | busbar/hand-rolled | busbar/bare |");
         println!("|---|---|---|---|---|---|---|---|");
