@@ -213,20 +213,6 @@ impl Tracker {
         }
     }
 
-    /// The paused partitions that now hold less than half their limit, marked resumed, with
-    /// the offset to fetch from (past the last one received); the caller resumes their fetch.
-    /// [`Tracker::finished`] says so as soon as it happens; this is the periodic check.
-    fn take_resumable(&mut self) -> Vec<(Partition, i64)> {
-        let mut resumable = Vec::new();
-        for (partition, state) in &mut self.partitions {
-            if state.paused && state.under_half(&self.limit) {
-                state.paused = false;
-                resumable.push((partition.clone(), state.next));
-            }
-        }
-        resumable
-    }
-
     fn forget(&mut self, partitions: &[Partition]) {
         for partition in partitions {
             self.partitions.remove(partition);
@@ -476,10 +462,6 @@ async fn run(
             }
             _ = tick.tick() => {
                 commit(&consumer, &tracker, CommitMode::Async);
-                let resumable = lock(&tracker).take_resumable();
-                for (partition, next) in resumable {
-                    fetch(&consumer, &partition, Fetch::Resume(next));
-                }
             }
             record = consumer.recv() => match record {
                 Ok(record) => {
@@ -731,8 +713,11 @@ mod tests {
         t.received(&p(), &m, 4);
         assert!(!t.should_pause(&p()), "already paused");
         assert_eq!(t.finished(&p(), &m, 0).resume_from, None);
-        assert_eq!(t.finished(&p(), &m, 1).resume_from, None);
-        assert!(t.take_resumable().is_empty(), "three still held");
+        assert_eq!(
+            t.finished(&p(), &m, 1).resume_from,
+            None,
+            "three still held"
+        );
         assert_eq!(
             t.finished(&p(), &m, 2).resume_from,
             None,
@@ -743,23 +728,9 @@ mod tests {
             Some(5),
             "under half: the finish says to resume at once, past the last received"
         );
-        assert!(t.take_resumable().is_empty(), "resumed once");
+        assert_eq!(t.finished(&p(), &m, 4).resume_from, None, "resumed once");
         t.forget(&[p()]);
         assert!(!t.should_pause(&p()), "a forgotten partition is not paused");
-    }
-
-    #[test]
-    fn the_periodic_check_resumes_a_paused_partition_under_half() {
-        let mut t = tracker(2, 1 << 20);
-        let m = Arc::new(Message::new("m", "t", ""));
-        t.received(&p(), &m, 0);
-        t.received(&p(), &m, 1);
-        assert!(t.should_pause(&p()));
-        assert!(t.take_resumable().is_empty(), "still full");
-        if let Some(state) = t.partitions.get_mut(&p()) {
-            state.in_flight.clear();
-        }
-        assert_eq!(t.take_resumable(), vec![(p(), 2)]);
     }
 
     #[test]
