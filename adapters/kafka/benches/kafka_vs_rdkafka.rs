@@ -15,6 +15,8 @@
 //! default 50,000, per timed run: long enough that the last fetch, 2-240 ms, weighs little;
 //! `BUSBAR_BENCH_PUBLISHERS`, default 1: concurrent publishers, 8 for the throughput-bound regime).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,8 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use serde::{Deserialize, Serialize};
+
+use common::hand_rolled_read;
 
 /// Messages per timed run: `BUSBAR_BENCH_MESSAGES`, default 50,000 (a multiple of [`BATCH`]).
 fn n() -> usize {
@@ -185,21 +189,7 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
         while received < n() {
             let record = stream.next().await.expect("stream").expect("record");
             if mode == Raw::HandRolled {
-                use rdkafka::message::Headers;
-                let headers = record.headers().expect("headers");
-                let header = |name: &str| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == name)
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .map(str::to_owned)
-                };
-                let (id, kind) = (header("ce_id"), header("ce_type"));
-                assert_eq!(kind.as_deref(), Some(Blob::TYPE));
-                let event: Blob =
-                    serde_json::from_slice(record.payload().expect("value")).expect("parse");
-                std::hint::black_box((id, event));
+                std::hint::black_box(hand_rolled_read::<Blob>(&record));
             } else {
                 std::hint::black_box(record.payload());
             }
