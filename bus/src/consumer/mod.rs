@@ -216,6 +216,10 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             .consume(&self.topic, &self.group, ConsumeOptions { max_in_flight })
             .await?;
         let counters = Arc::new(Counters::default());
+        let origin = Arc::new(context::Origin {
+            topic: self.topic,
+            group: self.group,
+        });
         let shared = Arc::new(runtime::Shared {
             retry: self
                 .retry
@@ -223,10 +227,7 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             system: transport.name(),
             max_message_bytes: transport.capabilities().max_message_bytes,
             bus: self.bus,
-            origin: Arc::new(context::Origin {
-                topic: self.topic.clone(),
-                group: self.group.clone(),
-            }),
+            origin: Arc::clone(&origin),
             decoder,
             event_types,
             unknown_types: self.unknown_types,
@@ -241,10 +242,9 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             key_ordered: self.key_ordered,
         };
         let task = tokio::spawn(runtime::run(shared, stream, stop_rx, limits));
-        tracing::debug!(topic = %self.topic, group = %self.group, concurrency, max_in_flight, "subscription started");
+        tracing::debug!(topic = %origin.topic, group = %origin.group, concurrency, max_in_flight, "subscription started");
         Ok(Subscription {
-            topic: self.topic,
-            group: self.group,
+            origin,
             stop,
             task: Some(task),
             counters,
@@ -353,8 +353,7 @@ pub struct ShutdownReport {
 /// ```
 #[must_use = "dropping a Subscription stops it"]
 pub struct Subscription {
-    topic: String,
-    group: String,
+    origin: Arc<context::Origin>,
     stop: watch::Sender<Option<Instant>>,
     task: Option<JoinHandle<ShutdownReport>>,
     counters: Arc<Counters>,
@@ -365,8 +364,8 @@ pub struct Subscription {
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Subscription")
-            .field("topic", &self.topic)
-            .field("group", &self.group)
+            .field("topic", &self.origin.topic)
+            .field("group", &self.origin.group)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -375,12 +374,12 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     /// The subscribed topic.
     pub fn topic(&self) -> &str {
-        &self.topic
+        &self.origin.topic
     }
 
     /// The subscription group.
     pub fn group(&self) -> &str {
-        &self.group
+        &self.origin.group
     }
 
     /// What the subscription did so far.
@@ -413,7 +412,10 @@ impl Subscription {
         };
         task.await.map_err(|e| {
             Error::new(ErrorKind::Closed, "shutdown", "the consumer task failed")
-                .with_resource(format!("topic {}, group {}", self.topic, self.group))
+                .with_resource(format!(
+                    "topic {}, group {}",
+                    self.origin.topic, self.origin.group
+                ))
                 .with_source(e)
         })
     }
