@@ -49,7 +49,7 @@ use tokio::time::Instant;
 pub use config::{QueueType, RabbitConfig};
 
 use connection::Connector;
-use publisher::{send_confirmed, Outgoing};
+use publisher::{not_published, send_confirmed, Outgoing};
 use topology::Declared;
 
 pub(crate) struct Inner {
@@ -138,7 +138,13 @@ impl Transport for RabbitTransport {
         if batch.is_empty() {
             return Ok(());
         }
-        topology::ensure_exchange(connector, &self.inner.declared, self.deadline()).await?;
+        // A consumer that reconnects makes the exchange be declared again; when that fails,
+        // the error names the messages like any other unpublished batch.
+        if let Err(e) =
+            topology::ensure_exchange(connector, &self.inner.declared, self.deadline()).await
+        {
+            return Err(not_published(connector, "publish", &batch, batch.len(), e));
+        }
         send_confirmed(connector, batch, "publish").await
     }
 

@@ -21,6 +21,30 @@ pub(crate) struct Outgoing {
     pub(crate) payload: Bytes,
 }
 
+/// `error` stopped `pending` (of `total`) before RabbitMQ confirmed them: say which.
+pub(crate) fn not_published(
+    connector: &Connector,
+    operation: &'static str,
+    pending: &[Outgoing],
+    total: usize,
+    error: Error,
+) -> Error {
+    let ids: Vec<&str> = pending.iter().map(|o| o.id.as_str()).collect();
+    Error::new(
+        error.kind(),
+        operation,
+        format!(
+            "{} of {total} messages were not published (no confirm from RabbitMQ): {}; {}",
+            pending.len(),
+            ids.join(", "),
+            error.message()
+        ),
+    )
+    .with_resource(connector.config.url.to_string())
+    .with_retryable(error.is_retryable())
+    .with_source(error)
+}
+
 /// Publishes `batch` and waits for every confirm, re-sending after a lost connection.
 pub(crate) async fn send_confirmed(
     connector: &Connector,
@@ -33,22 +57,7 @@ pub(crate) async fn send_confirmed(
         connector.ensure_open(operation)?;
         let channel = match connector.publisher(deadline).await {
             Ok(channel) => channel,
-            Err(e) => {
-                let ids: Vec<&str> = pending.iter().map(|o| o.id.as_str()).collect();
-                return Err(Error::new(
-                    e.kind(),
-                    operation,
-                    format!(
-                        "{} of {total} messages were not published (no confirm from RabbitMQ): {}; {}",
-                        pending.len(),
-                        ids.join(", "),
-                        e.message()
-                    ),
-                )
-                .with_resource(connector.config.url.to_string())
-                .with_retryable(e.is_retryable())
-                .with_source(e));
-            }
+            Err(e) => return Err(not_published(connector, operation, &pending, total, e)),
         };
         let mut confirms = Vec::with_capacity(pending.len());
         let mut lost: Option<lapin::Error> = None;
