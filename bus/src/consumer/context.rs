@@ -1,11 +1,12 @@
 //! The handler's context: where the message came from, and publishing that continues its
 //! conversation.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::bus::Bus;
+use crate::codec::Json;
 use crate::envelope::{attr, new_traceparent, Envelope, Event};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 
 /// What a handler knows about the message it handles, and a bus to publish follow-ups.
@@ -51,6 +52,8 @@ pub struct Context {
     /// copied, since most handlers never ask for them.
     message: Arc<Message>,
     attempt: u32,
+    /// Where publishes go instead of the transport, when set (see [`Context::capturing`]).
+    capture: Option<Arc<Captured>>,
 }
 
 /// Where a subscription's messages come from; one per subscription, shared by its contexts.
@@ -72,6 +75,7 @@ impl Context {
             subscription: Arc::clone(subscription),
             message,
             attempt,
+            capture: None,
         }
     }
 
@@ -119,8 +123,103 @@ impl Context {
         envelope
     }
 
-    /// Publishes a follow-up event to `topic`; returns its id.
+    /// Publishes a follow-up event to `topic`; returns its id. On a [capturing](Self::capturing)
+    /// context the encoded message is kept for the capture's owner instead (an outbox writes
+    /// it in the handler's transaction).
     pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<String> {
-        self.bus.publish_owned(topic, self.envelope(event)).await
+        let envelope = self.envelope(event);
+        match &self.capture {
+            None => self.bus.publish_owned(topic, envelope).await,
+            Some(capture) => {
+                let id = envelope.id.clone();
+                capture.push(envelope.into_message(&Json, topic)?)?;
+                Ok(id)
+            }
+        }
+    }
+
+    /// A copy of this context whose [`publish`](Self::publish) calls are captured, not sent:
+    /// each encoded message (same id, correlation and causation as it would have had) is kept
+    /// in the returned [`Captured`] until its owner takes them. A consumer outbox uses it to
+    /// write a handler's follow-up events in the handler's own database transaction.
+    ///
+    /// Publishing through [`bus`](Self::bus) bypasses the capture.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # use serde::{Deserialize, Serialize};
+    /// # use busbar_core::{Bus, Context, Envelope, Event, HandlerError};
+    /// # #[derive(Serialize, Deserialize)] struct Shipped { order: u32 }
+    /// # impl Event for Shipped { const TYPE: &'static str = "shop.shipped.v1"; }
+    /// # let bus = Bus::memory();
+    /// # let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// # let _sub = bus.subscribe::<Shipped>("orders", "g").start(move |_: Envelope<Shipped>, ctx: Context| {
+    /// #     let tx = tx.clone();
+    /// #     async move { let _ = tx.send(ctx); Ok::<(), HandlerError>(()) }
+    /// # }).await?;
+    /// # bus.publish("orders", Shipped { order: 1 }).await?;
+    /// # let ctx: Context = rx.recv().await.unwrap();
+    /// let (capturing, captured) = ctx.capturing();
+    /// let id = capturing.publish("mail", Shipped { order: 1 }).await?;
+    /// let messages = captured.take()?; // and later publishes through `capturing` fail
+    /// assert_eq!(messages[0].id, id);
+    /// assert_eq!(messages[0].header("ce_causationid"), Some(ctx.message_id()));
+    /// assert!(capturing.publish("mail", Shipped { order: 2 }).await.is_err());
+    /// # Ok::<(), busbar_core::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn capturing(&self) -> (Context, Arc<Captured>) {
+        let captured = Arc::new(Captured {
+            messages: Mutex::new(Some(Vec::new())),
+        });
+        let mut context = self.clone();
+        context.capture = Some(Arc::clone(&captured));
+        (context, captured)
+    }
+}
+
+/// The messages a [capturing](Context::capturing) context published, waiting for their owner.
+#[derive(Debug)]
+pub struct Captured {
+    /// `None` once taken: a publish after that is an error, never a silent loss.
+    messages: Mutex<Option<Vec<Message>>>,
+}
+
+impl Captured {
+    fn push(&self, message: Message) -> Result<()> {
+        match self
+            .messages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            Some(messages) => {
+                messages.push(message);
+                Ok(())
+            }
+            None => Err(Error::new(
+                ErrorKind::Closed,
+                "publish",
+                "the handler this context belongs to has finished, and its captured messages \
+                 were already taken (by its transaction's outbox); publish through the bus instead",
+            )
+            .with_resource(format!("message {} on topic {}", message.id, message.topic))),
+        }
+    }
+
+    /// Takes the captured messages, in publish order. Later publishes through the capturing
+    /// context fail with [`ErrorKind::Closed`]; taking twice is an error of the same kind.
+    pub fn take(&self) -> Result<Vec<Message>> {
+        self.messages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Closed,
+                    "take captured messages",
+                    "they were already taken",
+                )
+            })
     }
 }

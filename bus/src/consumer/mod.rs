@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use context::Context;
+pub use context::{Captured, Context};
 pub use handler::{BoxFuture, Handler, HandlerError, Interceptor};
 
 use crate::bus::Bus;

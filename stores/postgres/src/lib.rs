@@ -32,6 +32,8 @@
 )]
 
 mod inbox;
+pub mod outbox;
+mod relay;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +45,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
 pub use inbox::{InboxHandler, PostgresInbox};
+pub use outbox::{FailedMessage, OutboxStats, PostgresOutbox, DEFAULT_OUTBOX_TABLE};
+pub use relay::{Relay, RelayBuilder, RelayStats, DEFAULT_BATCH_SIZE, DEFAULT_RETENTION};
 pub use sqlx;
 
 /// The statements of one table, built once.
@@ -62,19 +66,7 @@ pub(crate) struct Statements {
 
 impl Statements {
     fn new(table: &str) -> Result<Self> {
-        let valid = !table.is_empty()
-            && table.len() <= 63
-            && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && table
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid {
-            return Err(Error::new(
-                ErrorKind::Config,
-                "configure idempotency store",
-                format!("table name {table:?} must be a lowercase SQL identifier (a-z, 0-9, _), at most 63 bytes"),
-            ));
-        }
+        check_table(table, "configure idempotency store")?;
         let s = |sql: String| Arc::<str>::from(sql);
         Ok(Statements {
             table: table.to_string(),
@@ -130,6 +122,52 @@ impl Statements {
             )),
         })
     }
+}
+
+/// Refuses a table name that is not a plain lowercase SQL identifier (it is put into SQL text).
+pub(crate) fn check_table(table: &str, operation: &'static str) -> Result<()> {
+    let valid = !table.is_empty()
+        && table.len() <= 63
+        && table.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && table
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Config,
+            operation,
+            format!("table name {table:?} must be a lowercase SQL identifier (a-z, 0-9, _), at most 63 bytes"),
+        ))
+    }
+}
+
+/// Runs `statements` under a transaction-scoped advisory lock named after `table`:
+/// `CREATE … IF NOT EXISTS` alone races in PostgreSQL when several instances start at once.
+pub(crate) async fn ensure_schema(
+    pool: &PgPool,
+    table: &str,
+    statements: &[Arc<str>],
+) -> Result<()> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| store_error("ensure schema", e))?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("busbar-schema:{table}"))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| store_error("ensure schema", e))?;
+    for statement in statements {
+        sqlx::query(sql(statement))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| store_error("ensure schema", e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| store_error("ensure schema", e))
 }
 
 pub(crate) fn sql(text: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
@@ -194,25 +232,7 @@ impl PostgresIdempotencyStore {
     /// instances start at once: `CREATE … IF NOT EXISTS` alone races in PostgreSQL, so the
     /// statements run under a transaction-scoped advisory lock named after the table.
     pub async fn ensure_schema(&self) -> Result<()> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| store_error("ensure schema", e))?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("busbar-schema:{}", self.statements.table))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| store_error("ensure schema", e))?;
-        for statement in &self.statements.schema {
-            sqlx::query(sql(statement))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| store_error("ensure schema", e))?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| store_error("ensure schema", e))
+        ensure_schema(&self.pool, &self.statements.table, &self.statements.schema).await
     }
 
     /// Deletes up to `limit` expired records; returns how many. Run it now and then (expired
