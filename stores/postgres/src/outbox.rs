@@ -101,7 +101,7 @@ impl OutboxStatements {
             relay_lock: s("SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS held".into()),
             fetch: s(format!(
                 "SELECT seq, id, topic, key, headers::text AS headers, payload FROM {table} \
-                 WHERE {pending} ORDER BY seq LIMIT $1"
+                 WHERE {pending} AND NOT (seq = ANY($2)) ORDER BY seq LIMIT $1"
             )),
             mark_sent: s(format!(
                 "UPDATE {table} SET sent_at = now() WHERE seq = ANY($1)"

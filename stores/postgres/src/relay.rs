@@ -54,6 +54,7 @@ struct Settings {
     takeover_interval: Duration,
     retention: Duration,
     backoff: RetryPolicy,
+    listen: bool,
 }
 
 impl RelayBuilder {
@@ -69,6 +70,7 @@ impl RelayBuilder {
                     .with_initial_backoff(Duration::from_millis(100))
                     .with_max_backoff(Duration::from_secs(30))
                     .with_jitter(0.5),
+                listen: true,
             },
         }
     }
@@ -82,6 +84,15 @@ impl RelayBuilder {
     /// How often the active relay looks for rows when no notification woke it (default 1 s).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.settings.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether the active relay wakes on the `NOTIFY` each outbox write sends at commit
+    /// (default on). Turn it off where `LISTEN` cannot work, e.g. behind PgBouncer in
+    /// transaction mode: the relay then finds new rows by polling only, up to one
+    /// `poll_interval` late.
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.settings.listen = listen;
         self
     }
 
@@ -209,9 +220,21 @@ impl Drop for Relay {
 }
 
 /// A connection of the relay's own: the advisory lock lives as long as it does.
+///
+/// Its commits do not wait for the WAL flush (`synchronous_commit = off`): all it writes are
+/// sent marks, and a mark lost in a PostgreSQL crash only makes the next relay publish those
+/// rows again with the same ids, the duplicate the outbox already allows for. Waiting for the
+/// flush made every batch pay a disk sync.
 async fn connect(outbox: &PostgresOutbox) -> Result<PgConnection> {
     let options = outbox.pool.connect_options();
-    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options)).await {
+    let connect = async {
+        let mut connection = PgConnection::connect_with(&options).await?;
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut connection)
+            .await?;
+        Ok::<_, sqlx::Error>(connection)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(e)) => Err(store_error("connect the outbox relay", e)
             .with_resource(format!("table {}", outbox.statements.table))),
@@ -317,28 +340,35 @@ async fn lead(
     conn: &mut PgConnection,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut listener = PgListener::connect_with(&outbox.pool)
-        .await
-        .map_err(|e| store_error("listen for outbox writes", e))?;
-    listener
-        .listen(outbox.statements.channel())
-        .await
-        .map_err(|e| store_error("listen for outbox writes", e))?;
+    let mut listener = if settings.listen {
+        let mut listener = PgListener::connect_with(&outbox.pool)
+            .await
+            .map_err(|e| store_error("listen for outbox writes", e))?;
+        listener
+            .listen(outbox.statements.channel())
+            .await
+            .map_err(|e| store_error("listen for outbox writes", e))?;
+        Some(listener)
+    } else {
+        None
+    };
     let mut last_purge: Option<Instant> = None;
     let mut failures = 0_u32;
+    let mut pipeline = Pipeline::default();
     loop {
         if *stop.borrow() {
+            pipeline.settle(outbox, settings, counters, conn).await?;
             return Ok(());
         }
         if last_purge.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
             purge(outbox, settings, conn).await?;
             last_purge = Some(Instant::now());
         }
-        match relay_batch(outbox, settings, counters, conn).await? {
+        match pipeline.step(outbox, settings, counters, conn).await? {
             Batch::Sent(0) => {
                 // Nothing pending: wait for a commit's notification, the poll, or the stop.
                 tokio::select! {
-                    received = listener.try_recv() => {
+                    received = notified(listener.as_mut()) => {
                         received.map_err(|e| store_error("listen for outbox writes", e))?;
                     }
                     _ = tokio::time::sleep(settings.poll_interval) => {}
@@ -362,6 +392,17 @@ async fn lead(
                 return Ok(());
             }
         }
+    }
+}
+
+/// The next notification (`Ok(None)` after a reconnect that may have lost some); never
+/// without a listener.
+async fn notified(
+    listener: Option<&mut PgListener>,
+) -> std::result::Result<Option<sqlx::postgres::PgNotification>, sqlx::Error> {
+    match listener {
+        Some(listener) => listener.try_recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -401,13 +442,17 @@ fn about_the_message(error: &Error) -> bool {
     )
 }
 
+/// The next pending rows in sequence order, leaving out `in_flight` (published, not yet
+/// marked).
 async fn fetch(
     outbox: &PostgresOutbox,
     settings: &Settings,
     conn: &mut PgConnection,
+    in_flight: &[i64],
 ) -> Result<(Vec<i64>, Vec<Message>)> {
     let rows = sqlx::query(sql(&outbox.statements.fetch))
         .bind(i64::try_from(settings.batch_size).unwrap_or(i64::MAX))
+        .bind(in_flight)
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| store_error("read the outbox", e))?;
@@ -421,38 +466,81 @@ async fn fetch(
     Ok((seqs, messages))
 }
 
-/// Publishes the next pending rows and marks them. Database errors are `Err`.
-async fn relay_batch(
-    outbox: &PostgresOutbox,
-    settings: &Settings,
-    counters: &Counters,
-    conn: &mut PgConnection,
-) -> Result<Batch> {
-    let (seqs, messages) = fetch(outbox, settings, conn).await?;
-    if seqs.is_empty() {
-        return Ok(Batch::Sent(0));
-    }
-    let error = match outbox.bus.publish_messages(messages).await {
-        Ok(()) => {
-            mark_sent(outbox, settings, conn, &seqs).await?;
-            counters.batches.fetch_add(1, Ordering::Relaxed);
-            counters
-                .published
-                .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-            tracing::debug!(table = %outbox.statements.table, rows = seqs.len(), "outbox relay: published a batch");
-            return Ok(Batch::Sent(seqs.len()));
+/// Batches in a pipeline: while the broker takes one batch, the connection marks the batch
+/// before it (already confirmed) and fetches the next, so the database's time hides behind
+/// the broker's. A batch is marked only after the broker confirmed it.
+#[derive(Default)]
+struct Pipeline {
+    /// Confirmed by the broker, not yet marked sent.
+    unmarked: Vec<i64>,
+    /// Fetched while the previous batch was being published.
+    next: Option<(Vec<i64>, Vec<Message>)>,
+}
+
+impl Pipeline {
+    /// Publishes the next batch. Database errors are `Err`.
+    async fn step(
+        &mut self,
+        outbox: &PostgresOutbox,
+        settings: &Settings,
+        counters: &Counters,
+        conn: &mut PgConnection,
+    ) -> Result<Batch> {
+        let (seqs, messages) = match self.next.take() {
+            Some(batch) => batch,
+            None => fetch(outbox, settings, conn, &[]).await?,
+        };
+        if seqs.is_empty() {
+            self.settle(outbox, settings, counters, conn).await?;
+            return Ok(Batch::Sent(0));
         }
-        Err(e) => e,
-    };
-    if error.kind() == ErrorKind::Closed {
-        return Ok(Batch::Closed(error));
+        let unmarked = std::mem::take(&mut self.unmarked);
+        let (published, prefetched) = tokio::join!(outbox.bus.publish_messages(messages), async {
+            mark_sent(outbox, settings, conn, &unmarked).await?;
+            fetch(outbox, settings, conn, &seqs).await
+        });
+        let prefetched = prefetched?;
+        counters
+            .published
+            .fetch_add(unmarked.len() as u64, Ordering::Relaxed);
+        let error = match published {
+            Ok(()) => {
+                counters.batches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(table = %outbox.statements.table, rows = seqs.len(), "outbox relay: published a batch");
+                let n = seqs.len();
+                self.unmarked = seqs;
+                self.next = Some(prefetched);
+                return Ok(Batch::Sent(n));
+            }
+            Err(e) => e,
+        };
+        if error.kind() == ErrorKind::Closed {
+            return Ok(Batch::Closed(error));
+        }
+        if error.is_retryable() && !about_the_message(&error) {
+            return Ok(Batch::Retry(error));
+        }
+        // Refused for good: find out which rows, one at a time (the batch was moved into
+        // the transport; fetching again is cheaper than copying every batch for this rare
+        // case).
+        isolate(outbox, settings, counters, conn).await
     }
-    if error.is_retryable() && !about_the_message(&error) {
-        return Ok(Batch::Retry(error));
+
+    /// Marks what the broker confirmed.
+    async fn settle(
+        &mut self,
+        outbox: &PostgresOutbox,
+        settings: &Settings,
+        counters: &Counters,
+        conn: &mut PgConnection,
+    ) -> Result<()> {
+        let unmarked = std::mem::take(&mut self.unmarked);
+        mark_sent(outbox, settings, conn, &unmarked).await?;
+        counters
+            .published
+            .fetch_add(unmarked.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
-    // Refused for good: find out which rows, one at a time (the batch was moved into the
-    // transport; fetching again is cheaper than copying every batch for this rare case).
-    isolate(outbox, settings, counters, conn).await
 }
 
 /// Publishes the pending rows one by one, marking the refused ones failed (see the module
@@ -463,7 +551,7 @@ async fn isolate(
     counters: &Counters,
     conn: &mut PgConnection,
 ) -> Result<Batch> {
-    let (seqs, messages) = fetch(outbox, settings, conn).await?;
+    let (seqs, messages) = fetch(outbox, settings, conn, &[]).await?;
     let mut sent = Vec::new();
     let mut failed: Vec<(i64, Error)> = Vec::new();
     let mut undecided: Vec<(i64, Error)> = Vec::new();
@@ -548,8 +636,9 @@ pub(crate) async fn flush(outbox: &PostgresOutbox) -> Result<u64> {
         .with_resource(format!("table {}", outbox.statements.table)));
     }
     let counters = Counters::default();
+    let mut pipeline = Pipeline::default();
     let outcome = loop {
-        match relay_batch(outbox, &settings, &counters, &mut conn).await {
+        match pipeline.step(outbox, &settings, &counters, &mut conn).await {
             Ok(Batch::Sent(0)) => break Ok(counters.published.load(Ordering::Relaxed)),
             Ok(Batch::Sent(_)) => {}
             Ok(Batch::Retry(e) | Batch::Closed(e)) | Err(e) => break Err(e),

@@ -237,6 +237,10 @@ async fn relays_committed_rows_once_in_key_order(transport: Arc<dyn Transport>) 
     assert_eq!(written.len(), total);
     wait_for("every committed event handled", || seen.len() >= total).await;
     wait_for("the standby took over", || standby.stats().active).await;
+    wait_for("every row marked sent", || {
+        first_share + standby.stats().published >= total as u64
+    })
+    .await;
     assert_eq!(
         first_share + standby.stats().published,
         total as u64,
@@ -461,7 +465,10 @@ async fn a_refused_row_is_marked_failed_and_the_others_go_on() {
 
     // Put back and relayed by a transport that takes it: same id.
     assert_eq!(
-        outbox.retry_failed(Some(std::slice::from_ref(&big_id))).await.unwrap(),
+        outbox
+            .retry_failed(Some(std::slice::from_ref(&big_id)))
+            .await
+            .unwrap(),
         1
     );
     assert_eq!(outbox.retry_failed(None).await.unwrap(), 0);
@@ -652,6 +659,7 @@ async fn the_consumer_outbox_publishes_only_what_committed_handlings_published()
         .collect();
     assert_eq!(seqs, HashSet::from([102, 301]));
     assert_eq!(seen.len(), 2);
+    wait_for("both rows marked sent", || relay.stats().published == 2).await;
     let stats = outbox.stats().await.unwrap();
     assert_eq!((stats.pending, stats.failed), (0, 0));
 
