@@ -71,7 +71,8 @@ pub use busbar_kafka as kafka;
 #[cfg(feature = "sqs")]
 pub use busbar_sqs as sqs;
 
-/// The PostgreSQL idempotency store and transactional inbox (feature `postgres`).
+/// PostgreSQL: the idempotency store, the transactional inbox, and the outbox with its relay
+/// (feature `postgres`).
 #[cfg(feature = "postgres")]
 pub use busbar_postgres as postgres;
 

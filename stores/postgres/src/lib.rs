@@ -1,4 +1,5 @@
-//! busbar's idempotency store on PostgreSQL, and the transactional inbox.
+//! busbar on PostgreSQL: the idempotency store, the transactional inbox, and the transactional
+//! outbox with its relay.
 //!
 //! [`PostgresIdempotencyStore`] implements busbar's [`IdempotencyStore`] so several service
 //! instances consuming one group share their dedup records: a claim is one atomic
@@ -7,6 +8,10 @@
 //!
 //! [`PostgresInbox`] goes further when the handler's effect is itself in PostgreSQL: the handler
 //! receives a transaction, and its writes and the "done" mark commit together or not at all.
+//!
+//! [`PostgresOutbox`] makes the publishing side atomic: an event written in the service's
+//! transaction is published by the [`Relay`] if and only if that transaction commits; with
+//! [`PostgresInbox::with_outbox`], a handler's follow-up events commit with its handling.
 //!
 //! ```no_run
 //! # async fn demo(bus: busbar_core::Bus) -> busbar_core::Result<()> {

@@ -871,3 +871,32 @@ async fn relay_killed_between_publish_and_mark_republishes_the_same_ids() {
     drop_table(&pool, &store_table).await;
     drop_table(&pool, &effects).await;
 }
+
+/// The pattern for a service's own tests: the outbox over a `TestBus`, a real transaction,
+/// `flush`, then the `TestBus` assertions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_test_outbox_writes_with_flush_and_a_test_bus() {
+    let Some(pool) = pool().await else { return };
+    let test = busbar_testkit::TestBus::new();
+    let outbox = outbox_on(test.bus(), &pool).await;
+
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .publish(&mut tx, "orders", probe(1, "k"))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(outbox.flush().await.unwrap(), 0);
+    test.assert_not_published::<Probe>();
+
+    let mut tx = pool.begin().await.unwrap();
+    let id = outbox
+        .publish(&mut tx, "orders", probe(2, "k"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(outbox.flush().await.unwrap(), 1);
+    let published = test.assert_published_one::<Probe>();
+    assert_eq!((published.id, published.payload.seq), (id, 2));
+    drop_table(&pool, outbox.table()).await;
+}
