@@ -900,3 +900,60 @@ async fn services_test_outbox_writes_with_flush_and_a_test_bus() {
     assert_eq!((published.id, published.payload.seq), (id, 2));
     drop_table(&pool, outbox.table()).await;
 }
+
+/// Sent rows are kept for the retention window, then deleted; with no retention, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sent_rows_are_deleted_after_their_retention() {
+    let Some(pool) = pool().await else { return };
+    let bus = Bus::memory();
+    let outbox = outbox_on(&bus, &pool).await;
+    let rows = || async {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}",
+            outbox.table()
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+    };
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .publish_batch(&mut tx, "t", (0..3).map(|i| probe(i, "")))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(outbox.flush().await.unwrap(), 3);
+    assert_eq!(
+        rows().await,
+        3,
+        "sent rows are kept for the retention window"
+    );
+    assert_eq!(
+        outbox
+            .purge_sent(Duration::from_secs(3600), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(outbox.purge_sent(Duration::ZERO, 100).await.unwrap(), 3);
+    assert_eq!(rows().await, 0);
+
+    // A relay with no retention deletes each batch once the broker confirmed it.
+    let relay = outbox
+        .relay()
+        .retention(Duration::ZERO)
+        .start()
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .publish_batch(&mut tx, "t", (0..3).map(|i| probe(i, "")))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    wait_for("published", || relay.stats().published == 3).await;
+    assert_eq!(rows().await, 0);
+    relay.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop_table(&pool, outbox.table()).await;
+}
