@@ -255,6 +255,14 @@ impl<T> Envelope<T> {
         message: &Message,
         decode: impl FnOnce(Payload<'_, C>) -> Option<Result<T>>,
     ) -> std::result::Result<Self, Undecoded> {
+        let structured;
+        let message = match crate::structured::from_structured(message)? {
+            Some(binary) => {
+                structured = binary;
+                &structured
+            }
+            None => message,
+        };
         if message.headers.len() > MAX_HEADERS {
             return Err(Undecoded::Invalid(decode_error(
                 message,
@@ -284,7 +292,20 @@ impl<T> Envelope<T> {
                 decode_error(message, format!("missing CloudEvents attribute `{name}`"))
             })
         };
-        let spec = required(attr::SPECVERSION)?;
+        let spec = message.header(attr::SPECVERSION).ok_or_else(|| {
+            decode_error(
+                message,
+                match message.header(attr::CONTENT_TYPE) {
+                    Some(content_type) => format!(
+                        "not a CloudEvent: no `specversion` attribute, and content type `{}`",
+                        crate::structured::shown(content_type)
+                    ),
+                    None => {
+                        "not a CloudEvent: no `specversion` attribute and no content type".into()
+                    }
+                },
+            )
+        })?;
         if spec != attr::SPECVERSION_1_0 {
             return Err(Undecoded::Invalid(decode_error(
                 message,
@@ -299,7 +320,13 @@ impl<T> Envelope<T> {
             Some(text) => Some(
                 DateTime::parse_from_rfc3339(text)
                     .map_err(|e| {
-                        decode_error(message, format!("`{}` is not RFC 3339: {e}", attr::TIME))
+                        decode_error(
+                            message,
+                            format!(
+                                "`time` is not RFC 3339: got `{}` ({e})",
+                                crate::structured::shown(text)
+                            ),
+                        )
                     })?
                     .with_timezone(&Utc),
             ),
@@ -748,7 +775,14 @@ mod tests {
             ),
             (
                 Box::new(|m| drop(m.headers.remove(attr::SPECVERSION))),
-                "`ce_specversion`",
+                "not a CloudEvent: no `specversion` attribute, and content type `application/json`",
+            ),
+            (
+                Box::new(|m| {
+                    m.headers.remove(attr::SPECVERSION);
+                    m.headers.remove(attr::CONTENT_TYPE);
+                }),
+                "not a CloudEvent: no `specversion` attribute and no content type",
             ),
             (
                 Box::new(|m| drop(m.headers.insert(attr::SPECVERSION.into(), "0.3".into()))),
@@ -760,7 +794,7 @@ mod tests {
             ),
             (
                 Box::new(|m| drop(m.headers.insert(attr::TIME.into(), "yesterday".into()))),
-                "not RFC 3339",
+                "`time` is not RFC 3339: got `yesterday`",
             ),
             (
                 Box::new(|m| {

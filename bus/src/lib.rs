@@ -31,6 +31,7 @@ pub mod memory;
 pub mod message;
 pub mod retry;
 pub mod routing;
+pub mod structured;
 pub mod transport;
 
 pub use bus::{Bus, BusBuilder};

@@ -146,7 +146,9 @@ async fn undecodable_payload_is_dead_lettered_without_calling_the_handler() {
     assert_eq!(shape.attempts, 1);
     let foreign = &by_id["foreign-1"].info;
     assert!(
-        foreign.error.contains("missing CloudEvents attribute"),
+        foreign
+            .error
+            .contains("not a CloudEvent: no `specversion` attribute"),
         "{}",
         foreign.error
     );
@@ -759,4 +761,55 @@ async fn waiting_for_a_claim_held_elsewhere_uses_up_no_attempts() {
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
     assert_eq!(*attempts_seen.lock().unwrap(), vec![1, 2]);
     sub.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+/// A structured-mode CloudEvent (the whole event as JSON, content type
+/// `application/cloudevents+json`) is handled like its binary form: the envelope and the
+/// handler's context carry the event's own id, correlation and key.
+#[tokio::test]
+async fn a_structured_mode_cloudevent_is_handled_like_its_binary_form() {
+    let bus = Bus::memory();
+    let (topic, group) = (unique("orders"), unique("g"));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let sub = bus
+        .subscribe::<Numbered>(&topic, &group)
+        .start(move |e: Envelope<Numbered>, ctx: Context| {
+            let record = Arc::clone(&record);
+            async move {
+                record.lock().unwrap().push((
+                    e.id.clone(),
+                    ctx.message_id().to_string(),
+                    ctx.correlation_id().to_string(),
+                    e.key.clone(),
+                    e.payload.seq,
+                ));
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    let mut wire = Message::new(
+        "transport-id",
+        topic.as_str(),
+        r#"{"specversion":"1.0","id":"se-1","type":"test.numbered.v1","source":"/foreign",
+            "correlationid":"conv-1","partitionkey":"k-9","data":{"key":"k-9","seq":5}}"#,
+    );
+    wire.headers.insert(
+        "content-type".into(),
+        "application/cloudevents+json; charset=utf-8".into(),
+    );
+    bus.publish_messages(vec![wire]).await.unwrap();
+    eventually(WAIT, "handled", || async { sub.stats().handled == 1 }).await;
+    assert_eq!(
+        seen.lock().unwrap()[0],
+        (
+            "se-1".to_string(),
+            "se-1".to_string(),
+            "conv-1".to_string(),
+            Some("k-9".to_string()),
+            5
+        )
+    );
+    sub.shutdown(WAIT).await.unwrap();
 }

@@ -63,7 +63,8 @@ fn case(
 pub const MANY_HEADERS: usize = 10_000;
 
 /// The cases: a body that is not JSON, JSON of the wrong shape, an empty body, no envelope
-/// headers at all, garbage envelope headers (specversion, time, content type), an event of
+/// headers at all, a structured-mode batch and a structured event that is not JSON, garbage
+/// envelope headers (specversion, time, content type), an event of
 /// another type than the subscription's, a CloudEvents attribute that is not UTF-8, a map of
 /// [`MANY_HEADERS`] headers and, when the transport has a size limit (`max_message_bytes`), a
 /// message 1 KiB larger than it.
@@ -115,13 +116,26 @@ pub fn cases(max_message_bytes: Option<usize>) -> Vec<HostileCase> {
             "bytes, more than the",
         )
     });
-    let mut all = vec![
+    let mut all =
+        vec![
         not_utf8,
         many,
         case("not-json", &good("h-1"), b"this is not JSON", Probe::TYPE),
         case("wrong-shape", &good("h-2"), br#"{"seq": "seven"}"#, "seq"),
         case("empty-body", &good("h-3"), b"", Probe::TYPE),
-        case("no-envelope", &[], body, "missing CloudEvents attribute"),
+        case("no-envelope", &[], body, "not a CloudEvent: no `specversion`"),
+        case(
+            "structured-batch",
+            &[(attr::CONTENT_TYPE, "application/cloudevents-batch+json")],
+            br#"[{"specversion": "1.0", "id": "h-12", "source": "/f", "type": "test.probe.v1"}]"#,
+            "a batch of CloudEvents",
+        ),
+        case(
+            "structured-not-json",
+            &[(attr::CONTENT_TYPE, "application/cloudevents+json; charset=utf-8")],
+            b"<event/>",
+            "is not a JSON object",
+        ),
         case(
             "bad-specversion",
             &with("h-5", attr::SPECVERSION, "banana"),

@@ -209,12 +209,53 @@ pub fn assert_sdk_read(event: &Event, envelope: &busbar_core::Envelope<crate::co
     assert_eq!(data, envelope.payload);
 }
 
+/// [`sdk_event`] in structured content mode, as the SDK writes it: the whole event as JSON
+/// (the JSON event format), content type `application/cloudevents+json`, no attribute headers.
+pub fn structured_sdk_message(prefix: &'static str) -> BindingMessage {
+    let mut message = BindingMessage::new(prefix);
+    message.headers.insert(
+        CONTENT_TYPE.to_string(),
+        b"application/cloudevents+json; charset=utf-8".to_vec(),
+    );
+    message.payload = Some(
+        serde_json::to_vec(&sdk_event())
+            .unwrap_or_else(|e| panic!("the SDK cannot write its event as JSON: {e}")),
+    );
+    message
+}
+
+/// As [`busbar_consumes_the_sdk_event`], with the event in structured content mode
+/// ([`structured_sdk_message`]): `write` puts it on the topic with the raw client.
+pub async fn busbar_consumes_the_structured_sdk_event<F, Fut>(
+    transport: std::sync::Arc<dyn busbar_core::Transport>,
+    prefix: &'static str,
+    write: F,
+) where
+    F: FnOnce(String, BindingMessage) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    consumes(transport, structured_sdk_message(prefix), write).await;
+}
+
 /// Subscribes to a fresh topic and group with a [`Probe`](crate::conformance::Probe) handler,
 /// has `write` put [`sdk_event`] on the topic in the binding's binary mode with the raw client,
 /// and checks busbar handles it intact ([`assert_received_sdk_event`]).
 pub async fn busbar_consumes_the_sdk_event<F, Fut>(
     transport: std::sync::Arc<dyn busbar_core::Transport>,
     prefix: &'static str,
+    write: F,
+) where
+    F: FnOnce(String, BindingMessage) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let wire = BindingMessage::from_event(prefix, sdk_event())
+        .unwrap_or_else(|e| panic!("the SDK cannot write its event: {e}"));
+    consumes(transport, wire, write).await;
+}
+
+async fn consumes<F, Fut>(
+    transport: std::sync::Arc<dyn busbar_core::Transport>,
+    wire: BindingMessage,
     write: F,
 ) where
     F: FnOnce(String, BindingMessage) -> Fut,
@@ -230,8 +271,6 @@ pub async fn busbar_consumes_the_sdk_event<F, Fut>(
         .start(ledger.handler())
         .await
         .expect("subscribe");
-    let wire = BindingMessage::from_event(prefix, sdk_event())
-        .unwrap_or_else(|e| panic!("the SDK cannot write its event: {e}"));
     write(topic, wire).await;
     wait_for("busbar handles the SDK's event", || {
         ledger.distinct().contains(SDK_EVENT_ID)

@@ -9,7 +9,8 @@ use busbar_core::Bus;
 use busbar_kafka::KafkaTransport;
 use busbar_testkit::conformance::{probe, reachable, unique};
 use busbar_testkit::interop::{
-    assert_sdk_read, busbar_consumes_the_sdk_event, BindingMessage, KAFKA_PREFIX,
+    assert_sdk_read, busbar_consumes_the_sdk_event, busbar_consumes_the_structured_sdk_event,
+    BindingMessage, KAFKA_PREFIX,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -69,37 +70,51 @@ async fn the_official_sdk_reads_what_busbar_publishes() {
     );
 }
 
+/// Sends `wire` with a raw rdkafka producer: headers as they are, the record key `key`.
+async fn send_raw(servers: String, topic: String, wire: BindingMessage, key: Option<&str>) {
+    let headers = wire.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k,
+            value: Some(v),
+        })
+    });
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .create()
+        .expect("raw producer");
+    let mut record = FutureRecord::to(&topic)
+        .payload(wire.payload.as_deref().unwrap_or_default())
+        .headers(headers);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .expect("raw send");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busbar_consumes_an_event_the_official_sdk_wrote() {
     let Some(transport) = transport().await else {
         return;
     };
     let servers = transport.config().bootstrap_servers();
-    busbar_consumes_the_sdk_event(
-        Arc::new(transport),
-        KAFKA_PREFIX,
-        |topic, wire| async move {
-            let headers = wire.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-                h.insert(Header {
-                    key: k,
-                    value: Some(v),
-                })
-            });
-            let producer: FutureProducer = ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .create()
-                .expect("raw producer");
-            producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key("k")
-                        .payload(wire.payload.as_deref().unwrap_or_default())
-                        .headers(headers),
-                    Duration::from_secs(10),
-                )
-                .await
-                .expect("raw send");
-        },
-    )
+    busbar_consumes_the_sdk_event(Arc::new(transport), KAFKA_PREFIX, |topic, wire| {
+        send_raw(servers, topic, wire, Some("k"))
+    })
+    .await;
+}
+
+/// Structured mode with no record key: the key comes from the event's `partitionkey`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busbar_consumes_an_event_the_official_sdk_wrote_in_structured_mode() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let servers = transport.config().bootstrap_servers();
+    busbar_consumes_the_structured_sdk_event(Arc::new(transport), KAFKA_PREFIX, |topic, wire| {
+        send_raw(servers, topic, wire, None)
+    })
     .await;
 }

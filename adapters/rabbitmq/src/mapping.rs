@@ -142,7 +142,7 @@ pub fn from_amqp(
                 .strip_prefix(CE_PREFIX)
                 .or_else(|| name.strip_prefix(CE_PREFIX_ALT))
             {
-                insert_value(
+                insert_attribute(
                     &mut headers,
                     &format!("{}{attribute}", attr::CE_PREFIX),
                     value,
@@ -203,6 +203,27 @@ fn content_id(headers: &Headers, payload: &[u8]) -> String {
         hash(0xcbf2_9ce4_8422_2325),
         hash(0x6c62_272e_07bb_0142)
     )
+}
+
+/// Adds a received CloudEvents attribute. The binding lets a sender use the native AMQP type
+/// instead of the canonical string, and a receiver must read both: a timestamp becomes RFC
+/// 3339, binary becomes base64; integers and booleans are already their canonical text.
+fn insert_attribute(headers: &mut Headers, name: &str, value: &AMQPValue) {
+    let canonical = match value {
+        AMQPValue::Timestamp(seconds) => {
+            busbar_core::structured::canonical_time_from_unix_seconds(*seconds)
+        }
+        AMQPValue::ByteArray(bytes) => {
+            Some(busbar_core::structured::canonical_binary(bytes.as_slice()))
+        }
+        _ => None,
+    };
+    match canonical {
+        Some(text) => {
+            headers.insert(HeaderName::new(name), text);
+        }
+        None => insert_value(headers, name, value),
+    }
 }
 
 /// Adds a received header; byte values that are not UTF-8 are decoded lossily and named in
@@ -342,6 +363,32 @@ mod tests {
             "the lossy value is named"
         );
         assert_eq!(message.id, "legacy-1");
+    }
+
+    /// The binding's native AMQP types, under both prefixes, read as canonical strings.
+    #[test]
+    fn cloudevents_attributes_in_native_amqp_types_are_read() {
+        let mut table = FieldTable::default();
+        table.insert(
+            "cloudEvents:time".into(),
+            AMQPValue::Timestamp(1_767_323_045),
+        );
+        table.insert(
+            "cloudEvents_sig".into(),
+            AMQPValue::ByteArray(vec![0, 1, 2, 255].into()),
+        );
+        table.insert("cloudEvents:count".into(), AMQPValue::LongLongInt(-42));
+        table.insert("cloudEvents_flag".into(), AMQPValue::Boolean(false));
+        let (message, _) = from_amqp(
+            "t",
+            &BasicProperties::default().with_headers(table),
+            b"{}".to_vec(),
+            false,
+        );
+        assert_eq!(message.header("ce_time"), Some("2026-01-02T03:04:05Z"));
+        assert_eq!(message.header("ce_sig"), Some("AAEC/w=="));
+        assert_eq!(message.header("ce_count"), Some("-42"));
+        assert_eq!(message.header("ce_flag"), Some("false"));
     }
 
     #[test]

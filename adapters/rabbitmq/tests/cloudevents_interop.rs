@@ -9,7 +9,8 @@ use busbar_core::Bus;
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::{probe, reachable, unique};
 use busbar_testkit::interop::{
-    assert_sdk_read, busbar_consumes_the_sdk_event, BindingMessage, AMQP_PREFIX, CONTENT_TYPE,
+    assert_sdk_read, busbar_consumes_the_sdk_event, busbar_consumes_the_structured_sdk_event,
+    BindingMessage, AMQP_PREFIX, CONTENT_TYPE,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -119,44 +120,62 @@ async fn the_official_sdk_reads_what_busbar_publishes() {
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// Publishes `wire` with raw lapin: attributes as long-string application properties, the
+/// content type as the AMQP property.
+async fn publish_raw(exchange: String, topic: String, wire: BindingMessage) {
+    let mut headers = FieldTable::default();
+    let mut properties = BasicProperties::default();
+    for (name, value) in &wire.headers {
+        let text = String::from_utf8(value.clone()).expect("the SDK writes text");
+        if name == CONTENT_TYPE {
+            properties = properties.with_content_type(ShortString::from(text));
+        } else {
+            headers.insert(
+                ShortString::from(name.as_str()),
+                AMQPValue::LongString(LongString::from(text)),
+            );
+        }
+    }
+    let (connection, channel) = raw_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            topic.as_str().into(),
+            BasicPublishOptions::default(),
+            wire.payload.as_deref().unwrap_or_default(),
+            properties.with_headers(headers),
+        )
+        .await
+        .expect("raw publish")
+        .await
+        .expect("confirm");
+    let _ = connection.close(200, "done".into()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busbar_consumes_an_event_the_official_sdk_wrote() {
     let Some(transport) = transport().await else {
         return;
     };
     let exchange = transport.config().exchange.clone();
-    busbar_consumes_the_sdk_event(Arc::new(transport), AMQP_PREFIX, |topic, wire| async move {
-        let mut headers = FieldTable::default();
-        let mut properties = BasicProperties::default();
-        for (name, value) in &wire.headers {
-            let text = String::from_utf8(value.clone()).expect("the SDK writes text");
-            if name == CONTENT_TYPE {
-                properties = properties.with_content_type(ShortString::from(text));
-            } else {
-                headers.insert(
-                    ShortString::from(name.as_str()),
-                    AMQPValue::LongString(LongString::from(text)),
-                );
-            }
-        }
-        let (connection, channel) = raw_channel().await;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        channel
-            .basic_publish(
-                exchange.as_str().into(),
-                topic.as_str().into(),
-                BasicPublishOptions::default(),
-                wire.payload.as_deref().unwrap_or_default(),
-                properties.with_headers(headers),
-            )
-            .await
-            .expect("raw publish")
-            .await
-            .expect("confirm");
-        let _ = connection.close(200, "done".into()).await;
+    busbar_consumes_the_sdk_event(Arc::new(transport), AMQP_PREFIX, |topic, wire| {
+        publish_raw(exchange, topic, wire)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busbar_consumes_an_event_the_official_sdk_wrote_in_structured_mode() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let exchange = transport.config().exchange.clone();
+    busbar_consumes_the_structured_sdk_event(Arc::new(transport), AMQP_PREFIX, |topic, wire| {
+        publish_raw(exchange, topic, wire)
     })
     .await;
 }

@@ -234,6 +234,17 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error).await;
             return;
         }
+        // A structured-mode CloudEvent is read into the binary form once, here, so the
+        // decoder and the handler's context see the same attributes.
+        let message = match crate::structured::from_structured(&message) {
+            Ok(None) => message,
+            Ok(Some(binary)) => Arc::new(binary),
+            Err(error) => {
+                tracing::warn!(%error, "undecodable structured message; dead-lettering it");
+                dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error.to_string()).await;
+                return;
+            }
+        };
         let envelope = match shared.decoder.decode(&message) {
             Ok(envelope) => envelope,
             Err(Undecoded::Invalid(error)) => {
