@@ -2,7 +2,10 @@
 //!
 //! The binding's binary mode is busbar's neutral form already: attributes are `ce_*` headers,
 //! `datacontenttype` is the `content-type` header, the payload is the record value. The key is
-//! the record key, so one key stays in one partition and keeps its order.
+//! the record key, so one key stays in one partition and keeps its order, and also the
+//! `ce_partitionkey` header: the binding maps the Partitioning extension's `partitionkey` to
+//! the record key but says the attribute must still travel with the event. A record without a
+//! key takes its key from `ce_partitionkey`.
 
 use busbar_core::envelope::attr;
 use busbar_core::message::insert_received_header;
@@ -11,6 +14,9 @@ use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 
 /// Carries the message id when no `ce_id` header does (a message that is not a CloudEvent).
 pub const ID: &str = "busbar.id";
+
+/// The Partitioning extension's attribute as a header.
+pub const PARTITION_KEY: &str = "ce_partitionkey";
 
 /// The record headers of `message`.
 pub fn to_headers(message: &Message) -> OwnedHeaders {
@@ -23,6 +29,12 @@ pub fn to_headers(message: &Message) -> OwnedHeaders {
             })
         },
     );
+    if let (Some(key), None) = (&message.key, message.header(PARTITION_KEY)) {
+        headers = headers.insert(Header {
+            key: PARTITION_KEY,
+            value: Some(key.as_bytes()),
+        });
+    }
     if message.header(attr::ID) != Some(message.id.as_str()) {
         headers = headers.insert(Header {
             key: ID,
@@ -56,12 +68,21 @@ pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
                 record.offset()
             )
         });
+    let key = match record.key() {
+        Some(key) => {
+            let key = String::from_utf8_lossy(key).into_owned();
+            // The attribute that only repeats the record key is the key, not a header.
+            if headers.get(PARTITION_KEY) == Some(&key) {
+                headers.remove(PARTITION_KEY);
+            }
+            Some(key)
+        }
+        None => headers.remove(PARTITION_KEY),
+    };
     Message {
         id,
         topic: topic.to_string(),
-        key: record
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        key,
         headers,
         payload: bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default()),
     }

@@ -68,6 +68,11 @@ async fn the_official_sdk_reads_what_busbar_publishes() {
         Some(b"order-7".to_vec()),
         "the key is the record key"
     );
+    assert_eq!(
+        event.extension("partitionkey").map(|v| v.to_string()).as_deref(),
+        Some("order-7"),
+        "the binding keeps the partitionkey attribute beside the record key"
+    );
 }
 
 /// Sends `wire` with a raw rdkafka producer: headers as they are, the record key `key`.
