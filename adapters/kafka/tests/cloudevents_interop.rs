@@ -69,7 +69,10 @@ async fn the_official_sdk_reads_what_busbar_publishes() {
         "the key is the record key"
     );
     assert_eq!(
-        event.extension("partitionkey").map(|v| v.to_string()).as_deref(),
+        event
+            .extension("partitionkey")
+            .map(|v| v.to_string())
+            .as_deref(),
         Some("order-7"),
         "the binding keeps the partitionkey attribute beside the record key"
     );

@@ -1,11 +1,21 @@
 //! busbar [`Message`] ⇄ SQS/SNS message within SQS's limit of 10 message attributes.
 //!
-//! The CloudEvents core travels as individual attributes (`ce_specversion`, `ce_id`, `ce_type`,
-//! `ce_source`, `ce_time`, `content-type`), so SQS tooling and filter policies see them; the key,
-//! and every other header (correlation, causation, trace context, free-form and dead-letter
-//! headers) are packed into one JSON attribute, `busbar.headers`. That is at most 9 attributes,
-//! whatever the number of headers, and nothing is lost. A payload that is not UTF-8 (SQS bodies
-//! are text) is sent base64-encoded with `busbar.encoding = base64`.
+//! SQS carries at most 10 message attributes, so busbar spends them on what consumers filter
+//! and trace on, and packs the rest:
+//!
+//! 1. the CloudEvents core, each as an attribute of its own (`ce_specversion`, `ce_id`,
+//!    `ce_type`, `ce_source`, `ce_time`, `content-type`), and the key as `busbar.key`;
+//! 2. then, while there is room, `ce_correlationid`, `ce_causationid` and `ce_traceparent`, in
+//!    that order, each as an attribute of its own (an SNS filter policy or a plain SQS consumer
+//!    sees them);
+//! 3. every other header (free-form, dead-letter, whichever of those three found no room) is
+//!    packed into one JSON attribute, `busbar.headers`.
+//!
+//! A payload that is not UTF-8 (SQS bodies are text) is sent base64-encoded with
+//! `busbar.encoding = base64`; a message id that is not its `ce_id` travels as `busbar.id`.
+//! Whatever the number of headers, that is at most 10 attributes, and nothing is lost. On
+//! input, any attribute is a header of the same name, so a plain SQS or SNS producer that sets
+//! `ce_correlationid` is read like busbar.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +32,10 @@ const OWN_ATTRIBUTES: [&str; 6] = [
     attr::TIME,
     attr::CONTENT_TYPE,
 ];
+/// Headers that get attributes of their own when there is room, in this order.
+const PROMOTED: [&str; 3] = [attr::CORRELATION_ID, attr::CAUSATION_ID, attr::TRACEPARENT];
+/// The most message attributes SQS (and SNS raw delivery) carries.
+pub const MAX_ATTRIBUTES: usize = 10;
 /// The attribute holding every other header, as a JSON object.
 pub const PACKED: &str = "busbar.headers";
 /// The attribute holding the key.
@@ -81,6 +95,25 @@ pub fn pack(message: &Message) -> Result<Packed> {
             rest.insert(ID, message.id.as_str());
         }
     }
+    let body = match std::str::from_utf8(&message.payload) {
+        Ok(text) if !text.is_empty() && sqs_text(text) => text.to_string(),
+        // SQS bodies must be non-empty text.
+        _ => {
+            attributes.insert(ENCODING.to_string(), "base64".to_string());
+            base64(&message.payload)
+        }
+    };
+    for name in PROMOTED {
+        let Some(value) = rest.get(name).filter(|v| !v.is_empty() && sqs_text(v)) else {
+            continue;
+        };
+        // Room for it, and for the packed attribute if anything is left to pack.
+        let packed_after = rest.len() > 1;
+        if attributes.len() + 1 + usize::from(packed_after) <= MAX_ATTRIBUTES {
+            attributes.insert(name.to_string(), (*value).to_string());
+            rest.remove(name);
+        }
+    }
     if !rest.is_empty() {
         let json = serde_json::to_string(&rest).map_err(|e| {
             Error::new(
@@ -100,14 +133,6 @@ pub fn pack(message: &Message) -> Result<Packed> {
         };
         attributes.insert(PACKED.to_string(), json);
     }
-    let body = match std::str::from_utf8(&message.payload) {
-        Ok(text) if !text.is_empty() && sqs_text(text) => text.to_string(),
-        // SQS bodies must be non-empty text.
-        _ => {
-            attributes.insert(ENCODING.to_string(), "base64".to_string());
-            base64(&message.payload)
-        }
-    };
     Ok(Packed {
         body,
         attributes,
@@ -311,7 +336,66 @@ mod tests {
     }
 
     #[test]
-    fn twenty_headers_fit_in_at_most_nine_attributes_and_round_trip() {
+    fn correlation_causation_and_trace_context_get_attributes_of_their_own_when_there_is_room() {
+        let envelope = Envelope::new("/svc", Ping { n: 1 })
+            .with_key("k-1")
+            .with_correlation_id("conv-1")
+            .with_causation_id("cause-1")
+            .with_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let message = envelope.to_message(&Json, "t").unwrap();
+        let packed = pack(&message).unwrap();
+        for name in ["ce_correlationid", "ce_causationid", "ce_traceparent", KEY] {
+            assert!(
+                packed.attributes.contains_key(name),
+                "{name}: {:?}",
+                packed.attributes.keys()
+            );
+        }
+        assert!(!packed.attributes.contains_key(PACKED));
+        assert!(packed.attributes.len() <= MAX_ATTRIBUTES);
+        assert_eq!(
+            unpack("t", &packed.body, packed.attributes, "sqs-id"),
+            message
+        );
+
+        // With free-form headers and a binary body, the packed object takes what finds no room.
+        let mut crowded = envelope
+            .with_header("tenant", "acme")
+            .to_message(&Json, "t")
+            .unwrap();
+        crowded.payload = vec![0xff, 0x00].into();
+        let packed = pack(&crowded).unwrap();
+        assert_eq!(
+            packed.attributes.len(),
+            MAX_ATTRIBUTES,
+            "{:?}",
+            packed.attributes.keys()
+        );
+        assert!(packed.attributes.contains_key("ce_correlationid"));
+        assert!(packed.attributes.contains_key(PACKED));
+        assert_eq!(
+            unpack("t", &packed.body, packed.attributes, "sqs-id"),
+            crowded
+        );
+    }
+
+    #[test]
+    fn a_plain_sqs_producers_correlation_attribute_is_read() {
+        let attributes = BTreeMap::from([
+            ("ce_specversion".to_string(), "1.0".to_string()),
+            ("ce_id".to_string(), "e-1".to_string()),
+            ("ce_type".to_string(), Ping::TYPE.to_string()),
+            ("ce_source".to_string(), "/plain".to_string()),
+            ("ce_correlationid".to_string(), "conv-9".to_string()),
+        ]);
+        let message = unpack("t", r#"{"n":3}"#, attributes, "sqs-id");
+        let envelope = Envelope::<Ping>::from_message(&Json, &message).unwrap();
+        assert_eq!(envelope.correlation_id.as_deref(), Some("conv-9"));
+        assert_eq!(envelope.payload, Ping { n: 3 });
+    }
+
+    #[test]
+    fn twenty_headers_fit_in_at_most_ten_attributes_and_round_trip() {
         let mut envelope = Envelope::new("/svc", Ping { n: 1 })
             .with_key("k-1")
             .with_causation_id("c");
@@ -321,7 +405,7 @@ mod tests {
         let message = envelope.to_message(&Json, "t").unwrap();
         let packed = pack(&message).unwrap();
         assert!(
-            packed.attributes.len() <= 9,
+            packed.attributes.len() <= MAX_ATTRIBUTES,
             "{:?}",
             packed.attributes.keys()
         );

@@ -23,6 +23,8 @@ fn attribute_name() -> impl Strategy<Value = String> {
         Just("ce_type".to_string()),
         Just("ce_time".to_string()),
         Just("ce_specversion".to_string()),
+        Just("ce_correlationid".to_string()),
+        Just("ce_traceparent".to_string()),
         Just("content-type".to_string()),
         any::<String>(),
     ]
