@@ -3,8 +3,6 @@
 //! only the matching event, with its correlation, causation and trace context as attributes of
 //! their own.
 
-use std::time::Duration;
-
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use busbar_core::{Bus, Event};
 use busbar_sqs::SqsTransport;
