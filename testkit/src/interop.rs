@@ -234,7 +234,8 @@ pub async fn busbar_consumes_the_structured_sdk_event<F, Fut>(
     F: FnOnce(String, BindingMessage) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    consumes(transport, structured_sdk_message(prefix), write).await;
+    let received = busbar_receives(transport, structured_sdk_message(prefix), write).await;
+    assert_received_sdk_event(&received);
 }
 
 /// Subscribes to a fresh topic and group with a [`Probe`](crate::conformance::Probe) handler,
@@ -250,14 +251,19 @@ pub async fn busbar_consumes_the_sdk_event<F, Fut>(
 {
     let wire = BindingMessage::from_event(prefix, sdk_event())
         .unwrap_or_else(|e| panic!("the SDK cannot write its event: {e}"));
-    consumes(transport, wire, write).await;
+    let received = busbar_receives(transport, wire, write).await;
+    assert_received_sdk_event(&received);
 }
 
-async fn consumes<F, Fut>(
+/// Subscribes to a fresh topic and group with a [`Probe`](crate::conformance::Probe) handler,
+/// has `write` put `wire` (a form of [`sdk_event`]) on the topic with the raw client, and
+/// returns the envelope busbar handled, for the caller's checks.
+pub async fn busbar_receives<F, Fut>(
     transport: std::sync::Arc<dyn busbar_core::Transport>,
     wire: BindingMessage,
     write: F,
-) where
+) -> busbar_core::Envelope<crate::conformance::Probe>
+where
     F: FnOnce(String, BindingMessage) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
@@ -281,8 +287,8 @@ async fn consumes<F, Fut>(
         .into_iter()
         .find(|e| e.id == SDK_EVENT_ID)
         .unwrap_or_else(|| panic!("the SDK's event was not recorded"));
-    assert_received_sdk_event(&received);
     sub.shutdown(std::time::Duration::from_secs(10))
         .await
         .expect("shutdown");
+    received
 }

@@ -10,7 +10,7 @@ use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::{probe, reachable, unique};
 use busbar_testkit::interop::{
     assert_sdk_read, busbar_consumes_the_sdk_event, busbar_consumes_the_structured_sdk_event,
-    BindingMessage, AMQP_PREFIX, CONTENT_TYPE,
+    busbar_receives, sdk_event, AttributesReader, BindingMessage, AMQP_PREFIX, CONTENT_TYPE,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -136,24 +136,7 @@ async fn publish_raw(exchange: String, topic: String, wire: BindingMessage) {
             );
         }
     }
-    let (connection, channel) = raw_channel().await;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    channel
-        .basic_publish(
-            exchange.as_str().into(),
-            topic.as_str().into(),
-            BasicPublishOptions::default(),
-            wire.payload.as_deref().unwrap_or_default(),
-            properties.with_headers(headers),
-        )
-        .await
-        .expect("raw publish")
-        .await
-        .expect("confirm");
-    let _ = connection.close(200, "done".into()).await;
+    publish_raw_table(&exchange, &topic, &wire, properties.with_headers(headers)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,4 +161,83 @@ async fn busbar_consumes_an_event_the_official_sdk_wrote_in_structured_mode() {
         publish_raw(exchange, topic, wire)
     })
     .await;
+}
+
+/// The SDK's event as a JMS-style AMQP producer sends it: the `cloudEvents_` prefix, `time` as
+/// a native AMQP timestamp, and an extension as native binary. busbar reads each as the
+/// binding's canonical string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busbar_consumes_native_amqp_types_under_the_jms_prefix() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let exchange = transport.config().exchange.clone();
+    let wire = BindingMessage::from_event(AMQP_PREFIX, sdk_event()).unwrap();
+    let event_time = sdk_event().time().copied().unwrap();
+    let mut headers = FieldTable::default();
+    let mut properties = BasicProperties::default();
+    for (name, value) in &wire.headers {
+        let text = String::from_utf8(value.clone()).unwrap();
+        if name == CONTENT_TYPE {
+            properties = properties.with_content_type(ShortString::from(text));
+            continue;
+        }
+        let attribute = name.strip_prefix(AMQP_PREFIX).unwrap();
+        let value = if attribute == "time" {
+            AMQPValue::Timestamp(u64::try_from(event_time.timestamp()).unwrap())
+        } else {
+            AMQPValue::LongString(LongString::from(text))
+        };
+        headers.insert(ShortString::from(format!("cloudEvents_{attribute}")), value);
+    }
+    headers.insert(
+        ShortString::from("cloudEvents_signature"),
+        AMQPValue::ByteArray(vec![0xde, 0xad, 0xbe, 0xef].into()),
+    );
+    let properties = properties.with_headers(headers);
+    let received = busbar_receives(Arc::new(transport), wire, |topic, wire| async move {
+        publish_raw_table(&exchange, &topic, &wire, properties).await;
+    })
+    .await;
+    assert_eq!(received.source, "https://example.com/sdk-producer");
+    assert_eq!(received.correlation_id.as_deref(), Some("conversation-9"));
+    assert_eq!(received.key.as_deref(), Some("k"));
+    assert_eq!(
+        received.time.map(|t| t.timestamp()),
+        Some(event_time.timestamp()),
+        "the AMQP timestamp (whole seconds) is the event's time"
+    );
+    assert_eq!(
+        received.headers.get("ce_signature").map(String::as_str),
+        Some("3q2+7w=="),
+        "binary reads as base64"
+    );
+    assert_eq!(received.payload, probe(9, "k"));
+}
+
+/// Publishes `wire`'s body with raw lapin and the given properties.
+async fn publish_raw_table(
+    exchange: &str,
+    topic: &str,
+    wire: &BindingMessage,
+    properties: BasicProperties,
+) {
+    let (connection, channel) = raw_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    channel
+        .basic_publish(
+            exchange.into(),
+            topic.into(),
+            BasicPublishOptions::default(),
+            wire.payload.as_deref().unwrap_or_default(),
+            properties,
+        )
+        .await
+        .expect("raw publish")
+        .await
+        .expect("confirm");
+    let _ = connection.close(200, "done".into()).await;
 }

@@ -22,6 +22,7 @@ fn amqp_value() -> impl Strategy<Value = AMQPValue> {
         any::<i32>().prop_map(AMQPValue::LongInt),
         any::<f64>().prop_map(AMQPValue::Double),
         any::<u64>().prop_map(AMQPValue::Timestamp),
+        vec(any::<u8>(), 0..40).prop_map(|b| AMQPValue::ByteArray(b.into())),
         Just(AMQPValue::Void),
     ];
     leaf.prop_recursive(2, 8, 4, |inner| {
@@ -34,6 +35,8 @@ fn header_name() -> impl Strategy<Value = String> {
         Just("cloudEvents:id".to_string()),
         Just("cloudEvents_type".to_string()),
         Just("cloudEvents:partitionkey".to_string()),
+        Just("cloudEvents:time".to_string()),
+        Just("cloudEvents_time".to_string()),
         Just("busbar.attempt".to_string()),
         Just("x-delivery-count".to_string()),
         Just("x-death".to_string()),
@@ -73,6 +76,33 @@ proptest! {
         }
         let (message, attempt) = from_amqp("topic", &properties, payload, redelivered);
         prop_assert!(attempt >= 1);
+        let _ = busbar_core::structured::from_structured(&message);
         let _ = Envelope::<Probe>::from_message(&Json, &message);
+    }
+
+    /// The binding's native AMQP types, under either prefix, read as the canonical strings.
+    #[test]
+    fn native_typed_attributes_read_as_their_canonical_strings(
+        seconds in 0u64..253_402_300_799,
+        bytes in vec(any::<u8>(), 0..40),
+        n in any::<i64>(),
+        flag in any::<bool>(),
+        prefix in prop_oneof![Just("cloudEvents:"), Just("cloudEvents_")],
+    ) {
+        let mut table = FieldTable::default();
+        table.insert(format!("{prefix}time").into(), AMQPValue::Timestamp(seconds));
+        table.insert(format!("{prefix}sig").into(), AMQPValue::ByteArray(bytes.clone().into()));
+        table.insert(format!("{prefix}n").into(), AMQPValue::LongLongInt(n));
+        table.insert(format!("{prefix}flag").into(), AMQPValue::Boolean(flag));
+        let properties = BasicProperties::default().with_headers(table);
+        let (message, _) = from_amqp("topic", &properties, Vec::new(), false);
+        let time = chrono::DateTime::parse_from_rfc3339(message.header("ce_time").unwrap()).unwrap();
+        prop_assert_eq!(u64::try_from(time.timestamp()).unwrap(), seconds);
+        prop_assert_eq!(
+            message.header("ce_sig").unwrap(),
+            busbar_core::structured::canonical_binary(&bytes)
+        );
+        prop_assert_eq!(message.header("ce_n").unwrap().parse::<i64>().unwrap(), n);
+        prop_assert_eq!(message.header("ce_flag").unwrap().parse::<bool>().unwrap(), flag);
     }
 }
