@@ -957,3 +957,23 @@ async fn sent_rows_are_deleted_after_their_retention() {
     relay.shutdown(Duration::from_secs(5)).await.unwrap();
     drop_table(&pool, outbox.table()).await;
 }
+
+/// Instances starting at once all create the schema without failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_schema_is_safe_when_instances_race() {
+    let Some(pool) = pool().await else { return };
+    let bus = Bus::memory();
+    let table = unique("outbox_race").replace('-', "_");
+    let racers: Vec<_> = (0..6)
+        .map(|_| {
+            let outbox = PostgresOutbox::with_table(&bus, pool.clone(), &table).unwrap();
+            tokio::spawn(async move { outbox.ensure_schema().await })
+        })
+        .collect();
+    for racer in racers {
+        racer.await.unwrap().unwrap();
+    }
+    let outbox = PostgresOutbox::with_table(&bus, pool.clone(), &table).unwrap();
+    assert_eq!(outbox.stats().await.unwrap().pending, 0);
+    drop_table(&pool, &table).await;
+}
