@@ -208,6 +208,10 @@ impl<S: EventSet> Envelope<S> {
     /// CloudEvents attribute, a `type` that `S` does not claim, an unsupported content type, or
     /// the payload field that does not fit.
     pub fn from_message<C: Codec>(codec: &C, message: &Message) -> Result<Self> {
+        // The consumer runtime reads structured mode before its decoder; here it is read for
+        // callers that decode by hand.
+        let structured = crate::structured::from_structured(message)?;
+        let message = structured.as_ref().unwrap_or(message);
         Envelope::decode_with(codec, message, S::decode).map_err(|undecoded| match undecoded {
             Undecoded::UnknownType(event_type) => {
                 unknown_type_error(message, &event_type, &S::event_types())
@@ -255,14 +259,6 @@ impl<T> Envelope<T> {
         message: &Message,
         decode: impl FnOnce(Payload<'_, C>) -> Option<Result<T>>,
     ) -> std::result::Result<Self, Undecoded> {
-        let structured;
-        let message = match crate::structured::from_structured(message)? {
-            Some(binary) => {
-                structured = binary;
-                &structured
-            }
-            None => message,
-        };
         if message.headers.len() > MAX_HEADERS {
             return Err(Undecoded::Invalid(decode_error(
                 message,

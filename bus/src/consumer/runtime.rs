@@ -236,17 +236,15 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         }
         // A structured-mode CloudEvent is read into the binary form once, here, so the
         // decoder and the handler's context see the same attributes.
-        let message = match crate::structured::from_structured(&message) {
-            Ok(None) => message,
-            Ok(Some(binary)) => Arc::new(binary),
-            Err(error) => {
-                tracing::warn!(%error, "undecodable structured message; dead-lettering it");
-                dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error.to_string()).await;
-                return;
-            }
-        };
-        let envelope = match shared.decoder.decode(&message) {
-            Ok(envelope) => envelope,
+        let decoded = crate::structured::from_structured(&message)
+            .map_err(Undecoded::Invalid)
+            .and_then(|binary| {
+                let message = binary.map_or(message, Arc::new);
+                let envelope = shared.decoder.decode(&message)?;
+                Ok((message, envelope))
+            });
+        let (message, envelope) = match decoded {
+            Ok(decoded) => decoded,
             Err(Undecoded::Invalid(error)) => {
                 tracing::warn!(%error, "undecodable message; dead-lettering it");
                 dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error.to_string()).await;
