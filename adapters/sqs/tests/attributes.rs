@@ -1,7 +1,7 @@
 //! The attribute layout seen from outside busbar (LocalStack): a plain aws-sdk-sqs consumer on
 //! a queue subscribed to busbar's SNS topic with a filter policy on `ce_correlationid` receives
 //! only the matching event, with its correlation, causation and trace context as attributes of
-//! their own.
+//! their own; and a plain producer's structured-mode event is handled as that event.
 
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use busbar_core::{Bus, Event};
@@ -150,4 +150,82 @@ fn attribute(message: &aws_sdk_sqs::types::Message, name: &str) -> Option<String
         .get(name)?
         .string_value()
         .map(str::to_string)
+}
+
+/// A plain SQS producer sends a CloudEvent in structured mode (the whole event as the JSON
+/// body, `content-type: application/cloudevents+json`): busbar handles it as that event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structured_mode_event_from_a_plain_producer_is_handled() {
+    use aws_sdk_sqs::types::MessageAttributeValue;
+    use busbar_core::{Context, Envelope, HandlerError};
+
+    let url = std::env::var("BUSBAR_SQS_URL").unwrap_or_else(|_| LOCAL.to_string());
+    let Some(transport) =
+        reachable(SqsTransport::connect(&format!("{url}&mode=queue").parse().unwrap()).await)
+    else {
+        return;
+    };
+    let bus = Bus::new(transport);
+    let topic = unique("structured");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub = bus
+        .subscribe::<Probe>(&topic, "g")
+        .start(move |e: Envelope<Probe>, ctx: Context| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((e, ctx.message_id().to_string()));
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    let sqs = aws_sdk_sqs::Client::new(&aws().await);
+    let queue_url = sqs
+        .get_queue_url()
+        .queue_name(format!("busbar-{topic}"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let body = serde_json::json!({
+        "specversion": "1.0",
+        "id": "structured-1",
+        "type": Probe::TYPE,
+        "source": "https://example.com/plain-sqs",
+        "correlationid": "conversation-S",
+        "partitionkey": "k",
+        "datacontenttype": "application/json",
+        "data": { "seq": 4, "key": "k", "note": "" }
+    });
+    sqs.send_message()
+        .queue_url(&queue_url)
+        .message_body(body.to_string())
+        .message_attributes(
+            "content-type",
+            MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value("application/cloudevents+json; charset=utf-8")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (envelope, context_id) = tokio::time::timeout(wait_limit(), rx.recv())
+        .await
+        .expect("busbar handled the structured event in time")
+        .unwrap();
+    assert_eq!(
+        (envelope.id.as_str(), context_id.as_str()),
+        ("structured-1", "structured-1")
+    );
+    assert_eq!(envelope.source, "https://example.com/plain-sqs");
+    assert_eq!(envelope.correlation_id.as_deref(), Some("conversation-S"));
+    assert_eq!(envelope.key.as_deref(), Some("k"));
+    assert_eq!(envelope.payload, probe(4, "k"));
+    sub.shutdown(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
 }
