@@ -69,6 +69,18 @@ pub fn broker_script(service: &str) {
     assert!(status.success(), "local-brokers.sh {service} failed");
 }
 
+/// Runs `rabbitmqctl <args>` against the local node (`rabbit@localhost`, as
+/// `scripts/local-brokers.sh rabbitmq` starts it) and panics when it fails; e.g.
+/// `["stop_app"]`, `["start_app"]`, `["await_startup"]` to restart the broker under a test.
+pub fn rabbitmqctl(args: &[&str]) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .env("RABBITMQ_NODENAME", "rabbit@localhost")
+        .status()
+        .expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
 /// How many messages the durable-restart run publishes, with the broker restarted partway.
 pub const DURABLE_MESSAGES: u64 = 5_000;
 

@@ -7,13 +7,13 @@
 //! `BUSBAR_RESTART_TESTS=1`.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busbar_core::{Bus, Context, Envelope, Event, HandlerError, RetryPolicy};
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::unique;
+use busbar_testkit::restart::rabbitmqctl;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,15 +30,6 @@ impl Event for Tick {
 fn url() -> String {
     std::env::var("BUSBAR_RABBITMQ_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl")
-        .args(args)
-        .env("RABBITMQ_NODENAME", "rabbit@localhost")
-        .status()
-        .expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 //! unless brokers are required or `BUSBAR_RESTART_TESTS=1`.
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,15 +14,7 @@ use busbar_postgres::sqlx::postgres::PgPoolOptions;
 use busbar_postgres::PostgresOutbox;
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::{probe, unique, Probe};
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl")
-        .args(args)
-        .env("RABBITMQ_NODENAME", "rabbit@localhost")
-        .status()
-        .expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
-}
+use busbar_testkit::restart::rabbitmqctl;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_during_an_outbox_run_loses_nothing() {
