@@ -17,7 +17,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar_core::{Context, Envelope, ErrorKind, Event, Handler, HandlerError};
+use busbar_core::{Context, Envelope, Event, Handler, HandlerError};
 use futures::future::BoxFuture;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
@@ -177,12 +177,13 @@ where
                 outbox
                     .publish_messages(&mut tx, messages)
                     .await
-                    .map_err(|e| match e.kind() {
+                    .map_err(|e| {
                         // A message that can never be published: retrying cannot help.
-                        ErrorKind::PayloadTooLarge
-                        | ErrorKind::InvalidHeader
-                        | ErrorKind::Encode => HandlerError::permanent(e),
-                        _ => HandlerError::transient(e),
+                        if crate::relay::about_the_message(&e) {
+                            HandlerError::permanent(e)
+                        } else {
+                            HandlerError::transient(e)
+                        }
                     })?;
             }
             sqlx::query(sql(&statements.mark_done))

@@ -435,7 +435,7 @@ enum Batch {
 }
 
 /// Whether an error is about the message itself, so retrying it can never succeed.
-fn about_the_message(error: &Error) -> bool {
+pub(crate) fn about_the_message(error: &Error) -> bool {
     matches!(
         error.kind(),
         ErrorKind::PayloadTooLarge | ErrorKind::InvalidHeader | ErrorKind::Encode
