@@ -8,6 +8,8 @@
 //!   idempotency, per-key order, graceful shutdown) is written once here for every broker.
 //! - [`routing`]: several event types on one topic ([`EventSet`], [`event_set!`],
 //!   [`Bus::route`]), older versions of an event, and the [`UnknownTypes`] policy.
+//! - [`saga`]: persisted state machines over several events, with compensation and durable
+//!   timeouts.
 //!
 //! Most users depend on the `busbar` facade, which re-exports this crate and adds
 //! `busbar::connect(url)`.
@@ -31,6 +33,7 @@ pub mod memory;
 pub mod message;
 pub mod retry;
 pub mod routing;
+pub mod saga;
 pub mod structured;
 pub mod transport;
 
