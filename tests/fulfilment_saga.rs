@@ -238,10 +238,10 @@ async fn redelivered_events_are_applied_once_and_failed_steps_are_retried() {
     let w = world().await;
     w.bus
         .faults()
-        .duplicate_every(&w.topics.replies, "fulfilment", 1);
+        .duplicate_every(&w.topics.replies, &w.topics.group("fulfilment"), 1);
     w.bus
         .faults()
-        .fail_next_handler_calls(&w.topics.orders, "fulfilment", 2);
+        .fail_next_handler_calls(&w.topics.orders, &w.topics.group("fulfilment"), 2);
     w.bus
         .publish(&w.topics.orders, order("o-5", "sku-5", 100, "visa"))
         .await
@@ -256,7 +256,12 @@ async fn redelivered_events_are_applied_once_and_failed_steps_are_retried() {
     w.bus.assert_published_one::<ReserveInventory>();
     w.bus.assert_published_one::<ChargePayment>();
     w.bus.assert_published_one::<ShipOrder>();
-    assert_eq!(w.bus.settled(&w.topics.orders, "fulfilment").nacked, 2);
+    assert_eq!(
+        w.bus
+            .settled(&w.topics.orders, &w.topics.group("fulfilment"))
+            .nacked,
+        2
+    );
     assert!(w.saga.stats().duplicates >= 2, "{:?}", w.saga.stats());
 }
 
@@ -296,7 +301,9 @@ async fn events_for_no_instance_or_a_finished_one_are_ignored() {
     w.bus.assert_published_one::<ChargePayment>();
     assert_eq!(w.saga.stats().ignored, 2);
     assert_eq!(
-        w.bus.settled(&w.topics.replies, "fulfilment").dead_lettered,
+        w.bus
+            .settled(&w.topics.replies, &w.topics.group("fulfilment"))
+            .dead_lettered,
         0
     );
 }

@@ -22,6 +22,7 @@ pub struct Topics {
     pub inventory: String,
     pub payments: String,
     pub shipping: String,
+    suffix: String,
 }
 
 impl Topics {
@@ -33,7 +34,13 @@ impl Topics {
             inventory: topic("inventory"),
             payments: topic("payments"),
             shipping: topic("shipping"),
+            suffix: suffix.to_string(),
         }
+    }
+
+    /// A subscription group of this run (Kafka shares a group across topics).
+    pub fn group(&self, name: &str) -> String {
+        format!("{name}-{}", self.suffix)
     }
 }
 
@@ -72,6 +79,7 @@ pub fn fulfilment_saga(topics: &Topics, payment_timeout: Duration) -> Saga<Fulfi
     let t = topics.clone();
     let (t2, t3, t4, t5) = (t.clone(), t.clone(), t.clone(), t.clone());
     Saga::<Fulfilment>::new("fulfilment")
+        .group(&topics.group("fulfilment"))
         .listen(&topics.orders)
         .listen(&topics.replies)
         .own_topic(&format!("{}-saga", topics.orders))
@@ -211,7 +219,7 @@ pub async fn start_services(
     let (replies, stock_reserve, stock_release) =
         (topics.replies.clone(), stock.clone(), stock.clone());
     let inventory = bus
-        .route(&topics.inventory, "inventory")
+        .route(&topics.inventory, &topics.group("inventory"))
         .on(move |reserve: Envelope<ReserveInventory>, ctx: Context| {
             let (replies, stock) = (replies.clone(), stock_reserve.clone());
             async move {
@@ -237,7 +245,7 @@ pub async fn start_services(
         .await?;
     let replies = topics.replies.clone();
     let payments = bus
-        .subscribe::<ChargePayment>(&topics.payments, "payments")
+        .subscribe::<ChargePayment>(&topics.payments, &topics.group("payments"))
         .start(move |charge: Envelope<ChargePayment>, ctx: Context| {
             let replies = replies.clone();
             async move {
@@ -258,7 +266,7 @@ pub async fn start_services(
         })
         .await?;
     let shipping = bus
-        .subscribe::<ShipOrder>(&topics.shipping, "shipping")
+        .subscribe::<ShipOrder>(&topics.shipping, &topics.group("shipping"))
         .start(|_: Envelope<ShipOrder>, _: Context| async { Ok::<(), HandlerError>(()) })
         .await?;
     Ok(vec![inventory, payments, shipping])

@@ -39,6 +39,7 @@
 mod inbox;
 pub mod outbox;
 mod relay;
+mod saga;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,7 @@ use sqlx::{AssertSqlSafe, PgPool, Row};
 pub use inbox::{InboxHandler, PostgresInbox};
 pub use outbox::{FailedMessage, OutboxStats, PostgresOutbox, DEFAULT_OUTBOX_TABLE};
 pub use relay::{Relay, RelayBuilder, RelayStats, DEFAULT_BATCH_SIZE, DEFAULT_RETENTION};
+pub use saga::{PostgresSagaStore, DEFAULT_SAGA_TABLE};
 pub use sqlx;
 
 /// The statements of one table, built once.

@@ -215,6 +215,11 @@ impl PostgresOutbox {
         })
     }
 
+    /// The bus whose transport the relay publishes to.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
     /// The table's name.
     pub fn table(&self) -> &str {
         &self.statements.table
