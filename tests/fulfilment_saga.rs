@@ -631,3 +631,39 @@ async fn an_incomplete_definition_is_refused_with_what_to_add() {
     assert!(why.contains("defines no compensation \"undo\""), "{why}");
     assert!(saga.get("c").await.unwrap().is_none(), "nothing was stored");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_event_delivered_twice_is_applied_once_even_where_the_state_does_not_change() {
+    let bus = TestBus::new();
+    let saga = Saga::<Sum>::new("sums")
+        .listen("adds")
+        .correlate(|add: &Envelope<Add>| add.payload.counter.clone())
+        .initially(|s| {
+            s.on(|add: Envelope<Add>, mut step: Step<Sum>| async move {
+                step.data_mut().total += add.payload.n;
+                step.data_mut().adds += 1;
+                Ok(step)
+            })
+        })
+        .start(&bus, Arc::new(MemorySagaStore::new()))
+        .await
+        .unwrap();
+    bus.faults().duplicate_every("adds", "sums", 1);
+    let adds: Vec<Add> = (1..=10)
+        .map(|n| Add {
+            counter: "c".into(),
+            n,
+        })
+        .collect();
+    bus.publish_batch("adds", adds).await.unwrap();
+    bus.run_until_idle().await;
+
+    assert_eq!(
+        bus.settled("adds", "sums").acked,
+        20,
+        "every event came twice"
+    );
+    let sum: Sum = saga.get("c").await.unwrap().unwrap().data().unwrap();
+    assert_eq!((sum.adds, sum.total), (10, 55));
+    assert_eq!(saga.stats().duplicates, 10);
+}

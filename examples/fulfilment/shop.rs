@@ -27,7 +27,7 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(suffix: &str) -> Self {
-        let topic = |name: &str| format!("fulfilment-{name}-{suffix}");
+        let topic = |name: &str| format!("{name}-{suffix}");
         Topics {
             orders: topic("orders"),
             replies: topic("replies"),
