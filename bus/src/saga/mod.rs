@@ -213,7 +213,7 @@ pub struct SagaRecord {
 impl SagaRecord {
     /// The saga's data, decoded.
     pub fn data<S: DeserializeOwned>(&self) -> Result<S> {
-        serde_json::from_value(self.data.clone()).map_err(|e| {
+        S::deserialize(&self.data).map_err(|e| {
             Error::new(
                 ErrorKind::Decode,
                 "read saga data",
