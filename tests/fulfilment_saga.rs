@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar::saga::{MemorySagaStore, Saga, SagaFilter, SagaStatus, Step};
+use busbar::saga::{MemorySagaStore, MissingInstance, Saga, SagaFilter, SagaStatus, Step};
 use busbar::{Context, Envelope, Event, HandlerError, Message};
 use busbar_testkit::TestBus;
 use serde::{Deserialize, Serialize};
@@ -266,7 +266,7 @@ async fn redelivered_events_are_applied_once_and_failed_steps_are_retried() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn events_for_no_instance_or_a_finished_one_are_ignored() {
+async fn an_event_for_a_finished_instance_is_ignored_and_one_for_no_instance_dead_letters() {
     let w = world().await;
     w.bus
         .publish(
@@ -299,12 +299,22 @@ async fn events_for_no_instance_or_a_finished_one_are_ignored() {
         SagaStatus::Completed
     );
     w.bus.assert_published_one::<ChargePayment>();
-    assert_eq!(w.saga.stats().ignored, 2);
-    assert_eq!(
-        w.bus
-            .settled(&w.topics.replies, &w.topics.group("fulfilment"))
-            .dead_lettered,
-        0
+    // The late reply of a finished order is ignored.
+    assert_eq!(w.saga.stats().ignored, 1);
+    // A reply for an order that never started is retried (its start may be on its way), then
+    // dead-lettered with the reason: nothing is dropped silently.
+    let group = w.topics.group("fulfilment");
+    let dead = w
+        .bus
+        .dead_letters(&w.topics.replies, &group, 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].info.attempts, 5);
+    assert!(
+        dead[0].info.error.contains("no such instance"),
+        "{}",
+        dead[0].info.error
     );
 }
 
@@ -666,4 +676,80 @@ async fn an_event_delivered_twice_is_applied_once_even_where_the_state_does_not_
     let sum: Sum = saga.get("c").await.unwrap().unwrap().data().unwrap();
     assert_eq!((sum.adds, sum.total), (10, 55));
     assert_eq!(saga.stats().duplicates, 10);
+}
+
+// Correlation by conversation: replies that carry no order id find their instance by the
+// conversation the saga's own messages started.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Quote {
+    amount: u64,
+}
+impl Event for Quote {
+    const TYPE: &'static str = "test.quote.v1";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Accepted {}
+impl Event for Accepted {
+    const TYPE: &'static str = "test.accepted.v1";
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Quoted {
+    amount: u64,
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_can_find_their_instance_by_conversation() {
+    let bus = TestBus::new();
+    let saga = Saga::<Quoted>::new("quotes")
+        .listen("quotes")
+        .missing_instance(MissingInstance::Ignore)
+        .correlate_by_conversation::<Quote>()
+        .correlate_by_conversation::<Accepted>()
+        .initially(|s| {
+            s.on(
+                |quote: Envelope<Quote>, mut step: Step<Quoted>| async move {
+                    step.data_mut().amount = quote.payload.amount;
+                    step.transition_to("offered");
+                    Ok(step)
+                },
+            )
+        })
+        .during("offered", |s| {
+            s.on(|_: Envelope<Accepted>, mut step: Step<Quoted>| async move {
+                step.complete();
+                Ok(step)
+            })
+        })
+        .start(&bus, Arc::new(MemorySagaStore::new()))
+        .await
+        .unwrap();
+    let quote = bus.envelope(Quote { amount: 7 });
+    bus.publish_envelope("quotes", &quote).await.unwrap();
+    bus.run_until_idle().await;
+    // The instance's id is the conversation's.
+    let record = saga.get(&quote.id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.state.as_str(), record.correlation_id.as_str()),
+        ("offered", quote.id.as_str())
+    );
+
+    // A reply in that conversation, and one in another.
+    let accepted = bus
+        .envelope(Accepted {})
+        .with_correlation_id(quote.id.clone());
+    bus.publish_envelope("quotes", &accepted).await.unwrap();
+    bus.publish("quotes", Accepted {}).await.unwrap();
+    bus.run_until_idle().await;
+    assert_eq!(
+        saga.get(&quote.id).await.unwrap().unwrap().status,
+        SagaStatus::Completed
+    );
+    assert_eq!(
+        saga.stats().ignored,
+        1,
+        "the reply of another conversation has no instance"
+    );
 }

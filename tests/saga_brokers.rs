@@ -816,8 +816,10 @@ async fn a_timeout_fires_once_with_two_instances_and_not_after_the_awaited_event
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Past the cancelled timeout's due time, with both pollers running several rounds.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Past the cancelled timeout's due time, with both pollers (every 100 ms) running
+    // several rounds since.
+    let opened = saga_a.get("closed").await.unwrap().unwrap().created_at;
+    wait_until_past(opened + chrono_ms(500 + 5 * 100)).await;
     assert_eq!(
         *received.lock().unwrap(),
         ["late"],
@@ -836,4 +838,178 @@ async fn a_timeout_fires_once_with_two_instances_and_not_after_the_awaited_event
         relay.shutdown(Duration::from_secs(5)).await.unwrap();
     }
     drop_tables(&pool, &outbox_table, &saga_table).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_survives_a_restart_of_the_service() {
+    let Some(pool) = pool().await else { return };
+    let bus = bus_on(Arc::new(MemoryTransport::new()));
+    let (topic, group, reminders) = (unique("tickets"), unique("tickets"), unique("reminders"));
+    let (outbox_table, saga_table) = (table_name("outbox"), table_name("saga"));
+    let (outbox, store) = tables(&bus, &pool, &outbox_table, &saga_table).await;
+    let relay = outbox.relay().start().await.unwrap();
+    let received = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&received);
+    let watcher = bus
+        .subscribe::<Reminder>(&reminders, "watch")
+        .start(move |reminder: Envelope<Reminder>, _| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(reminder.payload.id);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let saga = tickets(&topic, &group, &reminders)
+        .start(&bus, Arc::new(store.clone()))
+        .await
+        .unwrap();
+    bus.publish(&topic, Opened { id: "t-1".into() })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + wait_limit();
+    while saga
+        .get("t-1")
+        .await
+        .unwrap()
+        .is_none_or(|r| r.timeouts.is_empty())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ticket never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The service stops before the timeout is due, and comes back after.
+    let due_at = saga.get("t-1").await.unwrap().unwrap().timeouts[0].due_at;
+    saga.shutdown(Duration::from_secs(5)).await.unwrap();
+    wait_until_past(due_at).await;
+    let saga = tickets(&topic, &group, &reminders)
+        .start(&bus, Arc::new(store))
+        .await
+        .unwrap();
+    assert_eq!(finished(&saga, "t-1").await.status, SagaStatus::Completed);
+    assert_eq!(saga.stats().timeouts_fired, 1);
+    let deadline = tokio::time::Instant::now() + wait_limit();
+    while received.lock().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reminder never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*received.lock().unwrap(), ["t-1"]);
+    watcher.shutdown(Duration::from_secs(5)).await.unwrap();
+    saga.shutdown(Duration::from_secs(5)).await.unwrap();
+    relay.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop_tables(&pool, &outbox_table, &saga_table).await;
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Booking {
+    id: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_compensation_is_dead_lettered_on_the_broker_and_shown_on_the_instance() {
+    let Some(pool) = pool().await else { return };
+    let Some(inner) = transport(&rabbitmq_url()).await else {
+        return;
+    };
+    let bus = Bus::builder(inner)
+        .retry(RetryPolicy::exponential(3).with_initial_backoff(Duration::from_millis(10)))
+        .build();
+    let (topic, group) = (unique("bookings"), unique("bookings"));
+    let (outbox_table, saga_table) = (table_name("outbox"), table_name("saga"));
+    let (outbox, store) = tables(&bus, &pool, &outbox_table, &saga_table).await;
+    let relay = outbox.relay().start().await.unwrap();
+    let saga = Saga::<Booking>::new("bookings")
+        .listen(&topic)
+        .group(&group)
+        .own_topic(&format!("{topic}-saga"))
+        .initially(|s| {
+            s.on(
+                |opened: Envelope<Opened>, mut step: Step<Booking>| async move {
+                    step.data_mut().id = opened.payload.id;
+                    step.compensate_with("refund")?;
+                    step.transition_to("booked");
+                    Ok(step)
+                },
+            )
+        })
+        .during("booked", |s| {
+            s.on(|_: Envelope<Closed>, mut step: Step<Booking>| async move {
+                step.fail("the hotel cancelled");
+                Ok(step)
+            })
+        })
+        .compensation("refund", |_: Booking, _| async {
+            Err(busbar::HandlerError::transient(
+                "the payment provider is down",
+            ))
+        })
+        .start(&bus, Arc::new(store))
+        .await
+        .unwrap();
+    bus.publish(&topic, Opened { id: "b-1".into() })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + wait_limit();
+    while saga.get("b-1").await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the booking never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bus.publish(&topic, Closed { id: "b-1".into() })
+        .await
+        .unwrap();
+    let record = finished(&saga, "b-1").await;
+    assert_eq!(record.status, SagaStatus::Failed, "{record:?}");
+    let failed = record.failed_compensation.unwrap();
+    assert_eq!((failed.name.as_str(), failed.attempts), ("refund", 3));
+    assert!(
+        failed.error.contains("the payment provider is down"),
+        "{}",
+        failed.error
+    );
+
+    let deadline = tokio::time::Instant::now() + wait_limit();
+    let dead = loop {
+        let dead = bus
+            .dead_letters(saga.own_topic(), &group, 10)
+            .await
+            .unwrap();
+        if !dead.is_empty() || tokio::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead.len(), 1, "the compensation was not dead-lettered");
+    assert_eq!(dead[0].info.attempts, 3);
+    let body: serde_json::Value = serde_json::from_slice(&dead[0].message.payload).unwrap();
+    assert_eq!(
+        (body["saga"].as_str(), body["instance_id"].as_str()),
+        (Some("bookings"), Some("b-1"))
+    );
+    assert_eq!(
+        (body["state"].as_str(), body["data"]["id"].as_str()),
+        (Some("booked"), Some("b-1"))
+    );
+    saga.shutdown(Duration::from_secs(5)).await.unwrap();
+    relay.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop_tables(&pool, &outbox_table, &saga_table).await;
+}
+
+/// Waits until the wall clock is past `at`.
+async fn wait_until_past(at: chrono::DateTime<chrono::Utc>) {
+    while chrono::Utc::now() <= at {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn chrono_ms(ms: i64) -> chrono::Duration {
+    chrono::Duration::milliseconds(ms)
 }

@@ -618,6 +618,7 @@ pub struct Saga<S> {
     retry: Option<RetryPolicy>,
     concurrency: Option<usize>,
     timeout_poll: Duration,
+    missing_instance: MissingInstance,
     entries: Vec<Box<dyn ErasedEntry<S>>>,
     timeouts: HashMap<(String, String), TimeoutFn<S>>,
     compensations: HashMap<String, CompensationFn<S>>,
@@ -692,6 +693,19 @@ impl<S: SagaData> During<S> {
     }
 }
 
+/// What a saga does with an event for an instance that does not exist, when the event does
+/// not start one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingInstance {
+    /// Fail the delivery, so the retry policy tries again and finally dead-letters it with
+    /// the reason. With several consumers the event that starts an instance and the next one
+    /// can be handled at once in two processes; the second then waits for the first.
+    #[default]
+    Retry,
+    /// Acknowledge it without effect (counted in [`SagaStats::ignored`]).
+    Ignore,
+}
+
 /// What a saga's data type must be: stored as JSON, and `Default` for a new instance.
 pub trait SagaData: Serialize + DeserializeOwned + Default + Send + Sync + 'static {}
 
@@ -709,6 +723,7 @@ impl<S: SagaData> Saga<S> {
             retry: None,
             concurrency: None,
             timeout_poll: Duration::from_secs(1),
+            missing_instance: MissingInstance::Retry,
             entries: Vec::new(),
             timeouts: HashMap::new(),
             compensations: HashMap::new(),
@@ -753,6 +768,13 @@ impl<S: SagaData> Saga<S> {
     /// write to (PostgreSQL); the memory store wakes the poller itself.
     pub fn timeout_poll(mut self, every: Duration) -> Self {
         self.timeout_poll = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// What to do with an event whose instance does not exist and that does not start one
+    /// (default [`MissingInstance::Retry`]).
+    pub fn missing_instance(mut self, policy: MissingInstance) -> Self {
+        self.missing_instance = policy;
         self
     }
 

@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 
 use super::{
     Committed, CompensationFn, Correlation, ErasedEntry, EventEntry, FailedCompensation,
-    NewTimeout, Outcome, Saga, SagaCommit, SagaCompensation, SagaData, SagaFilter, SagaRecord,
-    SagaStatus, SagaStore, SagaTimeout, ScheduledTimeout, Step, TimeoutFn, INITIAL,
+    MissingInstance, NewTimeout, Outcome, Saga, SagaCommit, SagaCompensation, SagaData, SagaFilter,
+    SagaRecord, SagaStatus, SagaStore, SagaTimeout, ScheduledTimeout, Step, TimeoutFn, INITIAL,
 };
 use crate::bus::Bus;
 use crate::codec::Json;
@@ -43,6 +43,7 @@ pub(crate) struct Shared<S> {
     timeouts: HashMap<(String, String), TimeoutFn<S>>,
     compensations: HashMap<String, CompensationFn<S>>,
     known_compensations: Arc<HashSet<String>>,
+    missing_instance: MissingInstance,
     counters: Counters,
     wake_poller: Notify,
 }
@@ -86,6 +87,17 @@ pub struct SagaStats {
     pub conflicts: u64,
     /// Due timeouts published.
     pub timeouts_fired: u64,
+}
+
+/// What to do when a message's instance does not exist.
+#[derive(Clone, Copy)]
+enum Missing<'a> {
+    /// Create it, in this conversation.
+    Start(&'a str),
+    /// As the saga's [`MissingInstance`] policy says.
+    Retry,
+    /// Ignore the message (a timeout or compensation of a removed instance, an operation).
+    Ignore,
 }
 
 /// How a message finds its instance.
@@ -312,7 +324,7 @@ impl<S: SagaData> Shared<S> {
         &self,
         event_id: &str,
         find: &Find,
-        start: Option<&str>,
+        missing: Missing<'_>,
         mut change: F,
     ) -> std::result::Result<Advanced, HandlerError>
     where
@@ -328,14 +340,25 @@ impl<S: SagaData> Shared<S> {
                 tracing::debug!(saga = %self.name, instance = %instance_id, event_id, "already applied; skipping");
                 return Ok(Advanced::Duplicate);
             }
-            let (record, created) = match (record, start) {
+            let (record, created) = match (record, missing) {
                 (Some(record), _) => (record, false),
-                (None, Some(correlation_id)) => (
+                (None, Missing::Start(correlation_id)) => (
                     self.new_record(instance_id.clone(), correlation_id)
                         .map_err(HandlerError::permanent)?,
                     true,
                 ),
-                (None, None) => {
+                (None, Missing::Retry) if self.missing_instance == MissingInstance::Retry => {
+                    return Err(HandlerError::transient(
+                        Error::new(
+                            ErrorKind::Store,
+                            "apply saga event",
+                            "no such instance (yet?): the event that starts it may not have \
+                             been applied; retrying",
+                        )
+                        .with_resource(self.resource(&instance_id)),
+                    ));
+                }
+                (None, _) => {
                     bump(&self.counters.ignored, 1);
                     tracing::debug!(saga = %self.name, instance = %instance_id, event_id, "no such instance; ignored");
                     return Ok(Advanced::Ignored);
@@ -464,7 +487,11 @@ impl<S: SagaData, E: Event + Clone> Handler<E> for EventHandler<S, E> {
                 .advance(
                     &event_id,
                     &find,
-                    starts.then_some(conversation.as_str()),
+                    if starts {
+                        Missing::Start(&conversation)
+                    } else {
+                        Missing::Retry
+                    },
                     |record| {
                         let transition = (record.status == SagaStatus::Running)
                             .then(|| entry.transitions.get(&record.state).cloned())
@@ -507,7 +534,7 @@ impl<S: SagaData> Handler<SagaTimeout> for TimeoutHandler<S> {
             }
             let find = Find::Id(timeout.instance_id.clone());
             shared
-                .advance(&envelope.id, &find, None, |mut record| {
+                .advance(&envelope.id, &find, Missing::Ignore, |mut record| {
                     let (shared, context, timeout_id) =
                         (Arc::clone(&shared), context.clone(), timeout.timeout_id.clone());
                     async move {
@@ -554,7 +581,7 @@ impl<S: SagaData> Handler<SagaCompensation> for CompensationHandler<S> {
                 record.status == SagaStatus::Compensating && record.compensated == run.index
             };
             let result = shared
-                .advance(&envelope.id, &find, None, |mut record| {
+                .advance(&envelope.id, &find, Missing::Ignore, |mut record| {
                     let (shared, context) = (Arc::clone(&shared), context.clone());
                     let waiting = expects(&record);
                     async move {
@@ -596,7 +623,7 @@ impl<S: SagaData> Handler<SagaCompensation> for CompensationHandler<S> {
                 let failed_id = format!("{}/failed", envelope.id);
                 let text = error.to_string();
                 let marked = shared
-                    .advance(&failed_id, &find, None, |mut record| {
+                    .advance(&failed_id, &find, Missing::Ignore, |mut record| {
                         let waiting = expects(&record);
                         let (text, attempts) = (text.clone(), context.attempt());
                         async move {
@@ -684,6 +711,7 @@ pub(super) async fn start<S: SagaData>(
         timeouts: saga.timeouts,
         known_compensations: Arc::new(saga.compensations.keys().cloned().collect()),
         compensations: saga.compensations,
+        missing_instance: saga.missing_instance,
         counters: Counters::default(),
         wake_poller: Notify::new(),
     });
@@ -912,7 +940,7 @@ impl<S: SagaData> RunningSaga<S> {
         let find = Find::Id(instance_id.to_string());
         let mut status = None;
         let advanced = shared
-            .advance(&operation_id, &find, None, |record| {
+            .advance(&operation_id, &find, Missing::Ignore, |record| {
                 status = Some(record.status);
                 let result = if record.status == expected {
                     change(record).map(Some).map_err(HandlerError::permanent)
