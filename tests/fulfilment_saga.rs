@@ -753,3 +753,36 @@ async fn events_can_find_their_instance_by_conversation() {
         "the reply of another conversation has no instance"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_far_in_the_future_is_kept_not_a_panic() {
+    let bus = TestBus::new();
+    let saga = Saga::<Sum>::new("far")
+        .listen("far")
+        .correlate(|add: &Envelope<Add>| add.payload.counter.clone())
+        .initially(|s| {
+            s.on(|_: Envelope<Add>, mut step: Step<Sum>| async move {
+                step.schedule("never", Duration::MAX);
+                step.transition_to("waiting");
+                Ok(step)
+            })
+        })
+        .start(&bus, Arc::new(MemorySagaStore::new()))
+        .await
+        .unwrap();
+    bus.publish(
+        "far",
+        Add {
+            counter: "c".into(),
+            n: 1,
+        },
+    )
+    .await
+    .unwrap();
+    bus.run_until_idle().await;
+    let record = saga.get("c").await.unwrap().unwrap();
+    assert_eq!(record.state, "waiting");
+    assert_eq!(record.timeouts.len(), 1);
+    let in_99_years = chrono::Utc::now() + chrono::Duration::days(99 * 365);
+    assert!(record.timeouts[0].due_at > in_99_years);
+}

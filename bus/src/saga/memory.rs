@@ -2,6 +2,7 @@
 //! lose their sagas on a restart.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -115,7 +116,10 @@ impl SagaStore for MemorySagaStore {
             inner.timeouts.insert(
                 timeout.id.clone(),
                 Waiting {
-                    due: now + timeout.after,
+                    // The runtime caps `after` at 100 years; never overflow the clock anyway.
+                    due: now
+                        .checked_add(timeout.after)
+                        .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600)),
                     timeout: DueTimeout {
                         id: timeout.id,
                         saga: commit.record.saga.clone(),

@@ -524,7 +524,8 @@ impl<S> Step<S> {
         Ok(id)
     }
 
-    /// Asks for the timeout `name` after `after` (replacing a pending one of that name). It is
+    /// Asks for the timeout `name` after `after` (replacing a pending one of that name; at
+    /// most 100 years). It is
     /// handled by the `on_timeout(name)` transition of the state the instance is in after this
     /// step, and cancelled if the instance leaves that state first.
     pub fn schedule(&mut self, name: impl Into<String>, after: Duration) {

@@ -30,6 +30,8 @@ use crate::routing::UnknownTypes;
 /// How often a transition is redone after the instance changed under it, before the delivery
 /// is failed (and retried by the retry policy).
 const MAX_CONFLICTS: u32 = 16;
+/// The longest timeout: later ones are due after this (every clock and store can hold it).
+const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Due timeouts published per store call.
 const TIMEOUT_BATCH: usize = 100;
 
@@ -224,9 +226,12 @@ impl<S: SagaData> Shared<S> {
         change.cancel = cancelled.into_iter().map(|t| t.id).collect();
         if !finishing {
             for (name, after) in step.schedule {
+                let after = after.min(MAX_TIMEOUT);
                 let id = uuid::Uuid::now_v7().to_string();
-                let due_at =
-                    Utc::now() + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+                let due_at = chrono::Duration::from_std(after)
+                    .ok()
+                    .and_then(|after| Utc::now().checked_add_signed(after))
+                    .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
                 record.timeouts.push(ScheduledTimeout {
                     id: id.clone(),
                     name: name.clone(),
