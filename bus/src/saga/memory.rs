@@ -2,7 +2,6 @@
 //! lose their sagas on a restart.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -11,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{
     timeout_message, Committed, DueTimeout, Fired, Loaded, SagaCommit, SagaFilter, SagaRecord,
-    SagaStore,
+    SagaStore, MAX_TIMEOUT,
 };
 use crate::bus::Bus;
 use crate::error::Result;
@@ -37,7 +36,8 @@ pub struct MemorySagaStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    instances: HashMap<(String, String), Entry>,
+    /// By saga, then instance id: looked up with borrowed names, no key to build.
+    instances: HashMap<String, HashMap<String, Entry>>,
     timeouts: HashMap<String, Waiting>,
 }
 
@@ -60,15 +60,24 @@ impl MemorySagaStore {
     }
 }
 
-fn key(saga: &str, instance_id: &str) -> (String, String) {
-    (saga.to_string(), instance_id.to_string())
+impl Inner {
+    fn entry(&self, saga: &str, instance_id: &str) -> Option<&Entry> {
+        self.instances.get(saga)?.get(instance_id)
+    }
+
+    fn records<'a>(&'a self, saga: &str) -> impl Iterator<Item = &'a SagaRecord> + 'a {
+        self.instances
+            .get(saga)
+            .into_iter()
+            .flat_map(|instances| instances.values().map(|entry| &entry.record))
+    }
 }
 
 #[async_trait]
 impl SagaStore for MemorySagaStore {
     async fn load(&self, saga: &str, instance_id: &str, event_id: &str) -> Result<Loaded> {
         let inner = self.inner.lock().await;
-        Ok(match inner.instances.get(&key(saga, instance_id)) {
+        Ok(match inner.entry(saga, instance_id) {
             Some(entry) => Loaded {
                 record: Some(entry.record.clone()),
                 applied: entry.applied.contains(event_id),
@@ -87,18 +96,19 @@ impl SagaStore for MemorySagaStore {
     ) -> Result<Option<SagaRecord>> {
         let inner = self.inner.lock().await;
         Ok(inner
-            .instances
-            .values()
-            .map(|entry| &entry.record)
-            .filter(|r| r.saga == saga && r.correlation_id == correlation_id)
+            .records(saga)
+            .filter(|r| r.correlation_id == correlation_id)
             .min_by_key(|r| r.created_at)
             .cloned())
     }
 
     async fn commit(&self, bus: &Bus, commit: SagaCommit) -> Result<Committed> {
         let mut inner = self.inner.lock().await;
-        let id = key(&commit.record.saga, &commit.record.instance_id);
-        match (inner.instances.get(&id), commit.expected_version) {
+        let record = &commit.record;
+        match (
+            inner.entry(&record.saga, &record.instance_id),
+            commit.expected_version,
+        ) {
             (Some(entry), _) if entry.applied.contains(&commit.event_id) => {
                 return Ok(Committed::Duplicate)
             }
@@ -117,9 +127,7 @@ impl SagaStore for MemorySagaStore {
                 timeout.id.clone(),
                 Waiting {
                     // The runtime caps `after` at 100 years; never overflow the clock anyway.
-                    due: now
-                        .checked_add(timeout.after)
-                        .unwrap_or(now + Duration::from_secs(100 * 365 * 24 * 3600)),
+                    due: now.checked_add(timeout.after).unwrap_or(now + MAX_TIMEOUT),
                     timeout: DueTimeout {
                         id: timeout.id,
                         saga: commit.record.saga.clone(),
@@ -130,12 +138,25 @@ impl SagaStore for MemorySagaStore {
                 },
             );
         }
-        let entry = inner.instances.entry(id).or_insert_with(|| Entry {
-            record: commit.record.clone(),
-            applied: HashSet::new(),
-        });
-        entry.applied.insert(commit.event_id);
-        entry.record = commit.record;
+        let instances = inner
+            .instances
+            .entry(commit.record.saga.clone())
+            .or_default();
+        match instances.get_mut(&commit.record.instance_id) {
+            Some(entry) => {
+                entry.applied.insert(commit.event_id);
+                entry.record = commit.record;
+            }
+            None => {
+                instances.insert(
+                    commit.record.instance_id.clone(),
+                    Entry {
+                        record: commit.record,
+                        applied: HashSet::from([commit.event_id]),
+                    },
+                );
+            }
+        }
         Ok(Committed::Done)
     }
 
@@ -183,10 +204,7 @@ impl SagaStore for MemorySagaStore {
             .idle_for
             .map(|d| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
         let mut found: Vec<SagaRecord> = inner
-            .instances
-            .values()
-            .map(|entry| &entry.record)
-            .filter(|r| r.saga == saga)
+            .records(saga)
             .filter(|r| filter.status.is_none_or(|s| r.status == s))
             .filter(|r| filter.state.as_ref().is_none_or(|s| r.state == *s))
             .filter(|r| idle_for.is_none_or(|idle| now - r.updated_at >= idle))

@@ -124,6 +124,9 @@ use crate::retry::RetryPolicy;
 pub use memory::MemorySagaStore;
 pub use runtime::{RunningSaga, SagaStats};
 
+/// The longest timeout: a later one is due after this (every clock and store can hold it).
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// The state of a new instance, before its first transition.
 pub const INITIAL: &str = "initial";
 

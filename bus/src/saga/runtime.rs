@@ -17,6 +17,7 @@ use super::{
     Committed, CompensationFn, Correlation, ErasedEntry, EventEntry, FailedCompensation,
     MissingInstance, NewTimeout, Outcome, Saga, SagaCommit, SagaCompensation, SagaData, SagaFilter,
     SagaRecord, SagaStatus, SagaStore, SagaTimeout, ScheduledTimeout, Step, TimeoutFn, INITIAL,
+    MAX_TIMEOUT,
 };
 use crate::bus::Bus;
 use crate::codec::Json;
@@ -30,8 +31,6 @@ use crate::routing::UnknownTypes;
 /// How often a transition is redone after the instance changed under it, before the delivery
 /// is failed (and retried by the retry policy).
 const MAX_CONFLICTS: u32 = 16;
-/// The longest timeout: later ones are due after this (every clock and store can hold it).
-const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Due timeouts published per store call.
 const TIMEOUT_BATCH: usize = 100;
 
