@@ -463,7 +463,12 @@ async fn killed_mid_transition(mode: &str) {
 
     // The child hangs in the move to `charging`; killed there.
     saga_process.said("HUNG o-1").await;
-    let before = store.get_for_test("o-1").await;
+    let before = store
+        .load("fulfilment", "o-1", "")
+        .await
+        .unwrap()
+        .record
+        .unwrap();
     saga_process.kill();
     let expected_version = if mode == "after" { 2 } else { 1 };
     assert_eq!(
@@ -501,20 +506,6 @@ async fn killed_mid_transition(mode: &str) {
     }
     relay.shutdown(Duration::from_secs(5)).await.unwrap();
     drop_tables(&pool, &outbox_table, &saga_table).await;
-}
-
-trait GetForTest {
-    async fn get_for_test(&self, instance: &str) -> SagaRecord;
-}
-
-impl GetForTest for PostgresSagaStore {
-    async fn get_for_test(&self, instance: &str) -> SagaRecord {
-        self.load("fulfilment", instance, "")
-            .await
-            .unwrap()
-            .record
-            .unwrap()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
