@@ -164,7 +164,7 @@ fn big_memory() -> MemoryTransport {
 async fn spi(messages: usize) -> Cost {
     let transport = big_memory();
     let mut stream = transport
-        .consume("bench", "g", ConsumeOptions { max_in_flight: 64 })
+        .consume("bench", "g", ConsumeOptions::new(64))
         .await
         .expect("consume");
     let payload = bytes::Bytes::from(vec![b'x'; payload_bytes()]);

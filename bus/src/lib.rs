@@ -53,5 +53,6 @@ pub use message::{HeaderName, Headers, Message};
 pub use retry::RetryPolicy;
 pub use routing::{EventSet, UnknownTypes};
 pub use transport::{
-    Acknowledger, ConsumeOptions, Delivery, DeliveryStream, RedriveSelection, Transport,
+    Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, Delivery, DeliveryStream,
+    RedriveSelection, Transport,
 };

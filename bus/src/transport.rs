@@ -16,15 +16,144 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 
 /// How a consumer wants its deliveries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ConsumeOptions {
     /// The most deliveries handed out and not yet settled at once (prefetch). At least 1.
     pub max_in_flight: usize,
+    /// Where the transport's consumer reports whether it is consuming and what it still holds
+    /// after its stream is dropped; the subscription reads it.
+    pub status: ConsumerStatus,
+}
+
+impl ConsumeOptions {
+    /// Options with `max_in_flight` and a fresh [`ConsumerStatus`].
+    pub fn new(max_in_flight: usize) -> Self {
+        ConsumeOptions {
+            max_in_flight,
+            status: ConsumerStatus::default(),
+        }
+    }
 }
 
 impl Default for ConsumeOptions {
     fn default() -> Self {
-        ConsumeOptions { max_in_flight: 16 }
+        ConsumeOptions::new(16)
+    }
+}
+
+/// What a transport's consumer tells the subscription over it about its life: whether it is
+/// really consuming, and whether it still holds anything of the broker's.
+///
+/// The subscription makes one per consumer and passes it in [`ConsumeOptions::status`]. A
+/// transport whose consumer is ready as soon as `consume` returns, and holds nothing once its
+/// stream is dropped, ignores it. Others report:
+/// - [`joining`](Self::joining) before `consume` returns, when the broker still has to give
+///   the consumer its share (a Kafka group join), then [`set_consuming`](Self::set_consuming)
+///   once it has, and `set_consuming(false)` while a rebalance takes it away;
+/// - a [`hold`](Self::hold) for as long as the consumer keeps anything after its stream is
+///   dropped: group membership, received messages it must give back, a channel whose
+///   deliveries are still being settled. `Subscription::shutdown` returns only once every
+///   hold is dropped, so the process may exit, or another instance take over, at once.
+///
+/// ```
+/// use std::time::Duration;
+/// use busbar_core::ConsumerStatus;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let status = ConsumerStatus::default();
+/// assert!(status.is_consuming(), "ready unless the transport says it is joining");
+/// status.joining();
+/// assert!(!status.wait_consuming(Duration::from_millis(10)).await);
+/// status.set_consuming(true);
+/// assert!(status.wait_consuming(Duration::from_millis(10)).await);
+///
+/// let hold = status.hold(); // e.g. the consumer still has to leave its group
+/// assert!(!status.wait_released(Duration::from_millis(10)).await);
+/// drop(hold);
+/// assert!(status.wait_released(Duration::from_millis(10)).await);
+/// # });
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConsumerStatus {
+    state: Arc<tokio::sync::watch::Sender<StatusState>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct StatusState {
+    consuming: bool,
+    holds: usize,
+}
+
+impl Default for ConsumerStatus {
+    fn default() -> Self {
+        let (state, _) = tokio::sync::watch::channel(StatusState {
+            consuming: true,
+            holds: 0,
+        });
+        ConsumerStatus {
+            state: Arc::new(state),
+        }
+    }
+}
+
+impl ConsumerStatus {
+    /// Transport side: the consumer is not consuming until [`set_consuming`](Self::set_consuming)
+    /// says so.
+    pub fn joining(&self) {
+        self.set_consuming(false);
+    }
+
+    /// Transport side: whether the consumer is consuming now (joined and assigned its share).
+    pub fn set_consuming(&self, consuming: bool) {
+        self.state.send_if_modified(|state| {
+            let changed = state.consuming != consuming;
+            state.consuming = consuming;
+            changed
+        });
+    }
+
+    /// Transport side: the consumer holds something until the returned guard is dropped.
+    pub fn hold(&self) -> ConsumerHold {
+        self.state.send_modify(|state| state.holds += 1);
+        ConsumerHold {
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// Whether the consumer is consuming.
+    pub fn is_consuming(&self) -> bool {
+        self.state.borrow().consuming
+    }
+
+    /// Waits at most `limit` until the consumer is consuming; returns whether it is.
+    pub async fn wait_consuming(&self, limit: Duration) -> bool {
+        self.wait(limit, |state| state.consuming).await
+    }
+
+    /// Waits at most `limit` until the consumer holds nothing; returns whether it does.
+    pub async fn wait_released(&self, limit: Duration) -> bool {
+        self.wait(limit, |state| state.holds == 0).await
+    }
+
+    async fn wait(&self, limit: Duration, done: impl Fn(&StatusState) -> bool) -> bool {
+        let mut state = self.state.subscribe();
+        tokio::time::timeout(limit, state.wait_for(|s| done(s)))
+            .await
+            .is_ok_and(|waited| waited.is_ok())
+    }
+}
+
+/// Something a transport's consumer holds (see [`ConsumerStatus::hold`]); dropping it lets go.
+#[derive(Debug)]
+#[must_use = "the hold is released when dropped"]
+pub struct ConsumerHold {
+    state: Arc<tokio::sync::watch::Sender<StatusState>>,
+}
+
+impl Drop for ConsumerHold {
+    fn drop(&mut self) {
+        self.state
+            .send_modify(|state| state.holds = state.holds.saturating_sub(1));
     }
 }
 

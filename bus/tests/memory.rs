@@ -103,7 +103,7 @@ async fn competing_consumers_split_the_work_with_nothing_lost_or_doubled() {
     let mut workers = Vec::new();
     for _ in 0..3 {
         let mut s = t
-            .consume(&topic, "g", ConsumeOptions { max_in_flight: 4 })
+            .consume(&topic, "g", ConsumeOptions::new(4))
             .await
             .unwrap();
         let t = t.clone();
@@ -198,7 +198,7 @@ async fn a_key_is_handed_out_one_message_at_a_time_in_order_even_across_a_nack()
     .await
     .unwrap();
     let mut s = t
-        .consume(&topic, "g", ConsumeOptions { max_in_flight: 10 })
+        .consume(&topic, "g", ConsumeOptions::new(10))
         .await
         .unwrap();
     let a1 = next(&mut s).await;
@@ -230,7 +230,7 @@ async fn in_flight_limit_bounds_what_a_consumer_holds() {
     .await
     .unwrap();
     let mut s = t
-        .consume(&topic, "g", ConsumeOptions { max_in_flight: 2 })
+        .consume(&topic, "g", ConsumeOptions::new(2))
         .await
         .unwrap();
     let first = next(&mut s).await;

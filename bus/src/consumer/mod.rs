@@ -32,7 +32,7 @@ use crate::idempotency::IdempotencyStore;
 use crate::message::{validate_name, Message};
 use crate::retry::RetryPolicy;
 use crate::routing::{EventSet, UnknownTypes};
-use crate::transport::ConsumeOptions;
+use crate::transport::{ConsumeOptions, ConsumerStatus};
 
 type KeyFn<E> = Arc<dyn Fn(&Envelope<E>) -> String + Send + Sync>;
 
@@ -212,9 +212,9 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             .unwrap_or(concurrency * 2)
             .max(concurrency);
         let transport = Arc::clone(self.bus.transport());
-        let stream = transport
-            .consume(&self.topic, &self.group, ConsumeOptions { max_in_flight })
-            .await?;
+        let options = ConsumeOptions::new(max_in_flight);
+        let status = options.status.clone();
+        let stream = transport.consume(&self.topic, &self.group, options).await?;
         let counters = Arc::new(Counters::default());
         let origin = Arc::new(context::Origin {
             topic: self.topic,
@@ -248,6 +248,7 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             stop,
             task: Some(task),
             counters,
+            status,
             _registration: registration,
         })
     }
@@ -280,6 +281,7 @@ pub(crate) struct Counters {
     duplicates_skipped: AtomicU64,
     skipped_unknown: AtomicU64,
     panics: AtomicU64,
+    transport_errors: AtomicU64,
 }
 
 impl Counters {
@@ -308,6 +310,9 @@ pub struct SubscriptionStats {
     pub skipped_unknown: u64,
     /// Handler attempts that panicked (also counted in `failed_attempts`).
     pub panics: u64,
+    /// Problems the transport reported while consuming (a lost connection it is recovering
+    /// from, a consumer the broker does not give its share); each is also logged.
+    pub transport_errors: u64,
 }
 
 /// What a graceful shutdown did.
@@ -357,6 +362,7 @@ pub struct Subscription {
     stop: watch::Sender<Option<Instant>>,
     task: Option<JoinHandle<ShutdownReport>>,
     counters: Arc<Counters>,
+    status: ConsumerStatus,
     /// Holds this subscription's event types for its (topic, group) on the bus until dropped.
     _registration: registry::Registration,
 }
@@ -395,7 +401,39 @@ impl Subscription {
             duplicates_skipped: get(&c.duplicates_skipped),
             skipped_unknown: get(&c.skipped_unknown),
             panics: get(&c.panics),
+            transport_errors: get(&c.transport_errors),
         }
+    }
+
+    /// Whether the transport's consumer is consuming: false while a Kafka consumer joins its
+    /// group or a rebalance takes its partitions away, true at once on other transports.
+    pub fn is_consuming(&self) -> bool {
+        self.status.is_consuming()
+    }
+
+    /// Waits until the subscription really consumes (a Kafka consumer: joined its group and
+    /// was assigned its share), at most `limit`. `start` returns before that, as soon as the
+    /// subscription is declared; call this where messages published next must not wait for a
+    /// group to form (a test, a readiness probe).
+    ///
+    /// Fails with [`ErrorKind::Timeout`] when the consumer is not consuming within `limit`.
+    pub async fn consuming(&self, limit: Duration) -> Result<()> {
+        if self.status.wait_consuming(limit).await {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Timeout,
+            "subscribe",
+            format!(
+                "the consumer was not consuming within {limit:?}; the broker has not given it \
+                 its share of the group yet (see the subscription's transport errors)"
+            ),
+        )
+        .with_resource(self.resource()))
+    }
+
+    fn resource(&self) -> String {
+        format!("topic {}, group {}", self.origin.topic, self.origin.group)
     }
 
     /// Whether the consumer has stopped (shut down, or its transport closed and it drained).
@@ -410,16 +448,23 @@ impl Subscription {
         let Some(task) = self.task.take() else {
             return Ok(ShutdownReport::default());
         };
-        task.await.map_err(|e| {
+        let report = task.await.map_err(|e| {
             Error::new(ErrorKind::Closed, "shutdown", "the consumer task failed")
-                .with_resource(format!(
-                    "topic {}, group {}",
-                    self.origin.topic, self.origin.group
-                ))
+                .with_resource(self.resource())
                 .with_source(e)
-        })
+        })?;
+        // The transport's consumer may still hold the broker's things: group membership,
+        // messages to give back. Another instance takes over only once it let go.
+        if !self.status.wait_released(RELEASE_LIMIT).await {
+            tracing::warn!(topic = %self.origin.topic, group = %self.origin.group, limit = ?RELEASE_LIMIT, "the transport's consumer did not let go in time; returning anyway");
+        }
+        Ok(report)
     }
 }
+
+/// How long [`Subscription::shutdown`] waits, after its handlers are done, for the transport's
+/// consumer to let go (leave its group, give back what it received).
+const RELEASE_LIMIT: Duration = Duration::from_secs(60);
 
 impl Drop for Subscription {
     fn drop(&mut self) {

@@ -107,7 +107,7 @@ impl Dispatch {
 
 pub(crate) async fn run<E: Send + 'static>(
     shared: Arc<Shared<E>>,
-    mut stream: DeliveryStream,
+    stream: DeliveryStream,
     mut stop: watch::Receiver<Option<Instant>>,
     limits: Limits,
 ) -> ShutdownReport {
@@ -117,6 +117,7 @@ pub(crate) async fn run<E: Send + 'static>(
     let mut fetching = true;
     let mut deadline: Option<Instant> = None;
     let mut report = ShutdownReport::default();
+    let mut stream = Some(stream);
 
     loop {
         while tasks.len() < limits.concurrency {
@@ -144,6 +145,9 @@ pub(crate) async fn run<E: Send + 'static>(
                 };
                 deadline = Some(until);
                 fetching = false;
+                // Stop the transport's consumer before giving back what was not started: a
+                // consumer still running would fetch what is given back again.
+                drop(stream.take());
                 report.returned = dispatch.return_unstarted();
                 dispatch.held = tasks.len();
                 report.drained = tasks.len();
@@ -159,13 +163,14 @@ pub(crate) async fn run<E: Send + 'static>(
                 };
                 dispatch.finished(task_keys.remove(&id).flatten());
             }
-            item = stream.next(), if fetching && dispatch.held < limits.max_in_flight => {
+            item = next_delivery(&mut stream), if fetching && dispatch.held < limits.max_in_flight => {
                 match item {
                     Some(Ok(delivery)) => {
                         Counters::bump(&shared.counters.received);
                         dispatch.receive(delivery, limits.key_ordered);
                     }
                     Some(Err(e)) => {
+                        Counters::bump(&shared.counters.transport_errors);
                         tracing::warn!(topic = %shared.origin.topic, group = %shared.origin.group, error = %e, "transport reported a consume error");
                     }
                     None => {
@@ -185,6 +190,13 @@ pub(crate) async fn run<E: Send + 'static>(
     }
     drop(stream);
     report
+}
+
+async fn next_delivery(stream: &mut Option<DeliveryStream>) -> Option<crate::Result<Delivery>> {
+    match stream {
+        Some(stream) => stream.next().await,
+        None => None,
+    }
 }
 
 async fn sleep_until_deadline(deadline: Option<Instant>) {
