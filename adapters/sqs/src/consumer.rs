@@ -1,5 +1,12 @@
 //! Consuming: receive loops (long polling, up to 10 messages per call) bounded by the in-flight
 //! limit; a visibility heartbeat keeps a message hidden while its handler runs.
+//!
+//! Stopping never cancels a receive: SQS hands out what a receive returns whether or not the
+//! caller is still listening, so a dropped long poll would hide its messages for the whole
+//! visibility timeout. A receive in flight when the subscription stops is let finish, and what
+//! it returns goes straight back (visibility 0). The subscription's shutdown waits for that,
+//! and for every message given back, through a [`ConsumerHold`] that each receive loop and
+//! each received message keeps.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,8 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use busbar_core::{
-    Acknowledger, DeadLetter, DeadLetterInfo, Delivery, DeliveryStream, Error, ErrorKind, Message,
-    Result,
+    Acknowledger, ConsumeOptions, ConsumerHold, DeadLetter, DeadLetterInfo, Delivery,
+    DeliveryStream, Error, ErrorKind, Message, Result,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -26,6 +33,31 @@ const DELETE_LINGER: Duration = Duration::from_millis(2);
 const RECEIVE_FILL: Duration = Duration::from_millis(20);
 
 type DeleteRequest = (String, oneshot::Sender<std::result::Result<(), String>>);
+
+/// A received message to make visible again at once; the hold keeps the subscription's
+/// shutdown waiting until it is done.
+type GiveBack = (String, Arc<ConsumerHold>);
+
+/// Batches abandoned and unstarted messages into `ChangeMessageVisibilityBatch` calls that
+/// make them visible at once: a subscription shutting down returns all it held in a few calls.
+fn spawn_giver(inner: Arc<Inner>, queue_url: String) -> mpsc::UnboundedSender<GiveBack> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<GiveBack>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let linger = tokio::time::Instant::now() + DELETE_LINGER;
+            while batch.len() < 10 {
+                match tokio::time::timeout_at(linger, rx.recv()).await {
+                    Ok(Some(more)) => batch.push(more),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let receipts = batch.iter().map(|(receipt, _)| receipt.as_str());
+            give_back_receipts(&inner, &queue_url, receipts).await;
+        }
+    });
+    tx
+}
 
 /// Batches acks into `DeleteMessageBatch` calls: acks that arrive while a call is in flight go
 /// together into the next one (up to 10), so a busy consumer deletes in batches and an idle
@@ -86,13 +118,15 @@ pub(crate) fn consume(
     inner: Arc<Inner>,
     topic: &str,
     queues: GroupQueues,
-    max_in_flight: usize,
+    options: ConsumeOptions,
 ) -> DeliveryStream {
-    let limit = max_in_flight.max(1);
+    let limit = options.max_in_flight.max(1);
+    let hold = Arc::new(options.status.hold());
     let (tx, rx) = mpsc::channel(limit);
     let permits = Arc::new(Semaphore::new(limit));
     let queues = Arc::new(queues);
     let deleter = spawn_deleter(Arc::clone(&inner), queues.queue.url.clone());
+    let giver = spawn_giver(Arc::clone(&inner), queues.queue.url.clone());
     let gate = inner.config.fifo.then(|| {
         Arc::new(Gate {
             groups: Mutex::default(),
@@ -113,13 +147,26 @@ pub(crate) fn consume(
                 batch,
             },
             tx.clone(),
-            deleter.clone(),
+            Settlers {
+                deleter: deleter.clone(),
+                giver: giver.clone(),
+                hold: Arc::clone(&hold),
+            },
             gate.clone(),
         ));
     }
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }))
+}
+
+/// What a received message is settled through: the batchers of deletes and of give-backs,
+/// and the subscription's hold on this consumer.
+#[derive(Clone)]
+struct Settlers {
+    deleter: mpsc::UnboundedSender<DeleteRequest>,
+    giver: mpsc::UnboundedSender<GiveBack>,
+    hold: Arc<ConsumerHold>,
 }
 
 /// The in-flight slots a receive loop takes from, and how many it asks for per receive.
@@ -152,7 +199,7 @@ async fn receive_loop(
     queues: Arc<GroupQueues>,
     slots: Slots,
     tx: mpsc::Sender<Result<Delivery>>,
-    deleter: mpsc::UnboundedSender<DeleteRequest>,
+    settlers: Settlers,
     gate: Option<Arc<Gate>>,
 ) {
     let mut pause = Duration::from_millis(100);
@@ -174,9 +221,17 @@ async fn receive_loop(
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .send();
+        tokio::pin!(request);
         let received = tokio::select! {
-            () = tx.closed() => return,
-            received = request => received,
+            () = tx.closed() => {
+                // Not cancelled (see the module's doc): what it returns goes back at once.
+                if let Ok(out) = request.await {
+                    let receipts = out.messages().iter().filter_map(|m| m.receipt_handle());
+                    give_back_receipts(&inner, &queues.queue.url, receipts).await;
+                }
+                return;
+            }
+            received = &mut request => received,
         };
         let out = match received {
             Ok(out) => out,
@@ -198,7 +253,8 @@ async fn receive_loop(
             }
         };
         pause = Duration::from_millis(100);
-        for received in out.messages() {
+        let mut messages = out.messages().iter();
+        while let Some(received) = messages.next() {
             let Some(permit) = held.pop() else { break };
             let attributes = received_attributes(received);
             let message = unpack(
@@ -233,7 +289,7 @@ async fn receive_loop(
                 Arc::clone(&queues),
                 receipt,
                 permit,
-                deleter.clone(),
+                settlers.clone(),
                 ticket,
             );
             let delivery = Delivery::new(Arc::new(message), attempt, Box::new(ack));
@@ -245,7 +301,11 @@ async fn receive_loop(
                 None => delivery,
             };
             if tx.send(Ok(delivery)).await.is_err() {
-                return; // the delivery was dropped: its message becomes visible again at once
+                // The subscription stopped. The delivery was dropped, which gives its message
+                // back; the rest of the batch goes back here.
+                let rest = messages.filter_map(|m| m.receipt_handle());
+                give_back_receipts(&inner, &queues.queue.url, rest).await;
+                return;
             }
         }
     }
@@ -367,6 +427,42 @@ enum Settled {
 /// before them (see [`Gate`]).
 const GROUP_RETURN_DELAY: Duration = Duration::from_secs(1);
 
+/// Makes received messages visible again at once, ten per call. Failures are logged: those
+/// messages return after their visibility timeout.
+async fn give_back_receipts<'a>(
+    inner: &Inner,
+    queue_url: &str,
+    receipts: impl Iterator<Item = &'a str>,
+) {
+    let receipts: Vec<&str> = receipts.collect();
+    for chunk in receipts.chunks(10) {
+        let mut request = inner
+            .sqs
+            .change_message_visibility_batch()
+            .queue_url(queue_url);
+        for (i, receipt) in chunk.iter().enumerate() {
+            if let Ok(entry) =
+                aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(*receipt)
+                    .visibility_timeout(0)
+                    .build()
+            {
+                request = request.entries(entry);
+            }
+        }
+        match request.send().await {
+            Ok(out) if !out.failed().is_empty() => {
+                tracing::warn!(failed = out.failed().len(), queue = queue_url, "could not give back some received messages; they return after their visibility timeout");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), queue = queue_url, "could not give back received messages; they return after their visibility timeout");
+            }
+        }
+    }
+}
+
 /// Gives `deliveries` back to SQS, all visible after `delay`.
 async fn give_back_all(deliveries: Vec<Delivery>, delay: Duration) {
     futures::future::join_all(deliveries.into_iter().map(|d| d.nack(delay))).await;
@@ -376,7 +472,7 @@ struct SqsAck {
     ticket: Option<Ticket>,
     inner: Arc<Inner>,
     queues: Arc<GroupQueues>,
-    deleter: mpsc::UnboundedSender<DeleteRequest>,
+    settlers: Settlers,
     receipt: String,
     settled: bool,
     heartbeat: JoinHandle<()>,
@@ -389,7 +485,7 @@ impl SqsAck {
         queues: Arc<GroupQueues>,
         receipt: String,
         permit: OwnedSemaphorePermit,
-        deleter: mpsc::UnboundedSender<DeleteRequest>,
+        settlers: Settlers,
         ticket: Option<Ticket>,
     ) -> Self {
         // Keep the message hidden while its handler runs longer than the visibility timeout.
@@ -426,7 +522,7 @@ impl SqsAck {
             ticket,
             inner,
             queues,
-            deleter,
+            settlers,
             receipt,
             settled: false,
             heartbeat,
@@ -477,7 +573,7 @@ impl SqsAck {
     async fn delete(&mut self, operation: &'static str) -> Result<()> {
         self.settle();
         let (reply, done) = oneshot::channel();
-        let outcome = match self.deleter.send((self.receipt.clone(), reply)) {
+        let outcome = match self.settlers.deleter.send((self.receipt.clone(), reply)) {
             Ok(()) => done
                 .await
                 .unwrap_or_else(|_| Err("the delete batcher stopped".into())),
@@ -611,24 +707,25 @@ impl Drop for SqsAck {
             }
             return;
         }
-        // Abandoned (the handler was stopped): make it visible again now, not after its
-        // timeout (a crashed process cannot; then the timeout brings it back), or with the
-        // group's shortest delay when messages of its group go back with it.
+        // Abandoned (the handler was stopped) or never started: make it visible again now, not
+        // after its timeout (a crashed process cannot; then the timeout brings it back), or
+        // with the group's shortest delay when messages of its group go back with it.
+        let hold = Arc::clone(&self.settlers.hold);
+        if waiting.is_empty() {
+            let _ = self.settlers.giver.send((self.receipt.clone(), hold));
+            return;
+        }
         let (inner, url, receipt) = (
             Arc::clone(&self.inner),
             self.queues.queue.url.clone(),
             self.receipt.clone(),
         );
         runtime.spawn(async move {
-            let delay = if waiting.is_empty() {
-                Duration::ZERO
-            } else {
-                give_back_all(waiting, GROUP_RETURN_DELAY).await;
-                GROUP_RETURN_DELAY
-            };
-            if let Err(e) = change_visibility(&inner, &url, &receipt, delay).await {
+            give_back_all(waiting, GROUP_RETURN_DELAY).await;
+            if let Err(e) = change_visibility(&inner, &url, &receipt, GROUP_RETURN_DELAY).await {
                 tracing::debug!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "could not return an abandoned message; it returns after its visibility timeout");
             }
+            drop(hold);
         });
     }
 }

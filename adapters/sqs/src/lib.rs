@@ -695,7 +695,7 @@ impl Transport for SqsTransport {
             Arc::clone(&self.inner),
             topic,
             queues,
-            options.max_in_flight,
+            options,
         ))
     }
 
