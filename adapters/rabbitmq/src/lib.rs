@@ -185,7 +185,7 @@ impl Transport for RabbitTransport {
             topic,
             group,
             queue,
-            options.max_in_flight,
+            options,
         ))
     }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busbar_core::{
-    Acknowledger, DeadLetter, DeadLetterInfo, Delivery, DeliveryStream, Error, ErrorKind, Message,
-    Result,
+    Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, DeadLetter, DeadLetterInfo,
+    Delivery, DeliveryStream, Error, ErrorKind, Message, Result,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -24,14 +24,18 @@ use crate::topology::{declare_group, declare_retry};
 use crate::Inner;
 
 /// Closes a consumer's channel once the consumer loop and every delivery it handed out are
-/// done, so acks of handlers still draining after a shutdown reach the broker.
+/// done, so acks of handlers still draining after a shutdown reach the broker. The
+/// subscription's shutdown waits for the close (its hold): the broker has then requeued
+/// whatever the channel still held.
 struct ChannelGuard {
     channel: Channel,
+    hold: Option<ConsumerHold>,
 }
 
 impl Drop for ChannelGuard {
     fn drop(&mut self) {
         let channel = self.channel.clone();
+        let hold = self.hold.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // Bounded: lapin may never answer on a connection that is already gone.
             runtime.spawn(async move {
@@ -40,6 +44,7 @@ impl Drop for ChannelGuard {
                     channel.close(200, "consumer done".into()),
                 )
                 .await;
+                drop(hold);
             });
         }
     }
@@ -56,8 +61,9 @@ pub(crate) fn consume(
     topic: &str,
     group: &str,
     queue: String,
-    prefetch: usize,
+    options: ConsumeOptions,
 ) -> DeliveryStream {
+    let prefetch = options.max_in_flight;
     let (tx, rx) = mpsc::channel(1);
     let route = Arc::new(Route {
         topic: topic.to_string(),
@@ -65,7 +71,13 @@ pub(crate) fn consume(
         queue,
     });
     let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
-    tokio::spawn(consume_loop(inner, route, prefetch, tx));
+    // Held until the loop ends: a subscription stopped while its channel is still opening
+    // waits for the loop to notice, so no consumer outlives `shutdown`.
+    let looping = options.status.hold();
+    tokio::spawn(async move {
+        consume_loop(inner, route, prefetch, options.status, tx).await;
+        drop(looping);
+    });
     Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }))
@@ -75,6 +87,7 @@ async fn open(
     inner: &Inner,
     route: &Route,
     prefetch: u16,
+    status: &ConsumerStatus,
 ) -> Result<(Arc<ChannelGuard>, Consumer)> {
     let connector = &inner.connector;
     let deadline = Instant::now() + connector.config.publish_timeout;
@@ -95,6 +108,7 @@ async fn open(
     let channel = connector.channel(deadline).await?;
     let guard = Arc::new(ChannelGuard {
         channel: channel.clone(),
+        hold: Some(status.hold()),
     });
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -122,6 +136,7 @@ async fn consume_loop(
     inner: Arc<Inner>,
     route: Arc<Route>,
     prefetch: u16,
+    status: ConsumerStatus,
     tx: mpsc::Sender<Result<Delivery>>,
 ) {
     let mut pause = Duration::from_millis(50);
@@ -129,7 +144,7 @@ async fn consume_loop(
         if inner.connector.is_closed() || tx.is_closed() {
             return;
         }
-        let (guard, mut consumer) = match open(&inner, &route, prefetch).await {
+        let (guard, mut consumer) = match open(&inner, &route, prefetch, &status).await {
             Ok(opened) => opened,
             Err(e) => {
                 if inner.connector.is_closed() || tx.send(Err(e)).await.is_err() {
