@@ -167,6 +167,28 @@ impl KafkaConfig {
         config
     }
 
+    /// The consumer's settings. librdkafka's consumer-group debug log is on: the consumer
+    /// reads from it whether it leads its group (see `consumer::Role`), which no API tells.
+    /// It reaches `tracing` only when the URL asks for `debug`.
+    pub(crate) fn consumer_config(&self) -> rdkafka::ClientConfig {
+        let mut config = self.client_config();
+        let debug = match config.get("debug") {
+            Some(own) if own.split(',').any(|c| c == "cgrp" || c == "all") => own.to_string(),
+            Some(own) => format!("{own},cgrp"),
+            None => "cgrp".to_string(),
+        };
+        config.set("debug", debug);
+        // Else librdkafka drops debug lines before the consumer sees them, unless `tracing`
+        // happened to be at debug level for librdkafka when the consumer was made.
+        config.set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+        config
+    }
+
+    /// Whether the URL asked for librdkafka debug logs.
+    pub(crate) fn wants_debug(&self) -> bool {
+        self.passthrough.iter().any(|(name, _)| name == "debug")
+    }
+
     /// The producer's settings: durable (`acks=all`, idempotent), with the publish time limit
     /// as librdkafka's message timeout, and a 5 ms `linger.ms` unless the URL sets its own.
     pub(crate) fn producer_config(&self) -> rdkafka::ClientConfig {

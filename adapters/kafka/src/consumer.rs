@@ -9,7 +9,10 @@
 //! - rebalance: before partitions are revoked, what finished on them is committed (in flight
 //!   work on them will be redelivered to their new owner).
 //! - shutdown: fetching stops; the consumer stays in the group until in-flight handlers have
-//!   settled (or 30 s passed), commits, and leaves.
+//!   settled (or 30 s passed), commits, and leaves. A consumer still joining its group first
+//!   finishes the join (at most the session timeout): leaving in the middle of a join can
+//!   leave a broker's group naming the departed member as its leader (Tansu does), so that no
+//!   later member of the group is ever assigned anything.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,8 +20,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busbar_core::{
-    Acknowledger, DeadLetter, DeadLetterInfo, Delivery, DeliveryStream, Error, ErrorKind, Message,
-    Result,
+    Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, DeadLetter, DeadLetterInfo,
+    Delivery, DeliveryStream, Error, ErrorKind, Message, Result,
 };
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -224,16 +227,87 @@ fn lock(tracker: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
     tracker.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Commits what finished on partitions before they are revoked.
+/// Commits what finished on partitions before they are revoked, tells the subscription
+/// whether the consumer holds an assignment, and follows its role in the group.
 pub(crate) struct RebalanceContext {
     tracker: Arc<Mutex<Tracker>>,
+    status: ConsumerStatus,
+    role: Mutex<Role>,
+    /// Whether librdkafka's debug logs go on to `tracing` (the URL asked for `debug`).
+    forward_debug: bool,
 }
 
-impl ClientContext for RebalanceContext {}
+/// The consumer's place in its group, as its last JoinGroup response and assignment tell.
+#[derive(Debug, Default, Clone, Copy)]
+struct Role {
+    /// Whether the last join completed, and whether it named this consumer the leader.
+    leader: Option<bool>,
+    /// Members in the last join (the leader's response lists them; others' list none).
+    members: usize,
+    /// When the consumer was last assigned its share.
+    assigned_at: Option<tokio::time::Instant>,
+}
+
+impl RebalanceContext {
+    fn role(&self) -> Role {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads a JoinGroup response from librdkafka's log ("JoinGroup response: GenerationId
+    /// 17, Protocol range, LeaderId X (me), my MemberId X, member metadata count 3: (no
+    /// error)"): no API tells a consumer whether it leads its group.
+    fn joined(&self, line: &str) {
+        // The message starts with the thread: "[thrd:main]: JoinGroup response: …".
+        let Some((_, response)) = line.split_once("JoinGroup response: ") else {
+            return;
+        };
+        if !response.ends_with("(no error)") {
+            return;
+        }
+        let members = response
+            .split("member metadata count ")
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|count| count.trim().parse().ok())
+            .unwrap_or(0);
+        let mut role = self.role.lock().unwrap_or_else(|p| p.into_inner());
+        role.leader = Some(response.contains(" (me),"));
+        role.members = members;
+    }
+}
+
+impl ClientContext for RebalanceContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "JOINGROUP" {
+            self.joined(log_message);
+        }
+        if matches!(level, rdkafka::config::RDKafkaLogLevel::Debug) && !self.forward_debug {
+            return;
+        }
+        rdkafka::client::DefaultClientContext.log(level, fac, log_message);
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            // An assignment, even an empty one (more members than partitions): the join is
+            // complete.
+            Rebalance::Assign(_) => {
+                self.role
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .assigned_at = Some(tokio::time::Instant::now());
+                self.status.set_consuming(true);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "group rebalance failed"),
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
+            self.status.set_consuming(false);
             let partitions: Vec<Partition> = revoked
                 .elements()
                 .iter()
@@ -347,14 +421,18 @@ pub(crate) fn consume(
     inner: Arc<Inner>,
     topic: &str,
     group: &str,
-    max_in_flight: usize,
+    options: ConsumeOptions,
 ) -> Result<DeliveryStream> {
+    let ConsumeOptions {
+        max_in_flight,
+        status,
+    } = options;
     let config = &inner.config;
     let tracker = Arc::new(Mutex::new(Tracker::new(HeldLimit::for_subscription(
         max_in_flight,
     ))));
     let consumer: StreamConsumer<RebalanceContext> = config
-        .client_config()
+        .consumer_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -366,6 +444,9 @@ pub(crate) fn consume(
         )
         .create_with_context(RebalanceContext {
             tracker: Arc::clone(&tracker),
+            status: status.clone(),
+            role: Mutex::default(),
+            forward_debug: config.wants_debug(),
         })
         .map_err(|e| inner.kafka_error("consume", "cannot create a consumer", e))?;
     let redrive = config.redrive_topic(topic, group);
@@ -377,10 +458,19 @@ pub(crate) fn consume(
     let (retry_tx, retry_rx) = mpsc::unbounded_channel();
     let route = Arc::new(Route {
         topic: topic.to_string(),
+        group: group.to_string(),
         dlq: config.dead_letter_topic(topic, group),
     });
+    status.joining();
+    let member = Member {
+        hold: status.hold(),
+        status,
+    };
     tokio::spawn(async move {
-        run(inner, consumer, tracker, route, tx, retry_tx, retry_rx).await;
+        run(
+            inner, consumer, tracker, route, member, tx, retry_tx, retry_rx,
+        )
+        .await;
         let _ = left.send(true);
     });
     Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
@@ -390,7 +480,53 @@ pub(crate) fn consume(
 
 struct Route {
     topic: String,
+    group: String,
     dlq: String,
+}
+
+/// After how many session timeouts without an assignment a consumer reports it: a join on
+/// Tansu takes about 3 s, a few rebalances in a row take a session timeout or two.
+const UNASSIGNED_SESSIONS: u32 = 3;
+
+/// Notices a consumer that stays without an assignment (joining or rebalancing) for longer
+/// than `limit`, once per `limit`.
+struct Unassigned {
+    limit: Duration,
+    since: Option<tokio::time::Instant>,
+    reported: Option<tokio::time::Instant>,
+}
+
+impl Unassigned {
+    fn new(limit: Duration) -> Self {
+        Unassigned {
+            limit,
+            since: Some(tokio::time::Instant::now()),
+            reported: None,
+        }
+    }
+
+    /// How long the consumer has been without an assignment, when that is overdue and was
+    /// not reported within the last `limit`.
+    fn overdue(&mut self, consuming: bool) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        if consuming {
+            (self.since, self.reported) = (None, None);
+            return None;
+        }
+        let waited = now - *self.since.get_or_insert(now);
+        let due = self.reported.is_none_or(|at| now - at >= self.limit);
+        (waited >= self.limit && due).then(|| {
+            self.reported = Some(now);
+            waited
+        })
+    }
+}
+
+/// The consumer's membership of its group, as the subscription sees it: whether it is
+/// assigned its share, and a hold released once it has left.
+struct Member {
+    status: ConsumerStatus,
+    hold: ConsumerHold,
 }
 
 /// The names of the topics a consumer reads (its topic and its redrive topic), shared.
@@ -408,17 +544,20 @@ impl TopicNames {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     inner: Arc<Inner>,
     consumer: StreamConsumer<RebalanceContext>,
     tracker: Arc<Mutex<Tracker>>,
     route: Arc<Route>,
+    member: Member,
     tx: mpsc::Sender<Result<Delivery>>,
     retry_tx: mpsc::UnboundedSender<Wake>,
     mut retry_rx: mpsc::UnboundedReceiver<Wake>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut topics = TopicNames::default();
+    let mut unassigned = Unassigned::new(UNASSIGNED_SESSIONS * inner.config.session_timeout);
     let make = |message: Arc<Message>, attempt: u32, partition: Partition, offset: i64| {
         Delivery::new(
             Arc::clone(&message),
@@ -462,6 +601,24 @@ async fn run(
             }
             _ = tick.tick() => {
                 commit(&consumer, &tracker, CommitMode::Async);
+                if let Some(waited) = unassigned.overdue(member.status.is_consuming()) {
+                    let error = Error::new(
+                        ErrorKind::Broker,
+                        "consume",
+                        format!(
+                            "the consumer has had no assignment for {waited:?}: the group \
+                             coordinator keeps the group rebalancing. On Tansu, a group whose \
+                             leader left while the group was forming stays so until the broker \
+                             restarts (see busbar-kafka's README); use another group name or \
+                             restart the broker"
+                        ),
+                    )
+                    .with_resource(format!("topic {}, group {}", route.topic, route.group))
+                    .with_retryable(true);
+                    if tx.send(Err(error)).await.is_err() {
+                        break;
+                    }
+                }
             }
             record = consumer.recv() => match record {
                 Ok(record) => {
@@ -502,6 +659,12 @@ async fn run(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    until_safe_to_leave(
+        &consumer,
+        &member.status,
+        JOIN_ROUNDS * inner.config.session_timeout,
+    )
+    .await;
     // The commit and the close (which leaves the group, serving the revoke on the way) block
     // on the broker: not on a runtime worker.
     let _ = tokio::task::spawn_blocking(move || {
@@ -509,6 +672,63 @@ async fn run(
         drop(consumer);
     })
     .await;
+    drop(member.hold);
+}
+
+/// How many session timeouts a stopping consumer waits, at most, for a moment when leaving
+/// its group is safe: members of a group stopping together each end a join round, so the last
+/// ones may need a few.
+const JOIN_ROUNDS: u32 = 6;
+
+/// How long a leader stays after its last assignment before leaving, when other members are
+/// in its group: about one heartbeat interval (librdkafka's default is 3 s), time for a
+/// member's departure that began earlier to reach it as a rebalance.
+const LEADER_QUIET: Duration = Duration::from_secs(4);
+
+/// Waits (at most `limit`) until leaving the group cannot wedge it, serving rebalances.
+///
+/// Tansu (0.6.0, and its main branch in November 2026) keeps a member that leaves while the
+/// group is being formed as the group's leader, though it is gone: every later member's
+/// SyncGroup is then answered "rebalance in progress", forever, and the group consumes nothing
+/// again until the broker restarts (Apache Kafka had the same class of bug, KAFKA-12890). So:
+/// - a member still joining finishes its join first (it may be chosen leader meanwhile);
+/// - a follower, once assigned, leaves at once: its leaving never changes the leader;
+/// - the leader leaves once assigned when it is the group's only member, or after
+///   [`LEADER_QUIET`] without a new rebalance: a group that was just formed, not one that
+///   another member's departure is re-forming.
+///
+/// Records fetched meanwhile are not handed out; the group's next owner reads them from the
+/// committed offset.
+async fn until_safe_to_leave(
+    consumer: &StreamConsumer<RebalanceContext>,
+    status: &ConsumerStatus,
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        // Rebalance callbacks and logs are served while the consumer is polled; the consumer
+        // was not polled since its subscription stopped, and a revoke may be waiting.
+        let _ = tokio::time::timeout(Duration::from_millis(20), consumer.recv()).await;
+        let role = consumer.context().role();
+        let assigned_for = role.assigned_at.map(|at| at.elapsed());
+        let safe = status.is_consuming()
+            && match role.leader {
+                Some(false) => true,
+                Some(true) => role.members <= 1 || assigned_for >= Some(LEADER_QUIET),
+                None => false,
+            };
+        if safe {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?limit,
+                ?role,
+                "no safe moment to leave the group came in time; leaving anyway"
+            );
+            return;
+        }
+    }
 }
 
 enum Fetch {
@@ -674,6 +894,38 @@ mod tests {
             Offset::Offset(o) => Some(o),
             _ => None,
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_without_an_assignment_is_reported_once_per_limit() {
+        let limit = Duration::from_secs(10);
+        let mut unassigned = Unassigned::new(limit);
+        assert_eq!(unassigned.overdue(false), None, "joining just began");
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(unassigned.overdue(false), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            unassigned.overdue(false),
+            Some(limit),
+            "ten seconds without"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(unassigned.overdue(false), None, "reported five seconds ago");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            unassigned.overdue(false),
+            Some(2 * limit),
+            "again after the limit"
+        );
+        assert_eq!(unassigned.overdue(true), None, "assigned");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            unassigned.overdue(false),
+            None,
+            "a new rebalance starts the count over"
+        );
+        tokio::time::advance(limit).await;
+        assert_eq!(unassigned.overdue(false), Some(limit));
     }
 
     #[test]

@@ -382,7 +382,7 @@ impl Transport for KafkaTransport {
             .consumers
             .stopped(Some(group), consumer::CLOSE_LIMIT)
             .await;
-        consumer::consume(Arc::clone(&self.inner), topic, group, options.max_in_flight)
+        consumer::consume(Arc::clone(&self.inner), topic, group, options)
     }
 
     async fn dead_letters(
