@@ -22,6 +22,7 @@
 //! skipped with a message on stderr, unless `CI=true` or `BUSBAR_REQUIRE_BROKERS=1`, where it
 //! fails. The test crate needs `tokio` (with `macros` and `rt-multi-thread`) as a dependency.
 
+mod churn;
 mod delivery;
 mod envelope;
 mod failure;
@@ -29,6 +30,7 @@ mod lifecycle;
 mod order;
 mod routing;
 
+pub use churn::*;
 pub use delivery::*;
 pub use envelope::*;
 pub use failure::*;
@@ -309,6 +311,9 @@ macro_rules! conformance_suite {
             unknown_types_follow_the_subscription_policy,
             v1_and_v2_on_one_topic_are_handled_as_v2,
             a_group_split_between_different_types_is_refused,
+            a_storm_of_starts_and_stops_does_not_wedge_the_group,
+            unstarted_deliveries_come_back_promptly_after_shutdown,
+            failing_subscriptions_in_turn_leave_nothing_stuck,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
