@@ -1,7 +1,7 @@
 //! The conformance suite against a Kafka-protocol broker (`scripts/local-brokers.sh kafka`
 //! starts Tansu on 127.0.0.1:9092). `BUSBAR_KAFKA_URL` overrides it.
 //!
-//! Tansu holds a JoinGroup for half of `session.timeout.ms`, so tests use 6000 ms.
+//! Tansu holds a follower's JoinGroup for 3 s; the tests use a 6000 ms session timeout.
 
 use std::sync::Arc;
 
