@@ -38,20 +38,27 @@ type DeleteRequest = (String, oneshot::Sender<std::result::Result<(), String>>);
 /// shutdown waiting until it is done.
 type GiveBack = (String, Arc<ConsumerHold>);
 
+/// The next batch of up to 10 requests, `None` once every sender is gone. The handlers of one
+/// received batch finish within moments of each other: after the first request it waits
+/// [`DELETE_LINGER`] for more, so they share one call instead of the first going alone.
+async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
+    let mut batch = vec![rx.recv().await?];
+    let linger = tokio::time::Instant::now() + DELETE_LINGER;
+    while batch.len() < 10 {
+        match tokio::time::timeout_at(linger, rx.recv()).await {
+            Ok(Some(more)) => batch.push(more),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 /// Batches abandoned and unstarted messages into `ChangeMessageVisibilityBatch` calls that
 /// make them visible at once: a subscription shutting down returns all it held in a few calls.
 fn spawn_giver(inner: Arc<Inner>, queue_url: String) -> mpsc::UnboundedSender<GiveBack> {
     let (tx, mut rx) = mpsc::unbounded_channel::<GiveBack>();
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            let linger = tokio::time::Instant::now() + DELETE_LINGER;
-            while batch.len() < 10 {
-                match tokio::time::timeout_at(linger, rx.recv()).await {
-                    Ok(Some(more)) => batch.push(more),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+        while let Some(batch) = next_batch(&mut rx).await {
             let receipts = batch.iter().map(|(receipt, _)| receipt.as_str());
             give_back_receipts(&inner, &queue_url, receipts).await;
         }
@@ -65,17 +72,7 @@ fn spawn_giver(inner: Arc<Inner>, queue_url: String) -> mpsc::UnboundedSender<Gi
 fn spawn_deleter(inner: Arc<Inner>, queue_url: String) -> mpsc::UnboundedSender<DeleteRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<DeleteRequest>();
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            // The handlers of one received batch finish within moments of each other: wait a
-            // little for their acks so they share one call instead of the first going alone.
-            let mut batch = vec![first];
-            let linger = tokio::time::Instant::now() + DELETE_LINGER;
-            while batch.len() < 10 {
-                match tokio::time::timeout_at(linger, rx.recv()).await {
-                    Ok(Some(more)) => batch.push(more),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+        while let Some(batch) = next_batch(&mut rx).await {
             let mut request = inner.sqs.delete_message_batch().queue_url(&queue_url);
             for (i, (receipt, _)) in batch.iter().enumerate() {
                 if let Ok(entry) = aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()

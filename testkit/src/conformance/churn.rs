@@ -99,22 +99,13 @@ pub async fn unstarted_deliveries_come_back_promptly_after_shutdown(h: Harness) 
     let (topic, group) = (unique("giveback"), unique("g"));
     let ledger = Ledger::default();
     let started = Arc::new(AtomicUsize::new(0));
-    let (count, record) = (Arc::clone(&started), ledger.clone());
     // Room for more than is published: the consumer keeps asking the broker while it holds
     // deliveries it has not started.
     let first = first_bus
         .subscribe::<Probe>(&topic, &group)
         .concurrency(1)
         .max_in_flight(20)
-        .start(move |env: Envelope<Probe>, _ctx: Context| {
-            count.fetch_add(1, Ordering::SeqCst);
-            let record = record.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                record.record(env);
-                Ok(())
-            }
-        })
+        .start(ledger.slow_handler(&started, Duration::from_millis(300)))
         .await
         .expect("subscribe");
     let mut ids = first_bus

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar_core::{Context, Envelope, ErrorKind, Message};
+use busbar_core::{ErrorKind, Message};
 
 use super::{probe, unique, wait_for, Harness, Ledger, Probe};
 
@@ -94,19 +94,10 @@ pub async fn shutdown_drains_in_flight_handlers(h: Harness) {
     let (topic, group) = (unique("drain"), unique("g"));
     let started = Arc::new(AtomicUsize::new(0));
     let ledger = Ledger::default();
-    let (count, record) = (Arc::clone(&started), ledger.clone());
     let sub = bus
         .subscribe::<Probe>(&topic, &group)
         .concurrency(4)
-        .start(move |env: Envelope<Probe>, _ctx: Context| {
-            count.fetch_add(1, Ordering::SeqCst);
-            let record = record.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                record.record(env);
-                Ok(())
-            }
-        })
+        .start(ledger.slow_handler(&started, Duration::from_millis(300)))
         .await
         .expect("subscribe");
     let ids = bus

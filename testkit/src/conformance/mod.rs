@@ -40,6 +40,7 @@ pub use routing::*;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -220,6 +221,28 @@ impl Ledger {
         move |envelope, _ctx| {
             ledger.record(envelope);
             Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A handler that counts each start in `started`, takes `took`, then records the probe
+    /// and succeeds: for scenarios that stop a subscription while handlers run.
+    pub fn slow_handler(
+        &self,
+        started: &Arc<AtomicUsize>,
+        took: Duration,
+    ) -> impl Fn(Envelope<Probe>, Context) -> BoxFuture<'static, Result<(), HandlerError>>
+           + Send
+           + Sync
+           + 'static {
+        let (ledger, started) = (self.clone(), Arc::clone(started));
+        move |envelope, _ctx| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let ledger = ledger.clone();
+            Box::pin(async move {
+                tokio::time::sleep(took).await;
+                ledger.record(envelope);
+                Ok(())
+            })
         }
     }
 
