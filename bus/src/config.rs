@@ -4,6 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -286,8 +288,26 @@ impl Default for TransportUrl {
 /// assert_eq!(config.retry.max_attempts, 3);
 /// assert!(!format!("{config:?}").contains("pw@"));
 /// ```
+///
+/// Reading it is strict: an unknown key is an error that names it and the closest known key
+/// (a misspelled `retyr` would otherwise run with the default retry policy), and so are
+/// values that cannot work (`concurrency = 0`, `max_attempts = 0`, an empty `source`).
+/// Durations are milliseconds or text with a unit:
+///
+/// ```
+/// use std::time::Duration;
+/// use busbar_core::BusConfig;
+/// let config: BusConfig =
+///     serde_json::from_str(r#"{ "retry": { "initial_backoff": "250ms", "max_backoff": "5s" } }"#)
+///         .unwrap();
+/// assert_eq!(config.retry.max_backoff, Duration::from_secs(5));
+///
+/// let typo = serde_json::from_str::<BusConfig>(r#"{ "retyr": { "max_attempts": 3 } }"#);
+/// let error = typo.unwrap_err().to_string();
+/// assert!(error.contains("unknown key `retyr` in the bus config; did you mean `retry`?"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(try_from = "RawBusConfig")]
 pub struct BusConfig {
     /// Which broker, where, and its tuning (query parameters). Default `memory://`.
     pub url: TransportUrl,
@@ -310,6 +330,134 @@ impl Default for BusConfig {
     }
 }
 
+/// [`BusConfig`] as read, before it is checked.
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawBusConfig {
+    url: TransportUrl,
+    source: String,
+    retry: RetryPolicy,
+    concurrency: usize,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde::de::IgnoredAny>,
+}
+
+impl Default for RawBusConfig {
+    fn default() -> Self {
+        let BusConfig {
+            url,
+            source,
+            retry,
+            concurrency,
+        } = BusConfig::default();
+        RawBusConfig {
+            url,
+            source,
+            retry,
+            concurrency,
+            unknown: BTreeMap::new(),
+        }
+    }
+}
+
+impl TryFrom<RawBusConfig> for BusConfig {
+    type Error = String;
+
+    fn try_from(raw: RawBusConfig) -> std::result::Result<Self, String> {
+        known_keys(
+            "the bus config",
+            &raw.unknown,
+            &["url", "source", "retry", "concurrency"],
+        )?;
+        if raw.concurrency == 0 {
+            return Err("`concurrency = 0` would run no handler; use 1 or more".into());
+        }
+        if raw.source.trim().is_empty() {
+            return Err(
+                "`source` is empty; CloudEvents needs one, e.g. \"/orders-service\"".into(),
+            );
+        }
+        Ok(BusConfig {
+            url: raw.url,
+            source: raw.source,
+            retry: raw.retry,
+            concurrency: raw.concurrency,
+        })
+    }
+}
+
+/// Fails on the first of `unknown` (keys no field took), naming the closest of `known`.
+pub(crate) fn known_keys(
+    section: &str,
+    unknown: &BTreeMap<String, serde::de::IgnoredAny>,
+    known: &[&str],
+) -> std::result::Result<(), String> {
+    let Some(key) = unknown.keys().next() else {
+        return Ok(());
+    };
+    let closest = known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(key, k), *k))
+        .filter(|(distance, k)| *distance <= k.len().div_ceil(3).max(1))
+        .min();
+    let hint = closest.map_or(String::new(), |(_, k)| format!("; did you mean `{k}`?"));
+    Err(format!(
+        "unknown key `{key}` in {section}{hint} (known keys: {})",
+        known.join(", ")
+    ))
+}
+
+/// Durations in configuration: a number of milliseconds, or text with a unit (`"250ms"`,
+/// `"5s"`, `"1m 30s"`, parsed by `humantime`). Written back as milliseconds.
+pub(crate) mod duration {
+    use std::fmt;
+    use std::time::Duration;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(Millis)
+    }
+
+    struct Millis;
+
+    impl Visitor<'_> for Millis {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("milliseconds (250) or a duration with a unit (\"250ms\", \"5s\", \"2m\")")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            Ok(Duration::from_millis(v))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            u64::try_from(v)
+                .map(Duration::from_millis)
+                .map_err(|_| E::custom(format!("a duration cannot be negative ({v})")))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            let text = v.trim();
+            if let Ok(millis) = text.parse::<u64>() {
+                return Ok(Duration::from_millis(millis));
+            }
+            humantime::parse_duration(text).map_err(|e| {
+                E::custom(format!(
+                    "`{v}` is not a duration ({e}); write milliseconds (250) or a number with a \
+                     unit (\"250ms\", \"5s\", \"2m\")"
+                ))
+            })
+        }
+    }
+}
+
 impl BusConfig {
     /// The default config with `url`.
     pub fn from_url(url: &str) -> Result<Self> {
@@ -322,6 +470,8 @@ impl BusConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -362,6 +512,77 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"), "{err}");
         let err = TransportUrl::parse("amqp://user:hunter2@ho st/?password=x").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    fn read(json: &str) -> std::result::Result<BusConfig, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it_and_the_closest_known_one() {
+        let error = read(r#"{"retyr": {"max_attempts": 3}}"#).unwrap_err();
+        assert!(
+            error.contains("unknown key `retyr` in the bus config; did you mean `retry`?"),
+            "{error}"
+        );
+        let error = read(r#"{"retry": {"max_atempts": 3}}"#).unwrap_err();
+        assert!(
+            error.contains(
+                "unknown key `max_atempts` in the retry policy; did you mean `max_attempts`?"
+            ),
+            "{error}"
+        );
+        let error = read(r#"{"brokers": "amqp://h"}"#).unwrap_err();
+        assert!(
+            error.contains("unknown key `brokers` in the bus config (known keys: url, source, retry, concurrency)"),
+            "nothing close: no guess, the known keys: {error}"
+        );
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        for (json, says) in [
+            (r#"{"concurrency": 0}"#, "`concurrency = 0`"),
+            (r#"{"source": " "}"#, "`source` is empty"),
+            (r#"{"retry": {"max_attempts": 0}}"#, "`max_attempts = 0`"),
+            (r#"{"retry": {"multiplier": 0.5}}"#, "`multiplier = 0.5`"),
+            (r#"{"retry": {"jitter": 1.5}}"#, "`jitter = 1.5`"),
+            (
+                r#"{"retry": {"initial_backoff": "1m", "max_backoff": "5s"}}"#,
+                "longer than `max_backoff`",
+            ),
+            (
+                r#"{"retry": {"initial_backoff": -5}}"#,
+                "cannot be negative",
+            ),
+            (
+                r#"{"retry": {"max_backoff": "5 parsecs"}}"#,
+                "`5 parsecs` is not a duration",
+            ),
+        ] {
+            let error = read(json).expect_err(json);
+            assert!(error.contains(says), "{json}: {error}");
+        }
+    }
+
+    #[test]
+    fn durations_are_milliseconds_or_text_with_a_unit() {
+        let config = read(
+            r#"{"concurrency": 4, "retry": {"initial_backoff": 250, "max_backoff": "1m 30s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.concurrency, 4);
+        assert_eq!(config.retry.initial_backoff, Duration::from_millis(250));
+        assert_eq!(config.retry.max_backoff, Duration::from_secs(90));
+        let config =
+            read(r#"{"retry": {"initial_backoff": "100ms", "max_backoff": "2000"}}"#).unwrap();
+        assert_eq!(config.retry.initial_backoff, Duration::from_millis(100));
+        assert_eq!(config.retry.max_backoff, Duration::from_secs(2));
+        // Written back as milliseconds, and read again the same.
+        let written = serde_json::to_string(&config).unwrap();
+        assert!(written.contains(r#""max_backoff":2000"#), "{written}");
+        assert_eq!(read(&written).unwrap(), config);
+        assert_eq!(read("{}").unwrap(), BusConfig::default());
     }
 
     #[test]

@@ -2,7 +2,11 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::config::{duration, known_keys};
 
 /// How often and how patiently a failing handler is retried before the message is dead-lettered.
 ///
@@ -22,15 +26,15 @@ use serde::{Deserialize, Serialize};
 /// assert_eq!(policy.backoff(3), Duration::from_millis(400));
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(try_from = "RawRetry")]
 pub struct RetryPolicy {
     /// Attempts in total, the first included; at least 1.
     pub max_attempts: u32,
     /// The wait after the first failed attempt.
-    #[serde(with = "millis")]
+    #[serde(serialize_with = "duration::serialize")]
     pub initial_backoff: Duration,
     /// The longest wait between attempts.
-    #[serde(with = "millis")]
+    #[serde(serialize_with = "duration::serialize")]
     pub max_backoff: Duration,
     /// Growth factor of the wait per attempt.
     pub multiplier: f64,
@@ -113,17 +117,87 @@ impl RetryPolicy {
     }
 }
 
-mod millis {
-    use std::time::Duration;
+/// [`RetryPolicy`] as read from configuration, before it is checked: missing keys take the
+/// default's values, durations are milliseconds or text with a unit.
+#[derive(Deserialize)]
+#[serde(default)]
+struct RawRetry {
+    max_attempts: u32,
+    #[serde(deserialize_with = "duration::deserialize")]
+    initial_backoff: Duration,
+    #[serde(deserialize_with = "duration::deserialize")]
+    max_backoff: Duration,
+    multiplier: f64,
+    jitter: f64,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde::de::IgnoredAny>,
+}
 
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+impl Default for RawRetry {
+    fn default() -> Self {
+        let RetryPolicy {
+            max_attempts,
+            initial_backoff,
+            max_backoff,
+            multiplier,
+            jitter,
+        } = RetryPolicy::default();
+        RawRetry {
+            max_attempts,
+            initial_backoff,
+            max_backoff,
+            multiplier,
+            jitter,
+            unknown: BTreeMap::new(),
+        }
     }
+}
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
+impl TryFrom<RawRetry> for RetryPolicy {
+    type Error = String;
+
+    fn try_from(raw: RawRetry) -> Result<Self, String> {
+        known_keys(
+            "the retry policy",
+            &raw.unknown,
+            &[
+                "max_attempts",
+                "initial_backoff",
+                "max_backoff",
+                "multiplier",
+                "jitter",
+            ],
+        )?;
+        if raw.max_attempts == 0 {
+            return Err(
+                "`max_attempts = 0` would never run a handler; use 1 for no retries".into(),
+            );
+        }
+        if !(raw.multiplier.is_finite() && raw.multiplier >= 1.0) {
+            return Err(format!(
+                "`multiplier = {}`: the wait must not shrink; use 1 or more (2 doubles it)",
+                raw.multiplier
+            ));
+        }
+        if !(0.0..=1.0).contains(&raw.jitter) {
+            return Err(format!(
+                "`jitter = {}`: it is the fraction of each wait taken off at random, from 0 to 1",
+                raw.jitter
+            ));
+        }
+        if raw.initial_backoff > raw.max_backoff {
+            return Err(format!(
+                "`initial_backoff` ({:?}) is longer than `max_backoff` ({:?})",
+                raw.initial_backoff, raw.max_backoff
+            ));
+        }
+        Ok(RetryPolicy {
+            max_attempts: raw.max_attempts,
+            initial_backoff: raw.initial_backoff,
+            max_backoff: raw.max_backoff,
+            multiplier: raw.multiplier,
+            jitter: raw.jitter,
+        })
     }
 }
 
