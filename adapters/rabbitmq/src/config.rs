@@ -39,7 +39,8 @@ impl QueueType {
 /// | `max_message_bytes` | 16 MiB | larger messages are refused before sending |
 /// | `publish_timeout_ms` | `30000` | how long a publish waits (reconnecting) for the broker's confirm |
 /// | `publish_channels` | `4` | confirming channels concurrent publishes spread over (a batch stays on one) |
-/// | `reconnect_max_ms` | `5000` | the longest wait between reconnect attempts |
+/// | `reconnect_max_ms` | `5000` | the longest wait between reconnect attempts (each wait is shortened at random by up to half, so that many instances do not reconnect in step) |
+/// | `connect_timeout_ms` | `10000` | how long one connection attempt may take, TCP, TLS and the AMQP handshake together: a listener that never answers gives a `Timeout` error naming the host |
 /// | `tls_ca_file` | none | `amqps://` only: a PEM file of CA certificates to trust besides the system's |
 /// | `queue_expires_ms` | none | delete queues unused this long (`x-expires`), messages included: for tests and ephemeral environments |
 #[derive(Clone)]
@@ -60,6 +61,8 @@ pub struct RabbitConfig {
     pub publish_channels: usize,
     /// The longest pause between reconnect attempts.
     pub reconnect_max: Duration,
+    /// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
+    pub connect_timeout: Duration,
     /// Extra CA certificates (PEM) for `amqps://`, read from `tls_ca_file`.
     pub tls_ca_pem: Option<String>,
     /// `x-expires` of every queue busbar declares, when set.
@@ -80,13 +83,14 @@ impl std::fmt::Debug for RabbitConfig {
             .field("publish_timeout", &self.publish_timeout)
             .field("publish_channels", &self.publish_channels)
             .field("reconnect_max", &self.reconnect_max)
+            .field("connect_timeout", &self.connect_timeout)
             .field("tls_ca_pem", &self.tls_ca_pem.as_ref().map(|_| "<PEM>"))
             .field("queue_expires", &self.queue_expires)
             .finish_non_exhaustive()
     }
 }
 
-const OWN_PARAMS: [&str; 9] = [
+const OWN_PARAMS: [&str; 10] = [
     "exchange",
     "queue_type",
     "delivery_limit",
@@ -94,6 +98,7 @@ const OWN_PARAMS: [&str; 9] = [
     "publish_timeout_ms",
     "publish_channels",
     "reconnect_max_ms",
+    "connect_timeout_ms",
     "tls_ca_file",
     "queue_expires_ms",
 ];
@@ -126,6 +131,11 @@ impl RabbitConfig {
                 url.scheme()
             )));
         }
+        if url.hosts().iter().all(|host| host.trim().is_empty()) {
+            return Err(config_error(
+                "the URL names no host: write amqp://user:password@host:5672/vhost".into(),
+            ));
+        }
         if url.hosts().len() > 1 {
             return Err(config_error(
                 "give one RabbitMQ host; for a cluster, put a load balancer in front".into(),
@@ -140,6 +150,7 @@ impl RabbitConfig {
             publish_timeout: Duration::from_secs(30),
             publish_channels: 4,
             reconnect_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
             tls_ca_pem: None,
             queue_expires: None,
             lapin_uri: String::new(),
@@ -182,6 +193,9 @@ impl RabbitConfig {
                 }
                 "reconnect_max_ms" => {
                     config.reconnect_max = Duration::from_millis(positive(&name, &value)?)
+                }
+                "connect_timeout_ms" => {
+                    config.connect_timeout = Duration::from_millis(positive(&name, &value)?)
                 }
                 "publish_channels" => {
                     let channels = positive(&name, &value)?;

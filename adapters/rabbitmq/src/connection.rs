@@ -79,13 +79,64 @@ impl Connector {
         }
     }
 
+    /// One connection attempt, bounded by `connect_timeout`, its failure classified: a refused
+    /// login, an unknown vhost or TLS spoken to a plain port cannot be fixed by retrying.
+    async fn open_bounded(&self) -> Result<Connection> {
+        let limit = self.config.connect_timeout;
+        match tokio::time::timeout(limit, self.open()).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(self.connect_failure(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                "connect",
+                format!(
+                    "no AMQP handshake from {} within {limit:?}: is this a RabbitMQ AMQP port \
+                     (5672, or 5671 for amqps://)? `connect_timeout_ms` sets the limit",
+                    self.config.url.hosts().join(",")
+                ),
+            )
+            .with_resource(self.config.url.to_string())
+            .with_retryable(true)),
+        }
+    }
+
+    fn connect_failure(&self, e: lapin::Error) -> Error {
+        let refused = match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => match amqp.get_id() {
+                403 => Some(
+                    "RabbitMQ refused the login: check the user and password in the URL (and \
+                     `auth_mechanism`)",
+                ),
+                530 => Some(
+                    "RabbitMQ does not allow this vhost: check the URL's path (`%2f` is the \
+                     default vhost `/`) and that the user has permissions on it",
+                ),
+                _ => None,
+            },
+            lapin::ErrorKind::IOError(io)
+                if self.config.url.scheme() == "amqps"
+                    && io.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                Some(
+                    "the TLS handshake failed: the port does not answer in TLS; use amqp:// \
+                     for a plain port (5672), or the broker's TLS port (5671)",
+                )
+            }
+            _ => None,
+        };
+        match refused {
+            Some(what) => Error::new(ErrorKind::Connection, "connect", what)
+                .with_resource(self.config.url.to_string())
+                .with_retryable(false)
+                .with_source(e),
+            None => self.connection_error("connect", "cannot connect to RabbitMQ", e),
+        }
+    }
+
     /// Connects once, without retrying: for the first connection, so a wrong URL or a broker
     /// that is down fails fast.
     pub(crate) async fn connect_once(&self) -> Result<Arc<Connection>> {
-        let connection = self
-            .open()
-            .await
-            .map_err(|e| self.connection_error("connect", "cannot connect to RabbitMQ", e))?;
+        let connection = self.open_bounded().await?;
         let connection = Arc::new(connection);
         *self.current.lock().await = Some(Arc::clone(&connection));
         Ok(connection)
@@ -102,25 +153,22 @@ impl Connector {
         let mut pause = Duration::from_millis(50);
         loop {
             self.ensure_open("connect")?;
-            match self.open().await {
+            match self.open_bounded().await {
                 Ok(connection) => {
                     tracing::info!(url = %self.config.url, "connected to RabbitMQ");
                     let connection = Arc::new(connection);
                     *current = Some(Arc::clone(&connection));
                     return Ok(connection);
                 }
-                Err(e) if Instant::now() + pause < deadline => {
-                    tracing::warn!(url = %self.config.url, error = %e, ?pause, "RabbitMQ unreachable; reconnecting");
-                    tokio::time::sleep(pause).await;
+                Err(e) if e.is_retryable() && Instant::now() + pause < deadline => {
+                    // Up to half of each wait taken off at random: instances that lost the
+                    // broker together do not all come back in the same instant.
+                    let wait = pause.mul_f64(1.0 - 0.5 * fastrand::f64());
+                    tracing::warn!(url = %self.config.url, error = %e, ?wait, "RabbitMQ unreachable; reconnecting");
+                    tokio::time::sleep(wait).await;
                     pause = (pause * 2).min(self.config.reconnect_max);
                 }
-                Err(e) => {
-                    return Err(self.connection_error(
-                        "connect",
-                        "RabbitMQ stayed unreachable until the deadline",
-                        e,
-                    ))
-                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -214,8 +262,9 @@ impl Connector {
         what: &str,
         e: lapin::Error,
     ) -> Error {
-        Error::new(ErrorKind::Connection, operation, format!("{what}: {e}"))
+        Error::new(ErrorKind::Connection, operation, what.to_string())
             .with_resource(self.config.url.to_string())
+            .with_retryable(true)
             .with_source(e)
     }
 
@@ -231,7 +280,7 @@ impl Connector {
         } else {
             ErrorKind::Broker
         };
-        Error::new(kind, operation, format!("{what}: {e}"))
+        Error::new(kind, operation, what)
             .with_resource(self.config.url.to_string())
             .with_retryable(retryable)
             .with_source(e)
