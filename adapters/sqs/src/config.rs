@@ -28,6 +28,7 @@ pub enum Mode {
 /// | `wait_time_s` | `10` | long-polling wait of each receive |
 /// | `max_receive_count` | `10` | receives before SQS moves a message to the DLQ itself (crash backstop); keep it above the retry policy's attempts |
 /// | `publish_timeout_ms` | `30000` | how long a publish (its SQS/SNS calls included) or a dead-lettering send may take |
+/// | `connect_timeout_ms` | `10000` | how long `connect`'s check that the service answers may take; an endpoint that never answers gives a `Timeout` error naming it |
 /// | `fifo` | `false` | FIFO queues (and FIFO SNS topics): per-key order (key → `MessageGroupId`) and publish deduplication (message id → `MessageDeduplicationId`) |
 /// | `access_key_id`, `secret_access_key` | the provider chain's | static credentials, for local servers |
 #[derive(Clone)]
@@ -51,6 +52,8 @@ pub struct SqsConfig {
     /// How long a publish may take, every SQS/SNS call it makes included (the SDK retries
     /// within it); dead-lettering's send has the same limit.
     pub publish_timeout: Duration,
+    /// How long `connect`'s check that the service answers may take.
+    pub connect_timeout: Duration,
     /// FIFO queues and topics: per-key order and publish deduplication.
     pub fifo: bool,
     pub(crate) credentials: Option<(String, String)>,
@@ -106,6 +109,7 @@ impl SqsConfig {
             wait_time: Duration::from_secs(10),
             max_receive_count: 10,
             publish_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
             fifo: false,
             credentials: None,
         };
@@ -151,6 +155,14 @@ impl SqsConfig {
                         .map(Duration::from_millis)
                         .ok_or_else(|| config_error(format!("`publish_timeout_ms` must be a positive whole number of milliseconds, got {value:?}")))?
                 }
+                "connect_timeout_ms" => {
+                    config.connect_timeout = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|ms| *ms > 0)
+                        .map(Duration::from_millis)
+                        .ok_or_else(|| config_error(format!("`connect_timeout_ms` must be a positive whole number of milliseconds, got {value:?}")))?
+                }
                 "fifo" => {
                     config.fifo = match value.as_str() {
                         "true" | "1" => true,
@@ -162,7 +174,7 @@ impl SqsConfig {
                 "secret_access_key" => secret = Some(value),
                 other => {
                     return Err(config_error(format!(
-                        "unknown query parameter `{other}`; known: region, endpoint, mode, prefix, visibility_timeout_s, wait_time_s, max_receive_count, publish_timeout_ms, fifo, access_key_id, secret_access_key"
+                        "unknown query parameter `{other}`; known: region, endpoint, mode, prefix, visibility_timeout_s, wait_time_s, max_receive_count, publish_timeout_ms, connect_timeout_ms, fifo, access_key_id, secret_access_key"
                     )))
                 }
             }

@@ -587,11 +587,33 @@ impl SqsTransport {
         let shared = loader.load().await;
         let sqs = aws_sdk_sqs::Client::new(&shared);
         let sns = aws_sdk_sns::Client::new(&shared);
-        // Fail fast when the service does not answer (or the credentials are refused).
-        sqs.list_queues().max_results(1).send().await.map_err(|e| {
-            sdk_error("connect", "SQS did not answer".into(), e)
+        // Fail fast when the service does not answer (or the credentials are refused), and
+        // never wait longer than `connect_timeout` for it: the SDK has no time limit on reading
+        // an answer, so an endpoint that accepts connections and says nothing would hang here.
+        let probe = sqs.list_queues().max_results(1).send();
+        match tokio::time::timeout(config.connect_timeout, probe).await {
+            Ok(answered) => answered.map_err(|e| {
+                sdk_error("connect", "SQS did not answer".into(), e)
+                    .with_resource(config.url.to_string())
+            })?,
+            Err(_) => {
+                let limit = config.connect_timeout;
+                let endpoint = config
+                    .endpoint
+                    .as_deref()
+                    .unwrap_or("the regional endpoint");
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    "connect",
+                    format!(
+                        "no answer from {endpoint} within {limit:?}: is it an SQS endpoint? \
+                         `connect_timeout_ms` sets the limit"
+                    ),
+                )
                 .with_resource(config.url.to_string())
-        })?;
+                .with_retryable(true));
+            }
+        };
         Ok(SqsTransport {
             inner: Arc::new(Inner {
                 config,
