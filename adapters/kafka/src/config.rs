@@ -17,6 +17,7 @@ use busbar_core::{Error, ErrorKind, Result, TransportUrl};
 /// | `replication` | `1` | replication factor of topics busbar creates |
 /// | `publish_timeout_ms` | `30000` | how long a publish waits for acks (librdkafka retries meanwhile) |
 /// | `session_timeout_ms` | `10000` | the consumer group session timeout |
+/// | `connect_timeout_ms` | `10000` | how long `connect` waits for a broker to answer its metadata request |
 #[derive(Clone)]
 pub struct KafkaConfig {
     /// The broker URL (secrets redacted when printed).
@@ -29,6 +30,8 @@ pub struct KafkaConfig {
     pub publish_timeout: Duration,
     /// Consumer group session timeout.
     pub session_timeout: Duration,
+    /// How long `connect` waits for a broker to answer.
+    pub connect_timeout: Duration,
     /// librdkafka settings passed through (may hold secrets: never printed).
     pub(crate) passthrough: Vec<(String, String)>,
 }
@@ -41,6 +44,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("replication", &self.replication)
             .field("publish_timeout", &self.publish_timeout)
             .field("session_timeout", &self.session_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +81,7 @@ impl KafkaConfig {
             replication: 1,
             publish_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             passthrough: Vec::new(),
         };
         let positive = |name: &str, value: &str| {
@@ -92,6 +97,7 @@ impl KafkaConfig {
                 "replication" => config.replication = i32::try_from(positive(&name, &value)?).unwrap_or(i32::MAX),
                 "publish_timeout_ms" => config.publish_timeout = Duration::from_millis(positive(&name, &value)?),
                 "session_timeout_ms" => config.session_timeout = Duration::from_millis(positive(&name, &value)?),
+                "connect_timeout_ms" => config.connect_timeout = Duration::from_millis(positive(&name, &value)?),
                 "bootstrap.servers" | "group.id" | "enable.auto.commit" | "enable.auto.offset.store"
                 | "enable.partition.eof" | "auto.offset.reset" | "enable.idempotence" | "acks" => {
                     return Err(config_error(format!("`{name}` is set by busbar and cannot be overridden")))
@@ -106,7 +112,7 @@ impl KafkaConfig {
                 _ if name.contains('.') || name == "debug" => config.passthrough.push((name, value)),
                 other => {
                     return Err(config_error(format!(
-                        "unknown query parameter `{other}`; busbar's: partitions, replication, publish_timeout_ms, session_timeout_ms; librdkafka settings contain a dot (e.g. security.protocol), or are `debug`"
+                        "unknown query parameter `{other}`; busbar's: partitions, replication, publish_timeout_ms, session_timeout_ms, connect_timeout_ms; librdkafka settings contain a dot (e.g. security.protocol), or are `debug`"
                     )))
                 }
             }

@@ -219,8 +219,9 @@ impl KafkaTransport {
         &self.inner.config
     }
 
-    /// Connects to the cluster at `url`; fails when no broker answers within 10 s, and at once
-    /// when a broker refuses the credentials or the TLS handshake fails.
+    /// Connects to the cluster at `url`; fails when no broker answers within
+    /// `connect_timeout_ms` (10 s), and at once when a broker refuses the credentials or the
+    /// TLS handshake fails.
     pub async fn connect(url: &TransportUrl) -> Result<Self> {
         KafkaTransport::connect_with(KafkaConfig::from_url(url)?).await
     }
@@ -260,9 +261,9 @@ impl KafkaTransport {
         // Fail fast when the cluster is unreachable, and at once when the broker refuses the
         // credentials or the TLS handshake fails (waiting out the probe would not help).
         let probe = producer.clone();
-        let reached = tokio::task::spawn_blocking(move || {
-            probe.client().fetch_metadata(None, Duration::from_secs(10))
-        });
+        let limit = config.connect_timeout;
+        let reached =
+            tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, limit));
         let mut refusal = diagnosis.refusal.subscribe();
         let reached = tokio::select! {
             joined = reached => Some(joined),
@@ -282,16 +283,28 @@ impl KafkaTransport {
             }
             Some(Ok(Err(e))) => {
                 // librdkafka's metadata error only says "broker transport failure"; its error
-                // callback said why (refused, TLS handshake, authentication).
-                let why = diagnosis.last_error().unwrap_or_else(|| e.to_string());
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    "connect",
-                    format!("no Kafka broker answered within 10 s: {why}"),
-                )
-                .with_retryable(diagnosis.refusal.borrow().is_none())
-                .with_resource(config.url.to_string())
-                .with_source(e));
+                // callback said why (refused, TLS handshake, authentication). When it said
+                // nothing, the brokers accepted the connection and never answered.
+                let hosts = config.url.hosts().join(",");
+                let error = match diagnosis.last_error() {
+                    Some(why) => Error::new(
+                        ErrorKind::Connection,
+                        "connect",
+                        format!("no Kafka broker answered within {limit:?}: {why}"),
+                    ),
+                    None => Error::new(
+                        ErrorKind::Timeout,
+                        "connect",
+                        format!(
+                            "no answer from {hosts} within {limit:?}: is it a Kafka listener? \
+                             `connect_timeout_ms` sets the limit"
+                        ),
+                    ),
+                };
+                return Err(error
+                    .with_retryable(diagnosis.refusal.borrow().is_none())
+                    .with_resource(config.url.to_string())
+                    .with_source(e));
             }
             Some(Err(e)) => {
                 return Err(Error::new(
