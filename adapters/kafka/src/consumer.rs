@@ -9,10 +9,10 @@
 //! - rebalance: before partitions are revoked, what finished on them is committed (in flight
 //!   work on them will be redelivered to their new owner).
 //! - shutdown: fetching stops; the consumer stays in the group until in-flight handlers have
-//!   settled (or 30 s passed), commits, and leaves. A consumer still joining its group first
-//!   finishes the join (at most the session timeout): leaving in the middle of a join can
-//!   leave a broker's group naming the departed member as its leader (Tansu does), so that no
-//!   later member of the group is ever assigned anything.
+//!   settled (or 30 s passed), commits, and leaves at a moment when leaving cannot wedge the
+//!   group (see `until_safe_to_leave`): leaving in the middle of a rebalance can leave a
+//!   broker's group naming the departed member as its leader (Tansu does), so that no later
+//!   member of the group is ever assigned anything.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -442,7 +442,10 @@ impl Subscription {
     }
 
     /// Stops fetching, lets running handlers finish for up to `grace` (acking what succeeds),
-    /// returns the rest unacked, and waits until the consumer has stopped.
+    /// returns the rest unacked, and waits until the consumer has stopped and the transport's
+    /// consumer has let go of everything: left its group (Kafka), given back what it received
+    /// (SQS, RabbitMQ), ended its long poll (SQS). The process may exit, or another instance
+    /// take over, right after. That last wait is at most 60 s (then a warning is logged).
     pub async fn shutdown(mut self, grace: Duration) -> Result<ShutdownReport> {
         let _ = self.stop.send(Some(Instant::now() + grace));
         let Some(task) = self.task.take() else {
