@@ -36,7 +36,7 @@ type DeleteRequest = (String, oneshot::Sender<std::result::Result<(), String>>);
 
 /// A received message to make visible again at once; the hold keeps the subscription's
 /// shutdown waiting until it is done.
-type GiveBack = (String, Arc<ConsumerHold>);
+type GiveBack = (String, Arc<Settlers>);
 
 /// The next batch of up to 10 requests, `None` once every sender is gone. The handlers of one
 /// received batch finish within moments of each other: after the first request it waits
@@ -118,12 +118,15 @@ pub(crate) fn consume(
     options: ConsumeOptions,
 ) -> DeliveryStream {
     let limit = options.max_in_flight.max(1);
-    let hold = Arc::new(options.status.hold());
     let (tx, rx) = mpsc::channel(limit);
     let permits = Arc::new(Semaphore::new(limit));
     let queues = Arc::new(queues);
-    let deleter = spawn_deleter(Arc::clone(&inner), queues.queue.url.clone());
-    let giver = spawn_giver(Arc::clone(&inner), queues.queue.url.clone());
+    // One per consumer, shared by its receive loops and every message they receive.
+    let settlers = Arc::new(Settlers {
+        deleter: spawn_deleter(Arc::clone(&inner), queues.queue.url.clone()),
+        giver: spawn_giver(Arc::clone(&inner), queues.queue.url.clone()),
+        _hold: options.status.hold(),
+    });
     let gate = inner.config.fifo.then(|| {
         Arc::new(Gate {
             groups: Mutex::default(),
@@ -144,11 +147,7 @@ pub(crate) fn consume(
                 batch,
             },
             tx.clone(),
-            Settlers {
-                deleter: deleter.clone(),
-                giver: giver.clone(),
-                hold: Arc::clone(&hold),
-            },
+            Arc::clone(&settlers),
             gate.clone(),
         ));
     }
@@ -157,13 +156,13 @@ pub(crate) fn consume(
     }))
 }
 
-/// What a received message is settled through: the batchers of deletes and of give-backs,
-/// and the subscription's hold on this consumer.
-#[derive(Clone)]
+/// What a received message is settled through: the batchers of deletes and of give-backs.
+/// Whoever holds it (a receive loop, a received message, a give-back not yet sent) keeps the
+/// subscription's shutdown waiting.
 struct Settlers {
     deleter: mpsc::UnboundedSender<DeleteRequest>,
     giver: mpsc::UnboundedSender<GiveBack>,
-    hold: Arc<ConsumerHold>,
+    _hold: ConsumerHold,
 }
 
 /// The in-flight slots a receive loop takes from, and how many it asks for per receive.
@@ -196,7 +195,7 @@ async fn receive_loop(
     queues: Arc<GroupQueues>,
     slots: Slots,
     tx: mpsc::Sender<Result<Delivery>>,
-    settlers: Settlers,
+    settlers: Arc<Settlers>,
     gate: Option<Arc<Gate>>,
 ) {
     let mut pause = Duration::from_millis(100);
@@ -286,7 +285,7 @@ async fn receive_loop(
                 Arc::clone(&queues),
                 receipt,
                 permit,
-                settlers.clone(),
+                Arc::clone(&settlers),
                 ticket,
             );
             let delivery = Delivery::new(Arc::new(message), attempt, Box::new(ack));
@@ -469,7 +468,7 @@ struct SqsAck {
     ticket: Option<Ticket>,
     inner: Arc<Inner>,
     queues: Arc<GroupQueues>,
-    settlers: Settlers,
+    settlers: Arc<Settlers>,
     receipt: String,
     settled: bool,
     heartbeat: JoinHandle<()>,
@@ -482,7 +481,7 @@ impl SqsAck {
         queues: Arc<GroupQueues>,
         receipt: String,
         permit: OwnedSemaphorePermit,
-        settlers: Settlers,
+        settlers: Arc<Settlers>,
         ticket: Option<Ticket>,
     ) -> Self {
         // Keep the message hidden while its handler runs longer than the visibility timeout.
@@ -707,22 +706,19 @@ impl Drop for SqsAck {
         // Abandoned (the handler was stopped) or never started: make it visible again now, not
         // after its timeout (a crashed process cannot; then the timeout brings it back), or
         // with the group's shortest delay when messages of its group go back with it.
-        let hold = Arc::clone(&self.settlers.hold);
+        let receipt = std::mem::take(&mut self.receipt);
+        let settlers = Arc::clone(&self.settlers);
         if waiting.is_empty() {
-            let _ = self.settlers.giver.send((self.receipt.clone(), hold));
+            let _ = self.settlers.giver.send((receipt, settlers));
             return;
         }
-        let (inner, url, receipt) = (
-            Arc::clone(&self.inner),
-            self.queues.queue.url.clone(),
-            self.receipt.clone(),
-        );
+        let (inner, url) = (Arc::clone(&self.inner), self.queues.queue.url.clone());
         runtime.spawn(async move {
             give_back_all(waiting, GROUP_RETURN_DELAY).await;
             if let Err(e) = change_visibility(&inner, &url, &receipt, GROUP_RETURN_DELAY).await {
                 tracing::debug!(error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "could not return an abandoned message; it returns after its visibility timeout");
             }
-            drop(hold);
+            drop(settlers);
         });
     }
 }
