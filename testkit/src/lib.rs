@@ -16,6 +16,7 @@
 #[cfg(feature = "proptest")]
 pub mod arbitrary;
 pub mod conformance;
+pub mod endpoints;
 pub mod faults;
 pub mod hostile;
 pub mod idempotency;

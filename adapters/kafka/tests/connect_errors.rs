@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use busbar_core::ErrorKind;
 use busbar_kafka::KafkaTransport;
+use busbar_testkit::endpoints::{unused_address, SilentListener};
 
 #[tokio::test]
 async fn a_listener_that_never_answers_times_out_naming_the_host() {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let host = silent.local_addr().unwrap().to_string();
+    let silent = SilentListener::new();
+    let host = silent.address();
     let url = format!("kafka://{host}?connect_timeout_ms=1500");
     let started = Instant::now();
     let error = KafkaTransport::connect(&url.parse().unwrap())
@@ -33,9 +34,7 @@ async fn a_listener_that_never_answers_times_out_naming_the_host() {
 
 #[tokio::test]
 async fn a_port_nobody_listens_on_is_a_retryable_connection_error() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let host = free.local_addr().unwrap().to_string();
-    drop(free);
+    let host = unused_address();
     let url = format!("kafka://{host}?connect_timeout_ms=1500");
     let error = KafkaTransport::connect(&url.parse().unwrap())
         .await

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use busbar_core::{Error, ErrorKind};
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::brokers_required;
+use busbar_testkit::endpoints::{unused_address, SilentListener};
 use tokio::io::AsyncWriteExt;
 
 const BROKER: &str = "127.0.0.1:5672";
@@ -71,9 +72,8 @@ async fn failures_retrying_cannot_fix_say_what_to_fix_and_are_not_retryable() {
 
 #[tokio::test]
 async fn a_listener_that_never_speaks_amqp_times_out_naming_the_host() {
-    // The kernel completes the TCP handshake for the listen backlog; nothing ever answers.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let host = silent.local_addr().unwrap().to_string();
+    let silent = SilentListener::new();
+    let host = silent.address();
     let url = format!("amqp://guest:guest@{host}/%2f?connect_timeout_ms=1500");
     let error = refused(&url, Duration::from_secs(10)).await;
     assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
@@ -106,9 +106,7 @@ async fn an_http_port_fails_fast() {
 
 #[tokio::test]
 async fn a_port_nobody_listens_on_is_a_retryable_connection_error() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let host = free.local_addr().unwrap().to_string();
-    drop(free);
+    let host = unused_address();
     let error = refused(
         &format!("amqp://guest:guest@{host}/%2f"),
         Duration::from_secs(10),

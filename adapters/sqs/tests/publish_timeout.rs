@@ -171,8 +171,8 @@ fn the_time_limit_is_read_from_the_url_and_must_be_positive() {
 /// naming it within `connect_timeout_ms` instead of waiting forever for the SDK.
 #[tokio::test]
 async fn connecting_to_a_silent_endpoint_times_out_naming_it() {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let silent = busbar_testkit::endpoints::SilentListener::new();
+    let endpoint = format!("http://{}", silent.address());
     let url = format!(
         "sqs://?endpoint={endpoint}&region=us-east-1&access_key_id=test&secret_access_key=test&connect_timeout_ms=1500"
     );
