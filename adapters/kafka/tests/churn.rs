@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use busbar_core::{Bus, ErrorKind};
-use busbar_kafka::KafkaTransport;
+use busbar_kafka::{KafkaConfig, KafkaTransport};
 use busbar_testkit::conformance::{probe, reachable, unique, wait_for, Ledger, Probe};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -69,10 +69,14 @@ async fn a_group_the_broker_keeps_rebalancing_is_reported() {
     bus.declare(&topic, &group).await.expect("declare");
     // A plain consumer that leaves in the middle of its join, as any client would if stopped
     // then: on Tansu the group is left with a leader that is gone.
+    let config = KafkaConfig::from_url(&url().parse().expect("url")).expect("config");
     let plain: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("bootstrap.servers", config.bootstrap_servers())
         .set("group.id", &group)
-        .set("session.timeout.ms", "6000")
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        )
         .create()
         .expect("plain consumer");
     plain.subscribe(&[topic.as_str()]).expect("subscribe");
