@@ -125,6 +125,11 @@ impl ConsumerStatus {
         self.state.borrow().consuming
     }
 
+    /// Whether the consumer holds nothing (every [`hold`](Self::hold) was dropped).
+    pub fn is_released(&self) -> bool {
+        self.state.borrow().holds == 0
+    }
+
     /// Waits at most `limit` until the consumer is consuming; returns whether it is.
     pub async fn wait_consuming(&self, limit: Duration) -> bool {
         self.wait(limit, |state| state.consuming).await

@@ -352,25 +352,25 @@ struct Registered {
     group: String,
     /// The consumer's channel to its subscription: closed once the subscription let go.
     deliveries: mpsc::WeakSender<Result<Delivery>>,
-    /// Becomes true once the consumer committed and left the group.
-    left: tokio::sync::watch::Receiver<bool>,
+    /// Released once the consumer committed and left the group.
+    status: ConsumerStatus,
 }
 
 impl Consumers {
+    /// Registers a consumer whose `status` already has its hold.
     fn register(
         &self,
         group: &str,
         deliveries: &mpsc::Sender<Result<Delivery>>,
-    ) -> tokio::sync::watch::Sender<bool> {
-        let (left_tx, left) = tokio::sync::watch::channel(false);
+        status: &ConsumerStatus,
+    ) {
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
-        list.retain(|r| !*r.left.borrow());
+        list.retain(|r| !r.status.is_released());
         list.push(Registered {
             group: group.to_string(),
             deliveries: deliveries.downgrade(),
-            left,
+            status: status.clone(),
         });
-        left_tx
     }
 
     /// Waits (at most `limit`) until the consumers that are stopping, of `group` or of every
@@ -380,20 +380,18 @@ impl Consumers {
         let waits: Vec<_> = {
             let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
             list.iter()
-                .filter(|r| !*r.left.borrow())
+                .filter(|r| !r.status.is_released())
                 .filter(|r| match group {
                     None => true,
                     Some(group) => {
                         r.group == group && r.deliveries.upgrade().is_none_or(|tx| tx.is_closed())
                     }
                 })
-                .map(|r| r.left.clone())
+                .map(|r| r.status.clone())
                 .collect()
         };
-        let all = futures::future::join_all(waits.into_iter().map(|mut left| async move {
-            let _ = left.wait_for(|left| *left).await;
-        }));
-        if tokio::time::timeout(limit, all).await.is_err() {
+        let all = futures::future::join_all(waits.iter().map(|s| s.wait_released(limit)));
+        if !all.await.into_iter().all(|released| released) {
             tracing::warn!(
                 ?group,
                 "a stopping Kafka consumer did not leave its group in time; going on"
@@ -454,25 +452,21 @@ pub(crate) fn consume(
         .subscribe(&[topic, redrive.as_str()])
         .map_err(|e| inner.kafka_error("consume", format!("cannot subscribe to {topic:?}"), e))?;
     let (tx, rx) = mpsc::channel(max_in_flight.max(1));
-    let left = inner.consumers.register(group, &tx);
+    status.joining();
+    let member = Member {
+        hold: status.hold(),
+        status,
+    };
+    inner.consumers.register(group, &tx, &member.status);
     let (retry_tx, retry_rx) = mpsc::unbounded_channel();
     let route = Arc::new(Route {
         topic: topic.to_string(),
         group: group.to_string(),
         dlq: config.dead_letter_topic(topic, group),
     });
-    status.joining();
-    let member = Member {
-        hold: status.hold(),
-        status,
-    };
-    tokio::spawn(async move {
-        run(
-            inner, consumer, tracker, route, member, tx, retry_tx, retry_rx,
-        )
-        .await;
-        let _ = left.send(true);
-    });
+    tokio::spawn(run(
+        inner, consumer, tracker, route, member, tx, retry_tx, retry_rx,
+    ));
     Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     })))
