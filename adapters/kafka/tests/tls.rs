@@ -37,7 +37,7 @@ async fn kafka_tls() -> busbar_core::Result<Arc<dyn Transport>> {
 }
 
 #[cfg(feature = "tls")]
-busbar_testkit::conformance_suite!(kafka_tls);
+busbar_testkit::conformance_suite!(kafka_tls, without_churn);
 
 #[cfg(not(feature = "tls"))]
 #[tokio::test]

@@ -306,9 +306,21 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Generates one `#[tokio::test]` per conformance scenario, named after the guarantee, calling
 /// `$factory` (an `async fn() -> busbar_core::Result<Arc<dyn Transport>>`) for transports.
+/// `conformance_suite!(factory, without_churn)` leaves out the churn scenarios, for a second
+/// configuration of a transport whose suite already runs in full.
 #[macro_export]
 macro_rules! conformance_suite {
     ($factory:path) => {
+        $crate::conformance_suite!(@core $factory);
+        $crate::conformance_suite!(@churn $factory);
+    };
+    // For a second configuration of a transport already run in full (TLS over the same
+    // broker): the churn scenarios test group membership, which the socket does not change,
+    // and take minutes.
+    ($factory:path, without_churn) => {
+        $crate::conformance_suite!(@core $factory);
+    };
+    (@core $factory:path) => {
         $crate::conformance_suite!(@cases $factory;
             published_before_and_after_subscribing_arrives_intact,
             topics_are_isolated,
@@ -334,6 +346,10 @@ macro_rules! conformance_suite {
             unknown_types_follow_the_subscription_policy,
             v1_and_v2_on_one_topic_are_handled_as_v2,
             a_group_split_between_different_types_is_refused,
+        );
+    };
+    (@churn $factory:path) => {
+        $crate::conformance_suite!(@cases $factory;
             a_storm_of_starts_and_stops_does_not_wedge_the_group,
             unstarted_deliveries_come_back_promptly_after_shutdown,
             failing_subscriptions_in_turn_leave_nothing_stuck,
