@@ -11,11 +11,13 @@ use crate::consumer::{ClaimWaits, Interceptor, Registry, RouteBuilder, Subscript
 use crate::dead_letter::DeadLetter;
 use crate::envelope::{Envelope, Event};
 use crate::error::{Error, Result};
+use crate::health::{BusHealth, ConnectionState};
 use crate::memory::MemoryTransport;
 use crate::message::{validate_name, Message};
+use crate::metrics::PublishMetrics;
 use crate::retry::RetryPolicy;
 use crate::routing::EventSet;
-use crate::transport::{RedriveSelection, Transport};
+use crate::transport::{Depth, RedriveSelection, Transport};
 use crate::Capabilities;
 
 /// The CloudEvents `source` used when none is configured.
@@ -57,6 +59,7 @@ struct BusInner {
     closed: AtomicBool,
     claim_waits: ClaimWaits,
     registry: Registry,
+    publish_metrics: PublishMetrics,
 }
 
 impl std::fmt::Debug for Bus {
@@ -119,6 +122,7 @@ impl BusBuilder {
 
     /// The bus.
     pub fn build(self) -> Bus {
+        crate::metrics::describe();
         Bus {
             inner: Arc::new(BusInner {
                 transport: self.transport,
@@ -129,6 +133,7 @@ impl BusBuilder {
                 closed: AtomicBool::new(false),
                 claim_waits: ClaimWaits::default(),
                 registry: Registry::default(),
+                publish_metrics: PublishMetrics::default(),
             }),
         }
     }
@@ -260,11 +265,18 @@ impl Bus {
             messaging.batch.message_count = messages.len(),
             messaging.message.id = %messages[0].id,
         );
-        self.inner
+        let batch = self
+            .inner
+            .publish_metrics
+            .batch(self.inner.transport.name(), &messages);
+        let result = self
+            .inner
             .transport
             .publish(messages)
             .instrument(span)
-            .await
+            .await;
+        batch.finish(result.as_ref().err().map(|e| e.kind().as_str()));
+        result
     }
 
     /// Declares `group`'s durable subscription to `topic`: from now on the group receives every
@@ -317,6 +329,36 @@ impl Bus {
     ) -> Result<usize> {
         self.ensure_open("redrive")?;
         self.inner.transport.redrive(topic, group, selection).await
+    }
+
+    /// How many messages wait for `group` at the broker and in its dead-letter queue (see
+    /// [`Depth`]); also sets the [`PENDING`](crate::metrics::PENDING) and
+    /// [`DEAD_LETTER_PENDING`](crate::metrics::DEAD_LETTER_PENDING) gauges. A service calls it
+    /// on a timer, or when its metrics are scraped.
+    ///
+    /// Fails with [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) on a transport
+    /// that cannot tell.
+    pub async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
+        self.ensure_open("report queue depth")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        let depth = self.inner.transport.depth(topic, group).await?;
+        crate::metrics::record_depth(self.inner.transport.name(), topic, group, &depth);
+        Ok(depth)
+    }
+
+    /// Readiness and liveness of the bus, for a probe (see [`BusHealth`]): the transport's
+    /// connection, or [`ConnectionState::Closed`] once [`Bus::close`] was called.
+    pub fn health(&self) -> BusHealth {
+        let connection = if self.is_closed() {
+            ConnectionState::Closed
+        } else {
+            self.inner.transport.connection()
+        };
+        BusHealth {
+            transport: self.inner.transport.name(),
+            connection,
+        }
     }
 
     /// Closes the bus and its transport: later publishes fail with a `Closed` error and

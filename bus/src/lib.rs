@@ -28,9 +28,11 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod envelope;
 pub mod error;
+pub mod health;
 pub mod idempotency;
 pub mod memory;
 pub mod message;
+pub mod metrics;
 pub mod retry;
 pub mod routing;
 pub mod saga;
@@ -47,12 +49,13 @@ pub use consumer::{
 pub use dead_letter::{DeadLetter, DeadLetterInfo, DeadLetterReason};
 pub use envelope::{Envelope, Event};
 pub use error::{Error, ErrorKind, Result};
+pub use health::{BusHealth, ConnectionState, LastError, SubscriptionHealth};
 pub use idempotency::{IdempotencyStore, MemoryIdempotencyStore};
 pub use memory::{MemoryOptions, MemoryTransport};
 pub use message::{HeaderName, Headers, Message};
 pub use retry::RetryPolicy;
 pub use routing::{EventSet, UnknownTypes};
 pub use transport::{
-    Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, Delivery, DeliveryStream,
+    Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, Delivery, DeliveryStream, Depth,
     RedriveSelection, Transport,
 };

@@ -23,9 +23,10 @@ use crate::capabilities::Capabilities;
 use crate::config::TransportUrl;
 use crate::dead_letter::{DeadLetter, DeadLetterInfo};
 use crate::error::{Error, ErrorKind, Result};
+use crate::health::ConnectionState;
 use crate::message::{validate_name, Message};
 use crate::transport::{
-    Acknowledger, ConsumeOptions, Delivery, DeliveryStream, RedriveSelection, Transport,
+    Acknowledger, ConsumeOptions, Delivery, DeliveryStream, Depth, RedriveSelection, Transport,
 };
 
 /// Limits of a [`MemoryTransport`].
@@ -523,6 +524,32 @@ impl Transport for MemoryTransport {
         };
         queue.ready.notify_waiters();
         Ok(moved)
+    }
+
+    async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
+        self.ensure_open("report queue depth")?;
+        let Some(queue) = self.find(topic, group) else {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                "report queue depth",
+                "the group is not declared on this topic: declare it first",
+            )
+            .with_resource(format!("topic {topic}, group {group}"))
+            .with_retryable(false));
+        };
+        let state = lock(&queue.state);
+        Ok(Depth::new(
+            Some(state.len as u64),
+            Some(state.dead.len() as u64),
+        ))
+    }
+
+    fn connection(&self) -> ConnectionState {
+        if self.closed.load(Ordering::Acquire) {
+            ConnectionState::Closed
+        } else {
+            ConnectionState::Connected
+        }
     }
 
     async fn close(&self) -> Result<()> {

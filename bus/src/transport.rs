@@ -13,6 +13,7 @@ use futures::stream::BoxStream;
 use crate::capabilities::Capabilities;
 use crate::dead_letter::{DeadLetter, DeadLetterInfo};
 use crate::error::{Error, ErrorKind, Result};
+use crate::health::ConnectionState;
 use crate::message::Message;
 
 /// How a consumer wants its deliveries.
@@ -240,10 +241,44 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         Err(unsupported(self.name(), "redrive dead letters"))
     }
 
+    /// How many messages wait for `group` at the broker, and how many are in its dead-letter
+    /// queue, where the broker can tell (fields it cannot tell are `None`).
+    async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
+        let _ = (topic, group);
+        Err(unsupported(self.name(), "report queue depth"))
+    }
+
+    /// The connection to the broker as the client sees it now; cheap (a probe calls it).
+    /// Transports without a lasting connection report what their last request saw.
+    fn connection(&self) -> ConnectionState {
+        ConnectionState::Connected
+    }
+
     /// Closes the transport: delivery streams end, later publishes fail with
     /// [`ErrorKind::Closed`]. Deliveries already handed out can still be settled where the
     /// broker allows it.
     async fn close(&self) -> Result<()>;
+}
+
+/// What [`Transport::depth`] reports: broker-side backlog of one (topic, group).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Depth {
+    /// Messages waiting for the group: the queue's depth (RabbitMQ, SQS: approximate, visible
+    /// and in flight), or the group's consumer lag summed over partitions (Kafka).
+    pub pending: Option<u64>,
+    /// Messages in the group's dead-letter queue.
+    pub dead_letters: Option<u64>,
+}
+
+impl Depth {
+    /// A depth of `pending` messages and `dead_letters` dead letters.
+    pub fn new(pending: Option<u64>, dead_letters: Option<u64>) -> Self {
+        Self {
+            pending,
+            dead_letters,
+        }
+    }
 }
 
 fn unsupported(transport: &str, operation: &'static str) -> Error {

@@ -22,6 +22,8 @@ pub mod hostile;
 pub mod idempotency;
 #[cfg(feature = "cloudevents")]
 pub mod interop;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod restart;
 pub mod soak;
 mod test_bus;

@@ -28,8 +28,10 @@ use crate::bus::Bus;
 use crate::codec::Json;
 use crate::envelope::{Envelope, Undecoded};
 use crate::error::{Error, ErrorKind, Result};
+use crate::health::{Pulse, SubscriptionHealth};
 use crate::idempotency::IdempotencyStore;
 use crate::message::{validate_name, Message};
+use crate::metrics::ConsumerMetrics;
 use crate::retry::RetryPolicy;
 use crate::routing::{EventSet, UnknownTypes};
 use crate::transport::{ConsumeOptions, ConsumerStatus};
@@ -226,7 +228,13 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
                 .unwrap_or_else(|| self.bus.default_retry().clone()),
             system: transport.name(),
             max_message_bytes: transport.capabilities().max_message_bytes,
-            bus: self.bus,
+            metrics: ConsumerMetrics::new(
+                transport.name(),
+                &origin.topic,
+                &origin.group,
+                &event_types,
+            ),
+            bus: self.bus.clone(),
             origin: Arc::clone(&origin),
             decoder,
             event_types,
@@ -249,6 +257,7 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             task: Some(task),
             counters,
             status,
+            bus: self.bus,
             _registration: registration,
         })
     }
@@ -282,6 +291,8 @@ pub(crate) struct Counters {
     skipped_unknown: AtomicU64,
     panics: AtomicU64,
     transport_errors: AtomicU64,
+    /// The last delivery and the last transport error, for [`Subscription::health`].
+    pub(crate) pulse: Pulse,
 }
 
 impl Counters {
@@ -363,6 +374,7 @@ pub struct Subscription {
     task: Option<JoinHandle<ShutdownReport>>,
     counters: Arc<Counters>,
     status: ConsumerStatus,
+    bus: Bus,
     /// Holds this subscription's event types for its (topic, group) on the bus until dropped.
     _registration: registry::Registration,
 }
@@ -402,6 +414,38 @@ impl Subscription {
             skipped_unknown: get(&c.skipped_unknown),
             panics: get(&c.panics),
             transport_errors: get(&c.transport_errors),
+        }
+    }
+
+    /// Readiness and liveness, for a probe: whether the consumer runs and consumes, its last
+    /// delivery and last transport error, and the transport's connection.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] struct Ping;
+    /// # impl busbar_core::Event for Ping { const TYPE: &'static str = "ping.v1"; }
+    /// use busbar_core::{Bus, Context, Envelope};
+    ///
+    /// let bus = Bus::memory();
+    /// let sub = bus
+    ///     .subscribe::<Ping>("pings", "g")
+    ///     .start(|_: Envelope<Ping>, _: Context| async { Ok(()) })
+    ///     .await?;
+    /// let health = sub.health();
+    /// assert!(health.is_ready() && health.is_live());
+    /// assert!(health.last_delivery.is_none());
+    /// sub.shutdown(std::time::Duration::from_secs(1)).await?;
+    /// # Ok::<(), busbar_core::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn health(&self) -> SubscriptionHealth {
+        SubscriptionHealth {
+            running: !self.is_finished(),
+            consuming: self.status.is_consuming(),
+            last_delivery: self.counters.pulse.last_delivery(),
+            last_error: self.counters.pulse.last_error(),
+            connection: self.bus.health().connection,
         }
     }
 

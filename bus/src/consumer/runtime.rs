@@ -17,6 +17,7 @@ use crate::bus::Bus;
 use crate::dead_letter::{DeadLetterInfo, DeadLetterReason};
 use crate::envelope::{attr, unknown_type_error, Envelope, Undecoded};
 use crate::idempotency::{Claim, Lease};
+use crate::metrics::{ConsumerMetrics, InFlight};
 use crate::retry::RetryPolicy;
 use crate::routing::UnknownTypes;
 use crate::transport::{Delivery, DeliveryStream};
@@ -33,6 +34,8 @@ pub(crate) struct Shared<E> {
     pub(crate) retry: RetryPolicy,
     pub(crate) idempotency: Option<Idempotency<E>>,
     pub(crate) counters: Arc<Counters>,
+    /// The subscription's metric handles.
+    pub(crate) metrics: ConsumerMetrics,
     pub(crate) system: &'static str,
     /// The transport's publish limit: larger received messages are not handled.
     pub(crate) max_message_bytes: Option<usize>,
@@ -52,6 +55,35 @@ impl<E> Shared<E> {
     fn forget_waits(&self, id: &str) {
         self.bus.claim_waits().forget(&self.origin.group, id);
     }
+
+    /// Counts what happened to `message`, in the subscription's stats and its metrics.
+    fn tally(&self, tally: Tally, message: &crate::Message) {
+        let (counter, metric) = {
+            let of = self.metrics.of(message.header(attr::TYPE));
+            let c = &self.counters;
+            match tally {
+                Tally::Handled => (&c.handled, &of.handled),
+                Tally::FailedAttempt => (&c.failed_attempts, &of.failed_attempts),
+                Tally::Retried => (&c.retried, &of.retried),
+                Tally::DeadLettered => (&c.dead_lettered, &of.dead_lettered),
+                Tally::Duplicate => (&c.duplicates_skipped, &of.duplicate),
+                Tally::UnknownType => (&c.skipped_unknown, &of.unknown_type),
+            }
+        };
+        Counters::bump(counter);
+        metric.increment(1);
+    }
+}
+
+/// What [`Shared::tally`] counts.
+#[derive(Clone, Copy)]
+enum Tally {
+    Handled,
+    FailedAttempt,
+    Retried,
+    DeadLettered,
+    Duplicate,
+    UnknownType,
 }
 
 pub(crate) struct Limits {
@@ -167,10 +199,13 @@ pub(crate) async fn run<E: Send + 'static>(
                 match item {
                     Some(Ok(delivery)) => {
                         Counters::bump(&shared.counters.received);
+                        shared.counters.pulse.delivered();
+                        shared.metrics.consumed.increment(1);
                         dispatch.receive(delivery, limits.key_ordered);
                     }
                     Some(Err(e)) => {
                         Counters::bump(&shared.counters.transport_errors);
+                        shared.counters.pulse.failed(&e);
                         tracing::warn!(topic = %shared.origin.topic, group = %shared.origin.group, error = %e, "transport reported a consume error");
                     }
                     None => {
@@ -241,6 +276,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         busbar.attempt = attempt,
     );
     async move {
+        let _in_flight = InFlight::start(&shared.metrics.in_flight);
         if let Some(error) = oversize(&shared, &message) {
             tracing::warn!(%error, "oversize message; dead-lettering it");
             dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error).await;
@@ -283,7 +319,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
                 Ok(Claim::Acquired(granted)) => lease = Some((key, granted)),
                 Ok(Claim::Done) => {
                     tracing::debug!(idempotency_key = %key, "already handled; skipping duplicate");
-                    Counters::bump(&shared.counters.duplicates_skipped);
+                    shared.tally(Tally::Duplicate, &message);
                     shared.forget_waits(&message.id);
                     settle("ack", delivery.ack().await);
                     return;
@@ -319,7 +355,16 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
                 permanent: error.is_permanent(),
                 error: error.to_string(),
             },
-            None => run_handler(&shared, envelope, context).await,
+            None => {
+                let started = std::time::Instant::now();
+                let outcome = run_handler(&shared, envelope, context).await;
+                shared
+                    .metrics
+                    .of(message.header(attr::TYPE))
+                    .duration
+                    .record(started.elapsed().as_secs_f64());
+                outcome
+            }
         };
 
         if let (Some(idempotency), Some((key, granted))) = (&shared.idempotency, &lease) {
@@ -350,7 +395,7 @@ async fn unknown_type<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, e
         UnknownTypes::Skip => {
             tracing::debug!(event_type, "unknown event type; skipping it");
             shared.forget_waits(&delivery.message().id);
-            Counters::bump(&shared.counters.skipped_unknown);
+            shared.tally(Tally::UnknownType, delivery.message());
             settle("ack", delivery.ack().await);
         }
     }
@@ -407,11 +452,11 @@ async fn conclude<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, outco
     match outcome {
         Outcome::Handled => {
             shared.forget_waits(&delivery.message().id);
-            Counters::bump(&shared.counters.handled);
+            shared.tally(Tally::Handled, delivery.message());
             settle("ack", delivery.ack().await);
         }
         Outcome::Failed { permanent, error } => {
-            Counters::bump(&shared.counters.failed_attempts);
+            shared.tally(Tally::FailedAttempt, delivery.message());
             if permanent {
                 tracing::warn!(%error, "permanent failure; dead-lettering");
                 dead_letter(
@@ -425,7 +470,7 @@ async fn conclude<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, outco
             } else if shared.retry.should_retry(attempt) {
                 let wait = shared.retry.backoff(attempt);
                 tracing::info!(%error, ?wait, "handler failed; will retry");
-                Counters::bump(&shared.counters.retried);
+                shared.tally(Tally::Retried, delivery.message());
                 settle("nack", delivery.nack(wait).await);
             } else {
                 tracing::warn!(%error, attempt, "attempts exhausted; dead-lettering");
@@ -450,6 +495,7 @@ async fn dead_letter<E>(
     error: String,
 ) {
     shared.forget_waits(&delivery.message().id);
+    let message = delivery.shared_message();
     let info = DeadLetterInfo::new(
         reason,
         error,
@@ -458,7 +504,7 @@ async fn dead_letter<E>(
         &shared.origin.group,
     );
     match delivery.dead_letter(&info).await {
-        Ok(()) => Counters::bump(&shared.counters.dead_lettered),
+        Ok(()) => shared.tally(Tally::DeadLettered, &message),
         Err(e) => {
             tracing::error!(error = %e, "could not dead-letter; the message will be delivered again")
         }
