@@ -8,9 +8,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use busbar_core::{Error, ErrorKind, Result};
+use busbar_core::{ConnectionState, Error, ErrorKind, Result};
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -27,7 +27,19 @@ pub(crate) struct Connector {
     publishers: Vec<Mutex<Option<Channel>>>,
     next_publisher: AtomicUsize,
     closed: AtomicBool,
+    /// What probes read: the live connection and since when it is lost, kept apart from
+    /// `current` so reading it never waits on a reconnect.
+    seen: std::sync::Mutex<Seen>,
 }
+
+#[derive(Default)]
+struct Seen {
+    live: Option<Arc<Connection>>,
+    lost: Option<(SystemTime, String)>,
+}
+
+/// What a probe says while the connection is down and no attempt has failed yet.
+const LOST: &str = "the connection to RabbitMQ was lost; reconnecting";
 
 impl Connector {
     pub(crate) fn new(config: RabbitConfig) -> Self {
@@ -40,6 +52,45 @@ impl Connector {
             publishers,
             next_publisher: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            seen: std::sync::Mutex::new(Seen::default()),
+        }
+    }
+
+    /// The connection as a probe sees it: connected, or reconnecting since the loss was first
+    /// seen, with the last attempt's error.
+    pub(crate) fn state(&self) -> ConnectionState {
+        if self.is_closed() {
+            return ConnectionState::Closed;
+        }
+        let Ok(mut seen) = self.seen.lock() else {
+            return ConnectionState::Connected;
+        };
+        if seen.live.as_ref().is_some_and(|c| c.status().connected()) {
+            return ConnectionState::Connected;
+        }
+        let (since, error) = seen
+            .lost
+            .get_or_insert_with(|| (SystemTime::now(), LOST.to_owned()))
+            .clone();
+        ConnectionState::Reconnecting { since, error }
+    }
+
+    fn connected(&self, connection: &Arc<Connection>) {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Seen {
+                live: Some(Arc::clone(connection)),
+                lost: None,
+            };
+        }
+    }
+
+    fn attempt_failed(&self, error: &Error) {
+        if let Ok(mut seen) = self.seen.lock() {
+            let since = seen
+                .lost
+                .as_ref()
+                .map_or_else(SystemTime::now, |(since, _)| *since);
+            seen.lost = Some((since, error.to_string()));
         }
     }
 
@@ -139,6 +190,7 @@ impl Connector {
         let connection = self.open_bounded().await?;
         let connection = Arc::new(connection);
         *self.current.lock().await = Some(Arc::clone(&connection));
+        self.connected(&connection);
         Ok(connection)
     }
 
@@ -158,9 +210,11 @@ impl Connector {
                     tracing::info!(url = %self.config.url, "connected to RabbitMQ");
                     let connection = Arc::new(connection);
                     *current = Some(Arc::clone(&connection));
+                    self.connected(&connection);
                     return Ok(connection);
                 }
                 Err(e) if e.is_retryable() && Instant::now() + pause < deadline => {
+                    self.attempt_failed(&e);
                     // Up to half of each wait taken off at random: instances that lost the
                     // broker together do not all come back in the same instant.
                     let wait = pause.mul_f64(1.0 - 0.5 * fastrand::f64());
@@ -168,7 +222,10 @@ impl Connector {
                     tokio::time::sleep(wait).await;
                     pause = (pause * 2).min(self.config.reconnect_max);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.attempt_failed(&e);
+                    return Err(e);
+                }
             }
         }
     }

@@ -5,9 +5,10 @@
 //! (confirmed) before acking them out of the DLQ, so a failure in between duplicates a dead
 //! letter rather than losing it.
 
-use busbar_core::{DeadLetter, RedriveSelection, Result};
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use busbar_core::{DeadLetter, Depth, Error, ErrorKind, RedriveSelection, Result};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::FieldTable;
 use lapin::Channel;
 use tokio::time::Instant;
 
@@ -158,4 +159,47 @@ pub(crate) async fn redrive(
     .await;
     let _ = channel.close(200, "redriven".into()).await;
     result
+}
+
+/// The ready messages of the group's queue and of its dead-letter queue, read by passive
+/// declares (which create nothing). Messages delivered and not yet acked, and those waiting in
+/// retry queues, are not counted: RabbitMQ reports ready messages only.
+pub(crate) async fn depth(inner: &Inner, topic: &str, group: &str) -> Result<Depth> {
+    let connector = &inner.connector;
+    let queue = connector.config.queue(topic, group);
+    let dlq = connector.config.dead_letter_queue(&queue);
+    let deadline = Instant::now() + connector.config.publish_timeout;
+    let channel = connector.channel(deadline).await?;
+    let mut counts = [0u64; 2];
+    for (count, name) in counts.iter_mut().zip([&queue, &dlq]) {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await;
+        *count = match declared {
+            Ok(declared) => u64::from(declared.message_count()),
+            Err(e) if is_not_found(&e) => {
+                return Err(Error::new(
+                    ErrorKind::Broker,
+                    "report queue depth",
+                    format!("queue {name:?} does not exist: declare the group first"),
+                )
+                .with_resource(format!("topic {topic}, group {group}"))
+                .with_retryable(false)
+                .with_source(e))
+            }
+            Err(e) => {
+                return Err(connector.broker_error(
+                    "report queue depth",
+                    format!("cannot read the depth of queue {name:?}"),
+                    e,
+                ))
+            }
+        };
+    }
+    let _ = channel.close(200, "depth read".into()).await;
+    Ok(Depth::new(Some(counts[0]), Some(counts[1])))
 }

@@ -41,8 +41,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use busbar_core::message::validate_name;
 use busbar_core::{
-    Capabilities, ConsumeOptions, DeadLetter, DeliveryStream, Message, RedriveSelection, Result,
-    Transport, TransportUrl,
+    Capabilities, ConnectionState, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Message,
+    RedriveSelection, Result, Transport, TransportUrl,
 };
 use tokio::time::Instant;
 
@@ -207,6 +207,15 @@ impl Transport for RabbitTransport {
     ) -> Result<usize> {
         self.inner.connector.ensure_open("redrive")?;
         dead_letters::redrive(&self.inner, topic, group, selection).await
+    }
+
+    async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
+        self.inner.connector.ensure_open("report queue depth")?;
+        dead_letters::depth(&self.inner, topic, group).await
+    }
+
+    fn connection(&self) -> ConnectionState {
+        self.inner.connector.state()
     }
 
     async fn close(&self) -> Result<()> {

@@ -147,6 +147,7 @@ async fn consume_loop(
         let (guard, mut consumer) = match open(&inner, &route, prefetch, &status).await {
             Ok(opened) => opened,
             Err(e) => {
+                status.set_consuming(false);
                 if inner.connector.is_closed() || tx.send(Err(e)).await.is_err() {
                     return;
                 }
@@ -156,6 +157,7 @@ async fn consume_loop(
             }
         };
         pause = Duration::from_millis(50);
+        status.set_consuming(true);
         loop {
             let next = tokio::select! {
                 () = tx.closed() => {
@@ -178,6 +180,7 @@ async fn consume_loop(
                     }
                 }
                 Some(Err(e)) => {
+                    status.set_consuming(false);
                     if inner.connector.is_closed() {
                         return;
                     }
@@ -195,6 +198,7 @@ async fn consume_loop(
                     break;
                 }
                 None => {
+                    status.set_consuming(false);
                     if inner.connector.is_closed() {
                         return;
                     }

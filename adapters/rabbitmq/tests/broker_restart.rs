@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use busbar_core::{Bus, Context, Envelope, Event, HandlerError, RetryPolicy};
+use busbar_core::{Bus, ConnectionState, Context, Envelope, Event, HandlerError, RetryPolicy};
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::unique;
 use busbar_testkit::restart::rabbitmqctl;
@@ -111,10 +111,38 @@ async fn broker_restart_mid_run_loses_nothing() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let (before, sub_before) = (bus.health(), sub.health());
+        assert!(
+            before.is_ready() && sub_before.is_ready(),
+            "ready before the restart: {before:?} {sub_before:?}"
+        );
         rabbitmqctl(&["stop_app"]);
+        // The probes see the outage: not ready (reconnecting), yet live.
+        wait_health("not ready during the outage", || {
+            !bus.health().is_ready() && !sub.health().is_ready()
+        })
+        .await;
+        let (during, sub_during) = (bus.health(), sub.health());
+        assert!(
+            during.is_live() && sub_during.is_live(),
+            "live during the outage: {during:?} {sub_during:?}"
+        );
+        assert!(
+            matches!(during.connection, ConnectionState::Reconnecting { .. }),
+            "{during:?}"
+        );
         tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself
         rabbitmqctl(&["start_app"]);
         rabbitmqctl(&["await_startup"]);
+        wait_health("ready again after the restart", || {
+            bus.health().is_ready() && sub.health().is_ready()
+        })
+        .await;
+        let recovered = sub.health();
+        assert!(
+            recovered.last_error.is_some(),
+            "the outage is the last transport error: {recovered:?}"
+        );
     }
 
     let (published, publish_errors) = publisher.await.unwrap();
@@ -162,4 +190,16 @@ async fn broker_restart_mid_run_loses_nothing() {
     );
     assert!(handled.keys().all(|id| !dead_ids.contains(id)));
     sub.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Waits until `condition` holds, at most 60 s.
+async fn wait_health(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
