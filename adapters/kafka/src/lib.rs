@@ -21,6 +21,7 @@
 mod config;
 mod consumer;
 mod dead_letters;
+mod depth;
 pub mod mapping;
 mod producer;
 
@@ -32,7 +33,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busbar_core::message::validate_name;
 use busbar_core::{
-    Capabilities, ConsumeOptions, DeadLetter, DeliveryStream, Error, ErrorKind, Message,
+    Capabilities, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Error, ErrorKind, Message,
     RedriveSelection, Result, Transport, TransportUrl,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -416,6 +417,11 @@ impl Transport for KafkaTransport {
     ) -> Result<usize> {
         self.ensure_open("redrive")?;
         dead_letters::redrive(&self.inner, topic, group, selection).await
+    }
+
+    async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
+        self.ensure_open("report queue depth")?;
+        depth::depth(&self.inner, topic, group).await
     }
 
     async fn close(&self) -> Result<()> {
