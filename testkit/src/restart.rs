@@ -7,6 +7,8 @@
 //!   a silent success);
 //! - once the application declares its topology again, publishing works;
 //! - the same subscription, never restarted, handles everything published after the recovery.
+//! - a readiness probe ([`Bus::health`]) sees the bus ready, then not ready while the broker
+//!   is down (yet live throughout); bus and subscription are ready again after the recovery.
 //!
 //! [`loses_nothing_across_a_durable_restart`], for a server that keeps its log (Tansu on S3
 //! storage): [`DURABLE_MESSAGES`] messages published at a steady pace, the broker restarted
@@ -223,6 +225,25 @@ where
             })
         })
         .collect();
+    // A probe samples the bus's readiness through the outage.
+    let probing = {
+        let (bus, stop) = (bus.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let health = bus.health();
+                assert!(
+                    health.is_live(),
+                    "a bus whose broker restarts stays live: {health:?}"
+                );
+                if seen.last() != Some(&health.is_ready()) {
+                    seen.push(health.is_ready());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
     tokio::task::spawn_blocking(restart)
         .await
         .expect("the restart ran");
@@ -243,8 +264,18 @@ where
         during_errors.extend(errors);
     }
 
+    let readiness = probing.await.expect("the probe ran");
+    assert!(
+        readiness.starts_with(&[true, false]),
+        "the probe saw the bus ready, then not ready while the broker was down: {readiness:?}"
+    );
     let after = publish_all(&bus, &topic, 20_000..20_000 + MESSAGES).await;
     wait_handled(&ledger, &after, "published after the recovery").await;
+    let (health, sub_health) = (bus.health(), sub.health());
+    assert!(
+        health.is_ready() && sub_health.is_ready(),
+        "ready again after the recovery: {health:?} {sub_health:?}"
+    );
     let handled = ledger.distinct();
     let report = RestartReport {
         failed_during: during_errors.len(),

@@ -229,17 +229,20 @@ async fn receive_loop(
             }
             received = &mut request => received,
         };
+        let received = received.map_err(|e| {
+            sdk_error(
+                "consume",
+                format!("cannot receive from {}", queues.queue.url),
+                e,
+            )
+        });
+        inner.saw(&received);
         let out = match received {
             Ok(out) => out,
-            Err(e) => {
+            Err(error) => {
                 if inner.is_closed() {
                     return;
                 }
-                let error = sdk_error(
-                    "consume",
-                    format!("cannot receive from {}", queues.queue.url),
-                    e,
-                );
                 if tx.send(Err(error)).await.is_err() {
                     return;
                 }

@@ -145,3 +145,35 @@ pub(crate) async fn redrive(
     show(inner, queues, kept.iter()).await;
     Ok(moved)
 }
+
+/// The messages a queue holds: visible, in flight (received, not yet deleted) and delayed
+/// (waiting out a retry's backoff), as SQS approximates them (its counts settle within a
+/// minute).
+pub(crate) async fn count(inner: &Inner, queue_url: &str) -> Result<u64> {
+    use aws_sdk_sqs::types::QueueAttributeName as Name;
+    let counted = [
+        Name::ApproximateNumberOfMessages,
+        Name::ApproximateNumberOfMessagesNotVisible,
+        Name::ApproximateNumberOfMessagesDelayed,
+    ];
+    let out = inner
+        .sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .set_attribute_names(Some(counted.to_vec()))
+        .send()
+        .await
+        .map_err(|e| {
+            sdk_error(
+                "report queue depth",
+                format!("cannot read the depth of {queue_url}"),
+                e,
+            )
+        })?;
+    let attributes = out.attributes();
+    Ok(counted
+        .iter()
+        .filter_map(|name| attributes.and_then(|a| a.get(name)))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum())
+}

@@ -30,13 +30,14 @@ pub mod mapping;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::QueueAttributeName;
 use busbar_core::message::validate_name;
 use busbar_core::{
-    Capabilities, ConsumeOptions, DeadLetter, DeliveryStream, Error, ErrorKind, Message,
-    RedriveSelection, Result, Transport, TransportUrl,
+    Capabilities, ConnectionState, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Error,
+    ErrorKind, Message, RedriveSelection, Result, Transport, TransportUrl,
 };
 
 pub use config::{Mode, SqsConfig, SQS_MAX_BYTES};
@@ -72,6 +73,9 @@ pub(crate) struct Inner {
     topics: Mutex<HashMap<String, String>>,
     groups: Mutex<HashMap<(String, String), GroupQueues>>,
     closed: AtomicBool,
+    /// Since when requests fail to reach SQS, and the last such failure: what probes read
+    /// (SQS has no lasting connection; the last request's outcome stands for one).
+    unreachable: Mutex<Option<(SystemTime, String)>>,
 }
 
 pub(crate) fn sdk_error<E: std::error::Error + Send + Sync + 'static>(
@@ -97,6 +101,34 @@ pub(crate) fn sdk_error<E: std::error::Error + Send + Sync + 'static>(
 impl Inner {
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Notes a request's outcome for probes: a connection failure (SQS unreachable, or not
+    /// answering in time) starts or continues an outage; any answer ends it.
+    pub(crate) fn saw<T>(&self, result: &Result<T>) {
+        let mut unreachable = self.unreachable.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Err(e) if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) => {
+                let since = unreachable
+                    .as_ref()
+                    .map_or_else(SystemTime::now, |(since, _)| *since);
+                *unreachable = Some((since, e.to_string()));
+            }
+            _ => *unreachable = None,
+        }
+    }
+
+    fn connection(&self) -> ConnectionState {
+        if self.is_closed() {
+            return ConnectionState::Closed;
+        }
+        match &*self.unreachable.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => ConnectionState::Connected,
+            Some((since, error)) => ConnectionState::Reconnecting {
+                since: *since,
+                error: error.clone(),
+            },
+        }
     }
 
     async fn create_queue(
@@ -622,6 +654,7 @@ impl SqsTransport {
                 topics: Mutex::default(),
                 groups: Mutex::default(),
                 closed: AtomicBool::new(false),
+                unreachable: Mutex::default(),
             }),
         })
     }
@@ -673,7 +706,8 @@ impl Transport for SqsTransport {
                 .push((message.id.clone(), packed));
         }
         let published = self.inner.publish_packed(by_topic);
-        self.inner
+        let result = self
+            .inner
             .within_publish_timeout("publish", published, || {
                 // Only when the time ran out: what the error names.
                 let topics: BTreeSet<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
@@ -690,7 +724,9 @@ impl Transport for SqsTransport {
                     ),
                 )
             })
-            .await
+            .await;
+        self.inner.saw(&result);
+        result
     }
 
     async fn declare(&self, topic: &str, group: &str) -> Result<()> {
@@ -741,6 +777,19 @@ impl Transport for SqsTransport {
         self.ensure_open("redrive")?;
         let queues = self.inner.declare(topic, group).await?;
         dead_letters::redrive(&self.inner, topic, group, &queues, selection).await
+    }
+
+    async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
+        self.ensure_open("report queue depth")?;
+        let queues = self.inner.declare(topic, group).await?;
+        let pending = dead_letters::count(&self.inner, &queues.queue.url).await;
+        self.inner.saw(&pending);
+        let dead_letters = dead_letters::count(&self.inner, &queues.dlq.url).await?;
+        Ok(Depth::new(Some(pending?), Some(dead_letters)))
+    }
+
+    fn connection(&self) -> ConnectionState {
+        self.inner.connection()
     }
 
     async fn close(&self) -> Result<()> {
