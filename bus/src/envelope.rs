@@ -554,7 +554,14 @@ pub fn validate_header(name: &str, value: &str) -> Result<()> {
 }
 
 /// A new W3C `traceparent`: the trace id of `parent` (a new one when `None`) and a new span id.
+///
+/// With the `otel` feature, inside a span with an OpenTelemetry context, that span's context
+/// instead: the trace continues from the span the event is published in.
 pub(crate) fn new_traceparent(parent: Option<&str>) -> String {
+    #[cfg(feature = "otel")]
+    if let Some(current) = crate::otel::current_traceparent() {
+        return current;
+    }
     let parent_trace = parent.and_then(|p| {
         let mut parts = p.split('-');
         let (version, trace) = (parts.next()?, parts.next()?);

@@ -33,6 +33,8 @@ pub mod idempotency;
 pub mod memory;
 pub mod message;
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod retry;
 pub mod routing;
 pub mod saga;

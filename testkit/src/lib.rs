@@ -24,6 +24,8 @@ pub mod idempotency;
 pub mod interop;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod restart;
 pub mod soak;
 mod test_bus;

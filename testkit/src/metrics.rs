@@ -204,6 +204,13 @@ pub async fn records_retries_and_dead_letters(transport: Arc<dyn Transport>) {
     })
     .await;
 
+    let consumer = format!("messaging.consumer.group.name={group},messaging.system={system}");
+    // Counted before it is settled: the delivery leaves the in-flight gauge once its ack is done.
+    let in_flight = (m::IN_FLIGHT.to_owned(), consumer.clone());
+    wait_for("nothing in flight", || {
+        values_of(&topic).get(&in_flight) == Some(&Value::Gauge(0.0))
+    })
+    .await;
     let values = values_of(&topic);
     let get = |name: &str, labels: &str| {
         values
@@ -213,7 +220,6 @@ pub async fn records_retries_and_dead_letters(transport: Arc<dyn Transport>) {
     };
     let sent =
         |event_type: &str| format!("cloudevents.event_type={event_type},messaging.system={system}");
-    let consumer = format!("messaging.consumer.group.name={group},messaging.system={system}");
     let typed = |event_type: &str| {
         format!("cloudevents.event_type={event_type},messaging.consumer.group.name={group},messaging.system={system}")
     };

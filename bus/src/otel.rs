@@ -1,0 +1,95 @@
+//! The OpenTelemetry bridge (feature `otel`): a trace continues across the broker.
+//!
+//! busbar's spans are `tracing` spans; with the service's `tracing-opentelemetry` layer
+//! installed they become OpenTelemetry spans, and with this feature:
+//! - a consume span (`busbar.process`) is the child of the message's W3C `traceparent`
+//!   (and `tracestate`), so the handler's work joins the producer's trace;
+//! - an envelope made inside a span (a fresh publish from a traced request, or a publish from
+//!   a handler, inside `busbar.process`) carries that span's context as its `traceparent`.
+//!
+//! Without the layer (or outside any span), envelopes keep busbar's own `traceparent`: the
+//! incoming trace id with a new span id, or a new trace.
+//!
+//! The W3C format is written and read here, not through the global propagator: CloudEvents'
+//! distributed-tracing extension is W3C Trace Context whatever else a service propagates.
+
+use std::str::FromStr;
+
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Makes `span` the child of the remote span `traceparent` names (with `tracestate`); does
+/// nothing for a missing or malformed `traceparent`.
+pub(crate) fn set_parent(
+    span: &tracing::Span,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) {
+    let Some(parent) = traceparent.and_then(|tp| remote_context(tp, tracestate)) else {
+        return;
+    };
+    let context = opentelemetry::Context::new().with_remote_span_context(parent);
+    // Fails only when no OpenTelemetry layer is installed: then there is no trace to join.
+    let _ = span.set_parent(context);
+}
+
+/// The W3C `traceparent` of the current span, when it has a valid OpenTelemetry context.
+pub(crate) fn current_traceparent() -> Option<String> {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let current = span.span_context();
+    current.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            current.trace_id(),
+            current.span_id(),
+            current.trace_flags().to_u8()
+        )
+    })
+}
+
+fn remote_context(traceparent: &str, tracestate: Option<&str>) -> Option<SpanContext> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version != "00" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let trace = TraceId::from_hex(trace).ok()?;
+    let span = SpanId::from_hex(span).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    let state = tracestate
+        .and_then(|state| TraceState::from_str(state).ok())
+        .unwrap_or_default();
+    let context = SpanContext::new(trace, span, TraceFlags::new(flags), true, state);
+    context.is_valid().then_some(context)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_w3c_traceparent_and_refuses_malformed_ones() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let context = remote_context(tp, Some("congo=t61rcWkgMzE")).expect("valid");
+        assert_eq!(
+            context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(context.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(context.is_sampled() && context.is_remote());
+        assert_eq!(context.trace_state().get("congo"), Some("t61rcWkgMzE"));
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-zzf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(remote_context(bad, None).is_none(), "{bad:?}");
+        }
+    }
+}
