@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use busbar_core::{Error, ErrorKind};
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::brokers_required;
-use busbar_testkit::endpoints::{unused_address, SilentListener};
+use busbar_testkit::endpoints::{
+    connect_failures_classify_alike, unused_address, ConnectCase, ConnectFailure, SilentListener,
+};
 use tokio::io::AsyncWriteExt;
 
 const BROKER: &str = "127.0.0.1:5672";
@@ -33,56 +35,54 @@ fn broker_up() -> bool {
     up
 }
 
+/// The shared table (`busbar_testkit::endpoints`): every connect failure RabbitMQ can have,
+/// classified as every adapter classifies it.
 #[tokio::test]
-async fn failures_retrying_cannot_fix_say_what_to_fix_and_are_not_retryable() {
+async fn connect_failures_classify_as_on_every_adapter() {
     if !broker_up() {
         return;
     }
-    let within = Duration::from_secs(10);
-    for (url, kind, says) in [
-        (
-            format!("amqp://guest:wrong@{BROKER}/%2f"),
-            ErrorKind::Connection,
-            "refused the login: check the user and password",
+    let silent = SilentListener::new();
+    let (quiet, down) = (silent.address(), unused_address());
+    let cases = vec![
+        ConnectCase::new(
+            ConnectFailure::Silent,
+            format!("amqp://guest:guest@{quiet}/%2f?connect_timeout_ms=1500"),
+            format!("no AMQP handshake from {quiet} within 1.5s"),
         ),
-        (
-            format!("amqp://guest:guest@{BROKER}/no-such-vhost"),
-            ErrorKind::Connection,
-            "does not allow this vhost",
+        ConnectCase::new(
+            ConnectFailure::Refused,
+            format!("amqp://guest:guest@{down}/%2f"),
+            "cannot connect to RabbitMQ",
         ),
-        (
-            format!("amqps://guest:guest@{BROKER}/%2f"),
-            ErrorKind::Connection,
-            "the TLS handshake failed: the port does not answer in TLS",
-        ),
-        (
-            "amqp://guest:guest@/".to_string(),
-            ErrorKind::Config,
+        ConnectCase::new(
+            ConnectFailure::NoHost,
+            "amqp://guest:guest@/",
             "the URL names no host",
         ),
-    ] {
-        let error = refused(&url, within).await;
-        let text = error.to_string();
-        assert_eq!(error.kind(), kind, "{text}");
-        assert!(!error.is_retryable(), "{url}: {text}");
-        assert!(text.contains(says), "{url}: {text}");
-        assert!(!text.contains("wrong"), "the password leaked: {text}");
-    }
-}
-
-#[tokio::test]
-async fn a_listener_that_never_speaks_amqp_times_out_naming_the_host() {
-    let silent = SilentListener::new();
-    let host = silent.address();
-    let url = format!("amqp://guest:guest@{host}/%2f?connect_timeout_ms=1500");
-    let error = refused(&url, Duration::from_secs(10)).await;
-    assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
-    assert!(error.is_retryable(), "{error}");
-    let text = error.to_string();
-    assert!(
-        text.contains(&format!("no AMQP handshake from {host} within 1.5s")),
-        "{text}"
-    );
+        ConnectCase::new(
+            ConnectFailure::BadCredentials,
+            format!("amqp://guest:wrong-secret@{BROKER}/%2f"),
+            "refused the login: check the user and password",
+        )
+        .secret("wrong-secret"),
+        ConnectCase::new(
+            ConnectFailure::UnknownNamespace,
+            format!("amqp://guest:guest@{BROKER}/no-such-vhost"),
+            "does not allow this vhost",
+        ),
+        ConnectCase::new(
+            ConnectFailure::TlsMismatch,
+            format!("amqps://guest:guest@{BROKER}/%2f"),
+            "the TLS handshake failed: the port does not answer in TLS",
+        ),
+    ];
+    connect_failures_classify_alike(
+        |url| async move { RabbitTransport::connect(&url).await },
+        cases,
+        &[],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -101,20 +101,5 @@ async fn an_http_port_fails_fast() {
     assert!(
         matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout),
         "{error}"
-    );
-}
-
-#[tokio::test]
-async fn a_port_nobody_listens_on_is_a_retryable_connection_error() {
-    let host = unused_address();
-    let error = refused(
-        &format!("amqp://guest:guest@{host}/%2f"),
-        Duration::from_secs(10),
-    )
-    .await;
-    assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
-    assert!(
-        error.is_retryable(),
-        "a broker that is down may come up: {error}"
     );
 }

@@ -128,7 +128,18 @@ impl SqsConfig {
         for (name, value) in url.query_pairs() {
             match name.as_str() {
                 "region" => config.region = Some(value),
-                "endpoint" => config.endpoint = Some(value),
+                "endpoint" => {
+                    // The SDK would take an endpoint without a host and fail each request later.
+                    let parsed = url::Url::parse(&value).ok();
+                    let host = parsed.as_ref().and_then(url::Url::host_str).unwrap_or_default();
+                    let scheme = parsed.as_ref().map(url::Url::scheme).unwrap_or_default();
+                    if host.is_empty() || !matches!(scheme, "http" | "https") {
+                        return Err(config_error(format!(
+                            "`endpoint` must be an http:// or https:// URL with a host (e.g. http://127.0.0.1:4566), got {value:?}"
+                        )));
+                    }
+                    config.endpoint = Some(value)
+                }
                 "mode" => {
                     config.mode = match value.as_str() {
                         "fanout" => Mode::FanOut,

@@ -84,6 +84,18 @@ pub(crate) fn sdk_error<E: std::error::Error + Send + Sync + 'static>(
     e: aws_sdk_sqs::error::SdkError<E, impl std::fmt::Debug + Send + Sync + 'static>,
 ) -> Error {
     use aws_sdk_sqs::error::SdkError;
+    if matches!(e, SdkError::DispatchFailure(_)) && is_tls_failure(&e) {
+        return Error::new(
+            ErrorKind::Connection,
+            operation,
+            format!(
+                "{what}: the TLS handshake failed: the endpoint's certificate is not trusted, or \
+                 it does not speak TLS (use http:// for a plain endpoint)"
+            ),
+        )
+        .with_retryable(false)
+        .with_source(e);
+    }
     let (kind, retryable) = match &e {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => (ErrorKind::Connection, true),
         SdkError::ServiceError(_) => (ErrorKind::Broker, false),
@@ -96,6 +108,28 @@ pub(crate) fn sdk_error<E: std::error::Error + Send + Sync + 'static>(
         other => format!("{}", aws_sdk_sqs::error::DisplayErrorContext(other)),
     };
     Error::new(kind, operation, format!("{what}: {detail}")).with_retryable(retryable)
+}
+
+/// Whether a failed request's causes hold a TLS failure: the TLS stack reports a certificate
+/// it does not trust, or bytes that are not TLS, as an I/O error of kind `InvalidData`.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = e.source();
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            // An I/O error wrapping another hides it from `source()`: look inside.
+            if io.kind() == std::io::ErrorKind::InvalidData
+                || io.get_ref().is_some_and(|inner| {
+                    inner
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+                })
+            {
+                return true;
+            }
+        }
+        cause = error.source();
+    }
+    false
 }
 
 impl Inner {
@@ -622,7 +656,16 @@ impl SqsTransport {
         // Fail fast when the service does not answer (or the credentials are refused), and
         // never wait longer than `connect_timeout` for it: the SDK has no time limit on reading
         // an answer, so an endpoint that accepts connections and says nothing would hang here.
-        let probe = sqs.list_queues().max_results(1).send();
+        // One attempt, no SDK retries: a refused connection is reported as refused, not as a
+        // timeout once the SDK's retries have used up the limit.
+        let once = aws_sdk_sqs::config::Builder::default()
+            .retry_config(aws_sdk_sqs::config::retry::RetryConfig::disabled());
+        let probe = sqs
+            .list_queues()
+            .max_results(1)
+            .customize()
+            .config_override(once)
+            .send();
         match tokio::time::timeout(config.connect_timeout, probe).await {
             Ok(answered) => answered.map_err(|e| {
                 sdk_error("connect", "SQS did not answer".into(), e)
