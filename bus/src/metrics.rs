@@ -44,7 +44,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use ::metrics::{Counter, Gauge, Histogram, Label, Unit};
 
@@ -184,7 +184,10 @@ pub(crate) struct ConsumerMetrics {
     pub(crate) consumed: Counter,
     pub(crate) in_flight: Gauge,
     types: Vec<(&'static str, TypeMetrics)>,
-    other: TypeMetrics,
+    /// Made on the first message of a type the subscription does not handle, so a service
+    /// that never gets one exports no `_other` series.
+    other: OnceLock<TypeMetrics>,
+    base: Vec<Label>,
 }
 
 impl ConsumerMetrics {
@@ -202,7 +205,8 @@ impl ConsumerMetrics {
                 .iter()
                 .map(|&event_type| (event_type, TypeMetrics::new(&base, event_type)))
                 .collect(),
-            other: TypeMetrics::new(&base, OTHER),
+            other: OnceLock::new(),
+            base,
         }
     }
 
@@ -210,7 +214,13 @@ impl ConsumerMetrics {
     pub(crate) fn of(&self, event_type: Option<&str>) -> &TypeMetrics {
         event_type
             .and_then(|wanted| self.types.iter().find(|(known, _)| *known == wanted))
-            .map_or(&self.other, |(_, metrics)| metrics)
+            .map_or_else(
+                || {
+                    self.other
+                        .get_or_init(|| TypeMetrics::new(&self.base, OTHER))
+                },
+                |(_, metrics)| metrics,
+            )
     }
 }
 
