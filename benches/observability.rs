@@ -105,7 +105,13 @@ fn measure(setting: &str) -> f64 {
             provider = provider.with_sampler(Sampler::TraceIdRatioBased(0.1));
         }
         let provider = provider.build();
-        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("bench"));
+        // The layer as the README recommends for busy consumers: no per-span thread, source
+        // location or busy/idle timing attributes.
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("bench"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false);
         tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
             .expect("the subscriber installs");
         exporter = Some((spans, provider));
