@@ -17,7 +17,8 @@
 //! - a publish either fails with a clear, typed error naming the topic, or is acknowledged; an
 //!   acknowledged message is handled, whether it was published before, during or after the
 //!   outage (nothing acknowledged is lost);
-//! - publisher and subscription recover by themselves: nobody declares again or restarts them.
+//! - publisher and subscription recover by themselves: nobody declares again or restarts them;
+//! - a readiness probe sees the bus ready, then not ready during the outage, then ready again.
 //!
 //! The test reads the broker's log back afterwards ([`BrokerLog`]), so a loss is pinned on
 //! the side that caused it: a message in the log but never handled is busbar's, and fails the
@@ -225,25 +226,7 @@ where
             })
         })
         .collect();
-    // A probe samples the bus's readiness through the outage.
-    let probing = {
-        let (bus, stop) = (bus.clone(), Arc::clone(&stop));
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                let health = bus.health();
-                assert!(
-                    health.is_live(),
-                    "a bus whose broker restarts stays live: {health:?}"
-                );
-                if seen.last() != Some(&health.is_ready()) {
-                    seen.push(health.is_ready());
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            seen
-        })
-    };
+    let probing = sample_readiness(&bus, &stop);
     tokio::task::spawn_blocking(restart)
         .await
         .expect("the restart ran");
@@ -264,18 +247,10 @@ where
         during_errors.extend(errors);
     }
 
-    let readiness = probing.await.expect("the probe ran");
-    assert!(
-        readiness.starts_with(&[true, false]),
-        "the probe saw the bus ready, then not ready while the broker was down: {readiness:?}"
-    );
+    saw_the_outage(probing).await;
     let after = publish_all(&bus, &topic, 20_000..20_000 + MESSAGES).await;
     wait_handled(&ledger, &after, "published after the recovery").await;
-    let (health, sub_health) = (bus.health(), sub.health());
-    assert!(
-        health.is_ready() && sub_health.is_ready(),
-        "ready again after the recovery: {health:?} {sub_health:?}"
-    );
+    ready_again(&bus, &sub).await;
     let handled = ledger.distinct();
     let report = RestartReport {
         failed_during: during_errors.len(),
@@ -352,6 +327,8 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let probing = sample_readiness(&bus, &stop);
     restarting.store(true, Ordering::SeqCst);
     tokio::task::spawn_blocking(restart)
         .await
@@ -359,6 +336,8 @@ where
     restarting.store(false, Ordering::SeqCst);
     let (published_during, failed, errors, last_batch_ok) =
         publisher.await.expect("publisher task");
+    stop.store(true, Ordering::SeqCst);
+    saw_the_outage(probing).await;
     let mut published = std::mem::take(&mut *crate::conformance::lock(&acked));
     published.extend(publish_all(&bus, &topic, DURABLE_MESSAGES..DURABLE_MESSAGES + 300).await);
     let first_error = errors.first().map(ToString::to_string);
@@ -390,8 +369,55 @@ where
         blind_acks: log.blind_acks,
         first_error,
     };
+    ready_again(&bus, &sub).await;
     let _ = sub.shutdown(Duration::from_secs(10)).await;
     report
+}
+
+/// A readiness probe sampling [`Bus::health`] every 20 ms until `stop`: the changes it saw
+/// (`true` for ready). It fails if the bus is ever not live.
+fn sample_readiness(bus: &Bus, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<bool>> {
+    let (bus, stop) = (bus.clone(), Arc::clone(stop));
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let health = bus.health();
+            assert!(
+                health.is_live(),
+                "a bus whose broker restarts stays live: {health:?}"
+            );
+            if seen.last() != Some(&health.is_ready()) {
+                seen.push(health.is_ready());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    })
+}
+
+/// Checks that the probe saw the bus ready, then not ready while the broker was down.
+async fn saw_the_outage(probing: tokio::task::JoinHandle<Vec<bool>>) {
+    let readiness = probing.await.expect("the probe ran");
+    assert!(
+        readiness.starts_with(&[true, false]),
+        "the probe saw the bus ready, then not ready while the broker was down: {readiness:?}"
+    );
+}
+
+/// Waits (at most 60 s) until bus and subscription are ready again after the recovery.
+async fn ready_again(bus: &Bus, sub: &busbar_core::Subscription) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (health, sub_health) = (bus.health(), sub.health());
+        if health.is_ready() && sub_health.is_ready() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready again after the recovery: {health:?} {sub_health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A bus with a subscription recording every probe on fresh names: what both scenarios run.

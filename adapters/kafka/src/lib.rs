@@ -28,13 +28,13 @@ mod producer;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use busbar_core::message::validate_name;
 use busbar_core::{
-    Capabilities, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Error, ErrorKind, Message,
-    RedriveSelection, Result, Transport, TransportUrl,
+    Capabilities, ConnectionState, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Error,
+    ErrorKind, Message, RedriveSelection, Result, Transport, TransportUrl,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     created: Mutex<HashSet<String>>,
     closed: AtomicBool,
     pub(crate) consumers: consumer::Consumers,
+    /// The producer's context (shared with it): what probes read.
+    diagnosis: Diagnosis,
 }
 
 impl Inner {
@@ -159,6 +161,11 @@ pub(crate) struct Diagnosis {
     last_error: Arc<Mutex<Option<String>>>,
     /// The first refusal that retrying cannot fix (see [`refused_for_good`]).
     refusal: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    /// Since when librdkafka says all brokers are down, and why: what probes read until a
+    /// metadata request is answered again.
+    down: Arc<Mutex<Option<(SystemTime, String)>>>,
+    /// A metadata request checking whether the brokers are back is under way.
+    probing: Arc<AtomicBool>,
 }
 
 impl Default for Diagnosis {
@@ -166,11 +173,27 @@ impl Default for Diagnosis {
         Diagnosis {
             last_error: Arc::default(),
             refusal: Arc::new(tokio::sync::watch::Sender::new(None)),
+            down: Arc::default(),
+            probing: Arc::default(),
         }
     }
 }
 
 impl Diagnosis {
+    fn down(&self) -> Option<(SystemTime, String)> {
+        self.down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn up(&self) {
+        *self
+            .down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
     fn last_error(&self) -> Option<String> {
         self.last_error
             .lock()
@@ -195,6 +218,11 @@ impl rdkafka::ClientContext for Diagnosis {
         // "1/1 brokers are down" follows every transport failure and says nothing about why.
         let code = error.rdkafka_error_code();
         if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+            let why = self.last_error().unwrap_or_else(|| reason.to_string());
+            self.down
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_insert_with(|| (SystemTime::now(), why));
             return;
         }
         if refused_for_good(code) {
@@ -324,6 +352,7 @@ impl KafkaTransport {
                 created: Mutex::default(),
                 closed: AtomicBool::new(false),
                 consumers: consumer::Consumers::default(),
+                diagnosis,
             }),
         })
     }
@@ -422,6 +451,36 @@ impl Transport for KafkaTransport {
     async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
         self.ensure_open("report queue depth")?;
         depth::depth(&self.inner, topic, group).await
+    }
+
+    /// Connected unless librdkafka said all brokers are down; then reconnecting, until a
+    /// metadata request (one at a time, started by this call) is answered again.
+    fn connection(&self) -> ConnectionState {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return ConnectionState::Closed;
+        }
+        let diagnosis = &self.inner.diagnosis;
+        let Some((since, error)) = diagnosis.down() else {
+            return ConnectionState::Connected;
+        };
+        if !diagnosis.probing.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let inner = Arc::clone(&self.inner);
+                    runtime.spawn_blocking(move || {
+                        let limit = Duration::from_secs(1);
+                        let answered = inner.producer.client().fetch_metadata(None, limit).is_ok();
+                        let diagnosis = &inner.diagnosis;
+                        if answered {
+                            diagnosis.up();
+                        }
+                        diagnosis.probing.store(false, Ordering::Release);
+                    });
+                }
+                Err(_) => diagnosis.probing.store(false, Ordering::Release),
+            }
+        }
+        ConnectionState::Reconnecting { since, error }
     }
 
     async fn close(&self) -> Result<()> {
