@@ -25,6 +25,10 @@ pub(crate) fn set_parent(
     traceparent: Option<&str>,
     tracestate: Option<&str>,
 ) {
+    // No subscriber wants the span: there is no trace to join, and nothing to parse.
+    if span.is_disabled() {
+        return;
+    }
     let Some(parent) = traceparent.and_then(|tp| remote_context(tp, tracestate)) else {
         return;
     };
