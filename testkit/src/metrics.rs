@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conformance::{fast_retry, unique, wait_for};
 
-/// A recorder that keeps every value (a [`DebuggingRecorder`](metrics_util::debugging) resets
+/// A recorder that keeps every value (metrics-util's `DebuggingRecorder` resets
 /// counters when read, which loses counts between two readers).
 #[derive(Debug)]
 pub struct Keeping {

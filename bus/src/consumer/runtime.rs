@@ -276,11 +276,13 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         busbar.attempt = attempt,
     );
     #[cfg(feature = "otel")]
-    crate::otel::set_parent(
-        &span,
-        message.header(attr::TRACEPARENT),
-        message.header(attr::TRACESTATE),
-    );
+    if !span.is_disabled() {
+        crate::otel::set_parent(
+            &span,
+            message.header(attr::TRACEPARENT),
+            message.header(attr::TRACESTATE),
+        );
+    }
     async move {
         let _in_flight = InFlight::start(&shared.metrics.in_flight);
         if let Some(error) = oversize(&shared, &message) {
