@@ -19,3 +19,27 @@ async fn rabbitmq_records_retries_and_dead_letters() {
     };
     busbar_testkit::metrics::records_retries_and_dead_letters(Arc::new(transport)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_of_a_group_never_declared_says_to_declare_it() {
+    let connected = async { RabbitTransport::connect(&url().parse()?).await }.await;
+    let Some(transport) = reachable(connected) else {
+        return;
+    };
+    let bus = busbar_core::Bus::new(transport);
+    let topic = busbar_testkit::conformance::unique("undeclared");
+    let error = bus
+        .depth(&topic, "nobody")
+        .await
+        .expect_err("no such queue");
+    assert_eq!(error.kind(), busbar_core::ErrorKind::Broker, "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(
+        error.to_string().contains("declare the group first"),
+        "{error}"
+    );
+    // The channel the refusal closed does not break the bus.
+    bus.declare(&topic, "somebody").await.expect("declare");
+    let depth = bus.depth(&topic, "somebody").await.expect("depth");
+    assert_eq!((depth.pending, depth.dead_letters), (Some(0), Some(0)));
+}

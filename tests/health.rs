@@ -1,0 +1,74 @@
+//! Health on the memory transport: what a probe reads before and after deliveries, and once
+//! the bus is closed. (Across real broker restarts: the adapters' `broker_restart` tests.)
+
+use std::time::Duration;
+
+use busbar::{Bus, ConnectionState, Context, Envelope, ErrorKind, Event, HandlerError};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Ping;
+
+impl Event for Ping {
+    const TYPE: &'static str = "test.ping.v1";
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_probe_sees_deliveries_and_a_closed_bus() {
+    let bus = Bus::memory();
+    let sub = bus
+        .subscribe::<Ping>("pings", "g")
+        .start(|_: Envelope<Ping>, _: Context| async { Ok::<_, HandlerError>(()) })
+        .await
+        .expect("subscribe");
+    let before = sub.health();
+    assert!(before.is_ready() && before.is_live(), "{before:?}");
+    assert_eq!(before.last_delivery, None);
+    assert_eq!(before.last_error, None);
+
+    bus.publish("pings", Ping).await.expect("publish");
+    wait_until("the delivery is seen", || {
+        sub.health().last_delivery.is_some()
+    })
+    .await;
+    let since = sub.health().since_last_delivery().expect("a delivery");
+    assert!(since < Duration::from_secs(10), "{since:?}");
+
+    bus.close().await.expect("close");
+    let closed = bus.health();
+    assert_eq!(closed.connection, ConnectionState::Closed);
+    assert!(!closed.is_ready() && !closed.is_live(), "{closed:?}");
+    wait_until("the subscription stops with its transport", || {
+        !sub.health().is_live()
+    })
+    .await;
+    assert!(!sub.health().is_ready());
+}
+
+#[tokio::test]
+async fn depth_counts_what_waits_and_refuses_a_group_never_declared() {
+    let bus = Bus::memory();
+    bus.declare("jobs", "workers").await.expect("declare");
+    for _ in 0..3 {
+        bus.publish("jobs", Ping).await.expect("publish");
+    }
+    let depth = bus.depth("jobs", "workers").await.expect("depth");
+    assert_eq!((depth.pending, depth.dead_letters), (Some(3), Some(0)));
+    let error = bus.depth("jobs", "nobody").await.expect_err("not declared");
+    assert_eq!(error.kind(), ErrorKind::Broker, "{error}");
+    assert!(error.to_string().contains("declare it first"), "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    let error = bus.depth("", "workers").await.expect_err("no topic");
+    assert_eq!(error.kind(), ErrorKind::Config, "{error}");
+}
