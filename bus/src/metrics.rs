@@ -267,7 +267,10 @@ impl std::fmt::Debug for PublishMetrics {
 /// The handles of a batch about to be published, resolved before the batch moves into the
 /// transport: runs of messages with the same (topic, type), usually one.
 pub(crate) struct PublishBatch {
-    runs: Vec<(Arc<PublishHandles>, u64)>,
+    /// The first run, kept apart so a batch of one (topic, type), the usual one, allocates
+    /// nothing.
+    first: Option<(Arc<PublishHandles>, u64)>,
+    more: Vec<(Arc<PublishHandles>, u64)>,
     started: std::time::Instant,
 }
 
@@ -276,7 +279,7 @@ impl PublishBatch {
     /// [`SENT`] under `error.type` when the batch failed.
     pub(crate) fn finish(self, error: Option<&'static str>) {
         let took = self.started.elapsed().as_secs_f64();
-        for (handles, count) in self.runs {
+        for (handles, count) in self.first.into_iter().chain(self.more) {
             match error {
                 None => {
                     handles.sent.increment(count);
@@ -299,11 +302,16 @@ impl PublishBatch {
 impl PublishMetrics {
     /// Resolves the handles of `messages`, making those not made yet (within the bound).
     pub(crate) fn batch(&self, system: &'static str, messages: &[crate::Message]) -> PublishBatch {
-        let mut runs: Vec<(Arc<PublishHandles>, u64)> = Vec::with_capacity(1);
+        let mut batch = PublishBatch {
+            first: None,
+            more: Vec::new(),
+            started: std::time::Instant::now(),
+        };
         for message in messages {
             let event_type = message.header(crate::envelope::attr::TYPE).unwrap_or(OTHER);
-            if let Some((last, count)) = runs.last_mut() {
-                if *last.topic == *message.topic && *last.event_type == *event_type {
+            let last = batch.more.last_mut().or(batch.first.as_mut());
+            if let Some((handles, count)) = last {
+                if *handles.topic == *message.topic && *handles.event_type == *event_type {
                     *count += 1;
                     continue;
                 }
@@ -311,12 +319,13 @@ impl PublishMetrics {
             let handles = self
                 .find(&message.topic, event_type)
                 .unwrap_or_else(|| self.register(system, &message.topic, event_type));
-            runs.push((handles, 1));
+            match batch.first {
+                None => batch.first = Some((handles, 1)),
+                Some(_) => batch.more.push((handles, 1)),
+            }
         }
-        PublishBatch {
-            runs,
-            started: std::time::Instant::now(),
-        }
+        batch.started = std::time::Instant::now();
+        batch
     }
 
     fn find(&self, topic: &str, event_type: &str) -> Option<Arc<PublishHandles>> {

@@ -19,16 +19,13 @@ use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, Tra
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Makes `span` the child of the remote span `traceparent` names (with `tracestate`); does
-/// nothing for a missing or malformed `traceparent`.
+/// nothing for a missing or malformed `traceparent`. The caller skips it for a disabled span
+/// (no subscriber wants it), before reading the headers.
 pub(crate) fn set_parent(
     span: &tracing::Span,
     traceparent: Option<&str>,
     tracestate: Option<&str>,
 ) {
-    // No subscriber wants the span: there is no trace to join, and nothing to parse.
-    if span.is_disabled() {
-        return;
-    }
     let Some(parent) = traceparent.and_then(|tp| remote_context(tp, tracestate)) else {
         return;
     };
