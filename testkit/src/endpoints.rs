@@ -196,3 +196,22 @@ pub async fn connect_failures_classify_alike<C, Fut, T>(
         eprintln!("{:?} after {:?}: {text}", case.failure, started.elapsed());
     }
 }
+
+/// Whether something listens on `address` (`host:port`), for a test that needs the broker
+/// `what` there. When nothing does: under `CI=true` (or `BUSBAR_REQUIRE_BROKERS=1`) the test
+/// fails; elsewhere it says `SKIPPED` on stderr and the caller returns.
+///
+/// # Panics
+///
+/// When nothing listens and brokers are required.
+pub fn listening(address: &str, what: &str) -> bool {
+    let up = std::net::TcpStream::connect(address).is_ok();
+    assert!(
+        up || !crate::conformance::brokers_required(),
+        "{what} is not running on {address}"
+    );
+    if !up {
+        eprintln!("SKIPPED: {what} is not running on {address}");
+    }
+    up
+}

@@ -36,7 +36,22 @@ async fn connect_failures_classify_as_on_every_adapter() {
         "Kafka has no namespaces (vhosts) to connect to",
     )];
     #[cfg(feature = "tls")]
-    {
+    let secured = busbar_testkit::endpoints::listening(
+        "127.0.0.1:9098",
+        "the SCRAM Tansu (scripts/local-brokers.sh kafka-secured)",
+    ) && busbar_testkit::endpoints::listening(
+        "127.0.0.1:9097",
+        "the TLS Tansu (scripts/local-brokers.sh kafka-secured)",
+    );
+    #[cfg(feature = "tls")]
+    if !secured {
+        let why =
+            "the secured brokers are not running here (scripts/local-brokers.sh kafka-secured)";
+        not_applicable.push((ConnectFailure::BadCredentials, why));
+        not_applicable.push((ConnectFailure::TlsMismatch, why));
+    }
+    #[cfg(feature = "tls")]
+    if secured {
         let home = std::env::var("BROKERS_HOME").unwrap_or_else(|_| "/tmp/busbar-brokers".into());
         cases.push(
             ConnectCase::new(

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use busbar_core::{Error, ErrorKind};
 use busbar_rabbitmq::RabbitTransport;
-use busbar_testkit::conformance::brokers_required;
 use busbar_testkit::endpoints::{
-    connect_failures_classify_alike, unused_address, ConnectCase, ConnectFailure, SilentListener,
+    connect_failures_classify_alike, listening, unused_address, ConnectCase, ConnectFailure,
+    SilentListener,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -26,20 +26,11 @@ async fn refused(url: &str, within: Duration) -> Error {
     error
 }
 
-fn broker_up() -> bool {
-    let up = std::net::TcpStream::connect(BROKER).is_ok();
-    assert!(
-        up || !brokers_required(),
-        "RabbitMQ is not running on {BROKER}"
-    );
-    up
-}
-
 /// The shared table (`busbar_testkit::endpoints`): every connect failure RabbitMQ can have,
 /// classified as every adapter classifies it.
 #[tokio::test]
 async fn connect_failures_classify_as_on_every_adapter() {
-    if !broker_up() {
+    if !listening(BROKER, "RabbitMQ") {
         return;
     }
     let silent = SilentListener::new();

@@ -3,9 +3,9 @@
 //! adapter classifies it. The TLS row needs LocalStack (`scripts/local-brokers.sh sqs`).
 
 use busbar_sqs::SqsTransport;
-use busbar_testkit::conformance::brokers_required;
 use busbar_testkit::endpoints::{
-    connect_failures_classify_alike, unused_address, ConnectCase, ConnectFailure, SilentListener,
+    connect_failures_classify_alike, listening, unused_address, ConnectCase, ConnectFailure,
+    SilentListener,
 };
 
 const LOCALSTACK: &str = "127.0.0.1:4566";
@@ -13,13 +13,7 @@ const KEYS: &str = "region=us-east-1&access_key_id=test&secret_access_key=test";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_classify_as_on_every_adapter() {
-    let up = std::net::TcpStream::connect(LOCALSTACK).is_ok();
-    assert!(
-        up || !brokers_required(),
-        "LocalStack is not running on {LOCALSTACK}"
-    );
-    if !up {
-        eprintln!("SKIPPED: LocalStack is not running (scripts/local-brokers.sh sqs)");
+    if !listening(LOCALSTACK, "LocalStack (scripts/local-brokers.sh sqs)") {
         return;
     }
     let silent = SilentListener::new();
