@@ -1,8 +1,10 @@
-//! Metric values after a scenario with retries and dead letters, on RabbitMQ, and the queue
-//! depths it reports. (The recorder is process-wide, so this lives in its own binary.)
+//! Operations on RabbitMQ: metric values after a scenario with retries and dead letters (and
+//! the depth the broker reports), and one trace across two hops (feature `otel`). The metrics
+//! recorder and the tracing subscriber are process-wide, so these live in their own binary.
 
 use std::sync::Arc;
 
+use busbar_core::Transport;
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::reachable;
 
@@ -11,22 +13,27 @@ fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f?queue_expires_ms=600000".into())
 }
 
+/// The broker under test, or `None` (the test skips) when it is unreachable and brokers are
+/// not required.
+async fn transport() -> Option<Arc<dyn Transport>> {
+    let connected = async { RabbitTransport::connect(&url().parse()?).await }.await;
+    reachable(connected).map(|transport| Arc::new(transport) as Arc<dyn Transport>)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_records_retries_and_dead_letters() {
-    let connected = async { RabbitTransport::connect(&url().parse()?).await }.await;
-    let Some(transport) = reachable(connected) else {
+    let Some(transport) = transport().await else {
         return;
     };
-    busbar_testkit::metrics::records_retries_and_dead_letters(Arc::new(transport)).await;
+    busbar_testkit::metrics::records_retries_and_dead_letters(transport).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn depth_of_a_group_never_declared_says_to_declare_it() {
-    let connected = async { RabbitTransport::connect(&url().parse()?).await }.await;
-    let Some(transport) = reachable(connected) else {
+    let Some(transport) = transport().await else {
         return;
     };
-    let bus = busbar_core::Bus::new(transport);
+    let bus = busbar_core::Bus::builder(transport).build();
     let topic = busbar_testkit::conformance::unique("undeclared");
     let error = bus
         .depth(&topic, "nobody")
@@ -42,4 +49,12 @@ async fn depth_of_a_group_never_declared_says_to_declare_it() {
     bus.declare(&topic, "somebody").await.expect("declare");
     let depth = bus.depth(&topic, "somebody").await.expect("depth");
     assert_eq!((depth.pending, depth.dead_letters), (Some(0), Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_one_trace_across_two_hops() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    busbar_testkit::otel::one_trace_across_two_hops(transport).await;
 }

@@ -1,10 +1,71 @@
-//! Health on the memory transport: what a probe reads before and after deliveries, and once
-//! the bus is closed. (Across real broker restarts: the adapters' `broker_restart` tests.)
+//! Operations on the memory transport: metric values after a scenario with retries and dead
+//! letters, a failed publish's count, one trace across two hops (feature `otel`), and what a
+//! health probe reads. The metrics recorder and the tracing subscriber are process-wide, so
+//! these live in their own binary. (Across real broker restarts: the adapters' tests.)
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use busbar::{Bus, ConnectionState, Context, Envelope, ErrorKind, Event, HandlerError};
+use busbar::{
+    metrics, Bus, ConnectionState, Context, Envelope, ErrorKind, Event, HandlerError,
+    MemoryTransport,
+};
+use busbar_testkit::metrics::{values_of, Value};
 use serde::{Deserialize, Serialize};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_transport_records_retries_and_dead_letters() {
+    busbar_testkit::metrics::records_retries_and_dead_letters(Arc::new(MemoryTransport::new()))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_counts_under_its_error_kind() {
+    busbar_testkit::metrics::recorder();
+    let transport = MemoryTransport::new();
+    let bus = Bus::new(transport.clone());
+    let topic = busbar_testkit::conformance::unique("failing");
+    bus.publish_messages(vec![busbar::Message::new(
+        busbar_testkit::conformance::unique("m"),
+        &topic,
+        "x",
+    )])
+    .await
+    .expect("a first publish succeeds");
+    busbar::Transport::close(&transport).await.expect("close");
+    let error = bus
+        .publish_messages(vec![busbar::Message::new(
+            busbar_testkit::conformance::unique("m"),
+            &topic,
+            "x",
+        )])
+        .await
+        .expect_err("the transport is closed");
+    let values = values_of(&topic);
+    let failed = format!(
+        "cloudevents.event_type={},error.type={},messaging.system=memory",
+        metrics::OTHER,
+        error.kind().as_str()
+    );
+    assert_eq!(
+        values.get(&(metrics::SENT.to_owned(), failed)),
+        Some(&Value::Counter(1)),
+        "{values:#?}"
+    );
+    let sent = format!(
+        "cloudevents.event_type={},messaging.system=memory",
+        metrics::OTHER
+    );
+    assert_eq!(
+        values.get(&(metrics::SENT.to_owned(), sent)),
+        Some(&Value::Counter(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_two_hops_on_memory() {
+    busbar_testkit::otel::one_trace_across_two_hops(Arc::new(MemoryTransport::new())).await;
+}
 
 #[derive(Serialize, Deserialize)]
 struct Ping;
