@@ -331,6 +331,29 @@ impl Bus {
         self.inner.transport.redrive(topic, group, selection).await
     }
 
+    /// Deletes the selected dead letters of (`topic`, `group`) for good; returns how many.
+    pub async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.ensure_open("purge dead letters")?;
+        self.inner
+            .transport
+            .purge_dead_letters(topic, group, selection)
+            .await
+    }
+
+    /// Removes `group`'s subscription to `topic`, with its pending messages and dead letters
+    /// (see [`Transport::delete_group`]). Stop the group's subscriptions first.
+    pub async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_open("delete a group")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.inner.transport.delete_group(topic, group).await
+    }
+
     /// How many messages wait for `group` at the broker and in its dead-letter queue (see
     /// [`Depth`]); also sets the [`PENDING`](crate::metrics::PENDING) and
     /// [`DEAD_LETTER_PENDING`](crate::metrics::DEAD_LETTER_PENDING) gauges. A service calls it

@@ -59,5 +59,5 @@ pub use retry::RetryPolicy;
 pub use routing::{EventSet, UnknownTypes};
 pub use transport::{
     Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, Delivery, DeliveryStream, Depth,
-    RedriveSelection, Transport,
+    RedriveSelection, StartFrom, Transport,
 };

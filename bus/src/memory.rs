@@ -26,7 +26,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::health::ConnectionState;
 use crate::message::{validate_name, Message};
 use crate::transport::{
-    Acknowledger, ConsumeOptions, Delivery, DeliveryStream, Depth, RedriveSelection, Transport,
+    no_history, Acknowledger, ConsumeOptions, Delivery, DeliveryStream, Depth, RedriveSelection,
+    StartFrom, Transport,
 };
 
 /// Limits of a [`MemoryTransport`].
@@ -441,6 +442,9 @@ impl Transport for MemoryTransport {
         group: &str,
         options: ConsumeOptions,
     ) -> Result<DeliveryStream> {
+        if options.start == StartFrom::Earliest {
+            return Err(no_history("memory", topic, group));
+        }
         self.declare(topic, group).await?;
         let queue = self.queue(topic, group);
         let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
@@ -524,6 +528,36 @@ impl Transport for MemoryTransport {
         };
         queue.ready.notify_waiters();
         Ok(moved)
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.ensure_open("purge dead letters")?;
+        let Some(queue) = self.find(topic, group) else {
+            return Ok(0);
+        };
+        let mut state = lock(&queue.state);
+        let before = state.dead.len();
+        state
+            .dead
+            .retain(|dead| !selection.matches(&dead.message.id));
+        Ok(before - state.dead.len())
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_open("delete a group")?;
+        let mut topics = lock(&self.inner.topics);
+        if let Some(queues) = topics.get_mut(topic) {
+            queues.retain(|queue| queue.group != group);
+        }
+        drop(topics);
+        // Publishers waiting for room in the deleted queue go on.
+        self.inner.space.notify_waiters();
+        Ok(())
     }
 
     async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {

@@ -24,6 +24,25 @@ pub struct ConsumeOptions {
     /// Where the transport's consumer reports whether it is consuming and what it still holds
     /// after its stream is dropped; the subscription reads it.
     pub status: ConsumerStatus,
+    /// Where a group that has no position yet starts reading. A group that has one (a declared
+    /// queue, committed offsets) continues from it.
+    pub start: StartFrom,
+}
+
+/// Where a consumer of a group with no position yet starts reading (see
+/// [`ConsumeOptions::start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// What the transport does for a new group: messages published from its declare on
+    /// (memory, RabbitMQ, SQS), every message the log still keeps (Kafka).
+    #[default]
+    Default,
+    /// Only messages published from now on (Kafka: the end of the log).
+    Latest,
+    /// Every message the broker still keeps for the topic (Kafka: the start of the log).
+    /// Transports that keep no history for a group not yet declared (memory, RabbitMQ, SQS)
+    /// refuse it with [`ErrorKind::Unsupported`].
+    Earliest,
 }
 
 impl ConsumeOptions {
@@ -32,6 +51,7 @@ impl ConsumeOptions {
         ConsumeOptions {
             max_in_flight,
             status: ConsumerStatus::default(),
+            start: StartFrom::Default,
         }
     }
 }
@@ -241,6 +261,27 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         Err(unsupported(self.name(), "redrive dead letters"))
     }
 
+    /// Deletes the selected dead letters of (`topic`, `group`) for good. Returns how many were
+    /// deleted.
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        let _ = (topic, group, selection);
+        Err(unsupported(self.name(), "purge dead letters"))
+    }
+
+    /// Removes `group`'s subscription to `topic` and what the transport keeps for it (its
+    /// queue and dead letters, its position): the group stops receiving the topic's messages.
+    /// Deleting a group that does not exist succeeds. Consumers of the group should be stopped
+    /// first.
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        let _ = (topic, group);
+        Err(unsupported(self.name(), "delete a group"))
+    }
+
     /// How many messages wait for `group` at the broker, and how many are in its dead-letter
     /// queue, where the broker can tell (fields it cannot tell are `None`).
     async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
@@ -279,6 +320,21 @@ impl Depth {
             dead_letters,
         }
     }
+}
+
+/// The error of a transport that keeps no history for a new group, asked to start it from
+/// [`StartFrom::Earliest`].
+pub fn no_history(transport: &str, topic: &str, group: &str) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        "consume",
+        format!(
+            "the {transport} transport keeps no history for a group: a new group receives the \
+             messages published from its declare on, so it cannot start from the earliest message"
+        ),
+    )
+    .with_resource(format!("topic {topic}, group {group}"))
+    .with_retryable(false)
 }
 
 fn unsupported(transport: &str, operation: &'static str) -> Error {

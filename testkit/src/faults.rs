@@ -361,6 +361,19 @@ impl Transport for FaultyTransport {
         self.inner.redrive(topic, group, selection).await
     }
 
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.inner.purge_dead_letters(topic, group, selection).await
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.inner.delete_group(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }

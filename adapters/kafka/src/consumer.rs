@@ -421,9 +421,12 @@ pub(crate) fn consume(
     group: &str,
     options: ConsumeOptions,
 ) -> Result<DeliveryStream> {
+    // The start was settled before (`depth::start_at_end` for `Latest`): a group without
+    // committed offsets begins at the start of the log.
     let ConsumeOptions {
         max_in_flight,
         status,
+        start: _,
     } = options;
     let config = &inner.config;
     let tracker = Arc::new(Mutex::new(Tracker::new(HeldLimit::for_subscription(

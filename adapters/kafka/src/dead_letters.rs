@@ -1,8 +1,9 @@
-//! Listing and redriving a group's dead letters.
+//! Listing, redriving and purging a group's dead letters.
 //!
 //! A Kafka log cannot lose a record, so redrive is recorded, not deleted: the dead letter is
 //! produced to the group's redrive topic (only that group consumes it, so other groups do not
-//! see the message again), then a marker naming it is appended to the DLQ topic. Listing reads
+//! see the message again), then a marker naming it is appended to the DLQ topic. A purge
+//! appends only the marker. Listing reads
 //! the DLQ topic from its reader group's committed position and leaves out redriven ones;
 //! redriving everything moves that position to the end.
 
@@ -18,6 +19,23 @@ use crate::Inner;
 
 /// The header of a marker record: the id of a redriven dead letter.
 pub const REDRIVEN: &str = "busbar.dlq.redriven";
+/// The header of a marker record: the id of a purged dead letter.
+pub const PURGED: &str = "busbar.dlq.purged";
+
+/// What happens to the selected dead letters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Produced to the group's redrive topic, then marked.
+    Redrive,
+    /// Only marked: listings leave it out for good.
+    Purge,
+}
+
+/// The consumer group that reads `group`'s DLQ (its committed position skips what was
+/// redriven or purged as a whole).
+pub(crate) fn reader_group(group: &str) -> String {
+    format!("{group}.busbar-dlq-reader")
+}
 
 struct Read {
     dead: Vec<DeadLetter>,
@@ -30,7 +48,7 @@ fn read(inner: &Inner, topic: &str, group: &str) -> Result<Read> {
     let dlq = config.dead_letter_topic(topic, group);
     let consumer: BaseConsumer = config
         .client_config()
-        .set("group.id", format!("{group}.busbar-dlq-reader"))
+        .set("group.id", reader_group(group))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set(
@@ -61,7 +79,7 @@ fn read(inner: &Inner, topic: &str, group: &str) -> Result<Read> {
             Some(Ok(record)) => {
                 active_at = Some(Instant::now());
                 let message = from_record(topic, &record);
-                match message.header(REDRIVEN) {
+                match message.header(REDRIVEN).or(message.header(PURGED)) {
                     Some(id) => {
                         redriven.insert(id.to_string());
                     }
@@ -118,12 +136,18 @@ pub(crate) async fn list(
     Ok(read.dead.into_iter().take(limit).collect())
 }
 
-pub(crate) async fn redrive(
+/// Redrives or purges the selected dead letters of (`topic`, `group`); returns how many.
+pub(crate) async fn settle(
     inner: &Arc<Inner>,
     topic: &str,
     group: &str,
     selection: RedriveSelection,
+    action: Settle,
 ) -> Result<usize> {
+    let (operation, marker_header) = match action {
+        Settle::Redrive => ("redrive", REDRIVEN),
+        Settle::Purge => ("purge dead letters", PURGED),
+    };
     let read = read_blocking(inner, topic, group).await?;
     let redrive_topic = inner.config.redrive_topic(topic, group);
     let dlq = inner.config.dead_letter_topic(topic, group);
@@ -132,20 +156,22 @@ pub(crate) async fn redrive(
         if !selection.matches(&dead.message.id) {
             continue;
         }
-        let mut back = dead.message.clone();
-        back.topic = redrive_topic.clone();
-        crate::producer::send(inner, vec![back], "redrive").await?;
+        if action == Settle::Redrive {
+            let mut back = dead.message.clone();
+            back.topic = redrive_topic.clone();
+            crate::producer::send(inner, vec![back], operation).await?;
+        }
         let mut marker = Message::new(
-            format!("{}.redriven", dead.message.id),
+            format!("{}.settled", dead.message.id),
             dlq.clone(),
             Vec::new(),
         );
         marker.key = dead.message.key.clone();
         marker.headers.insert(
-            busbar_core::HeaderName::from_static(REDRIVEN),
+            busbar_core::HeaderName::from_static(marker_header),
             dead.message.id.clone(),
         );
-        crate::producer::send(inner, vec![marker], "redrive").await?;
+        crate::producer::send(inner, vec![marker], operation).await?;
         moved += 1;
     }
     if selection == RedriveSelection::All {

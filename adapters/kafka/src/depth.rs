@@ -1,5 +1,6 @@
-//! A group's consumer lag: what [`Transport::depth`](busbar_core::Transport::depth) reports
-//! on Kafka.
+//! A group's position without joining it: the consumer lag that
+//! [`Transport::depth`](busbar_core::Transport::depth) reports on Kafka, and the start at the
+//! end of the log for a new group (`StartFrom::Latest`).
 //!
 //! The lag is read without joining the group (an offset fetch is no membership): for every
 //! partition of the topic and of the group's redrive topic, the high watermark minus the
@@ -11,27 +12,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use busbar_core::{Depth, Error, ErrorKind, Result};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::Inner;
 
 const OPERATION: &str = "report queue depth";
 
-fn lag(inner: &Inner, topic: &str, group: &str) -> Result<u64> {
-    let config = &inner.config;
-    let limit = config.connect_timeout.max(Duration::from_secs(5));
-    let consumer: BaseConsumer = config
+/// A client of `group` that does not join it (offset fetches and commits need no membership).
+fn client(inner: &Inner, group: &str, operation: &'static str) -> Result<BaseConsumer> {
+    inner
+        .config
         .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
-        .map_err(|e| inner.kafka_error(OPERATION, "cannot create a client to read the lag", e))?;
+        .map_err(|e| inner.kafka_error(operation, "cannot create a client of the group", e))
+}
+
+/// The partitions `group` reads: the topic's and its redrive topic's.
+fn partitions(
+    inner: &Inner,
+    consumer: &BaseConsumer,
+    topic: &str,
+    group: &str,
+    operation: &'static str,
+) -> Result<TopicPartitionList> {
+    let config = &inner.config;
+    let limit = config.connect_timeout.max(Duration::from_secs(5));
     let mut partitions = TopicPartitionList::new();
     for name in [topic.to_owned(), config.redrive_topic(topic, group)] {
         let metadata = consumer.fetch_metadata(Some(&name), limit).map_err(|e| {
             inner.kafka_error(
-                OPERATION,
+                operation,
                 format!("cannot read the partitions of {name:?}"),
                 e,
             )
@@ -49,12 +62,74 @@ fn lag(inner: &Inner, topic: &str, group: &str) -> Result<u64> {
     if partitions.count() == 0 {
         return Err(Error::new(
             ErrorKind::Broker,
-            OPERATION,
+            operation,
             format!("topic {topic:?} does not exist: declare the group first"),
         )
         .with_resource(format!("topic {topic}, group {group}"))
         .with_retryable(false));
     }
+    Ok(partitions)
+}
+
+/// Commits the end of the log for every partition where `group` has no committed offset, so
+/// a new group starts with what is published from now on ([`StartFrom::Latest`]).
+///
+/// [`StartFrom::Latest`]: busbar_core::StartFrom::Latest
+fn start_at_end(inner: &Inner, topic: &str, group: &str) -> Result<()> {
+    const START: &str = "consume";
+    let limit = inner.config.connect_timeout.max(Duration::from_secs(5));
+    let consumer = client(inner, group, START)?;
+    let partitions = partitions(inner, &consumer, topic, group, START)?;
+    let committed = consumer
+        .committed_offsets(partitions, limit)
+        .map_err(|e| inner.kafka_error(START, "cannot read the group's committed offsets", e))?;
+    let mut ends = TopicPartitionList::new();
+    for element in committed.elements() {
+        if matches!(element.offset(), Offset::Offset(_)) {
+            continue;
+        }
+        let (_, high) = consumer
+            .fetch_watermarks(element.topic(), element.partition(), limit)
+            .map_err(|e| {
+                inner.kafka_error(
+                    START,
+                    format!(
+                        "cannot read the end of {}/{}",
+                        element.topic(),
+                        element.partition()
+                    ),
+                    e,
+                )
+            })?;
+        ends.add_partition_offset(element.topic(), element.partition(), Offset::Offset(high))
+            .map_err(|e| inner.kafka_error(START, "cannot note the end of the log", e))?;
+    }
+    if ends.count() > 0 {
+        consumer.commit(&ends, CommitMode::Sync).map_err(|e| {
+            inner.kafka_error(START, "cannot start the group at the end of the log", e)
+        })?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn start_latest(inner: &Arc<Inner>, topic: &str, group: &str) -> Result<()> {
+    let (inner, topic, group) = (Arc::clone(inner), topic.to_owned(), group.to_owned());
+    tokio::task::spawn_blocking(move || start_at_end(&inner, &topic, &group))
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                "consume",
+                "the start position task failed",
+            )
+            .with_source(e)
+        })?
+}
+
+fn lag(inner: &Inner, topic: &str, group: &str) -> Result<u64> {
+    let limit = inner.config.connect_timeout.max(Duration::from_secs(5));
+    let consumer = client(inner, group, OPERATION)?;
+    let partitions = partitions(inner, &consumer, topic, group, OPERATION)?;
     let committed = consumer.committed_offsets(partitions, limit).map_err(|e| {
         inner.kafka_error(OPERATION, "cannot read the group's committed offsets", e)
     })?;

@@ -34,8 +34,9 @@ use async_trait::async_trait;
 use busbar_core::message::validate_name;
 use busbar_core::{
     Capabilities, ConnectionState, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Error,
-    ErrorKind, Message, RedriveSelection, Result, Transport, TransportUrl,
+    ErrorKind, Message, RedriveSelection, Result, StartFrom, Transport, TransportUrl,
 };
+use dead_letters::Settle;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -126,6 +127,71 @@ impl Inner {
                     .with_resource(self.config.url.to_string()))
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes `group` and its DLQ reader group, then its DLQ and redrive topics.
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        const OPERATION: &str = "delete a group";
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let reader = dead_letters::reader_group(group);
+        let results = self
+            .admin
+            .delete_groups(&[group, reader.as_str()], &options)
+            .await
+            .map_err(|e| self.kafka_error(OPERATION, "cannot delete the consumer groups", e))?;
+        for result in results {
+            match result {
+                Ok(_) => {}
+                // Never consumed, or already deleted.
+                Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+                Err((name, RDKafkaErrorCode::NonEmptyGroup)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        OPERATION,
+                        format!(
+                        "consumer group {name:?} still has members: stop its subscriptions first"
+                    ),
+                    )
+                    .with_resource(self.config.url.to_string()))
+                }
+                Err((name, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        OPERATION,
+                        format!("cannot delete consumer group {name:?}: {code}"),
+                    )
+                    .with_resource(self.config.url.to_string()))
+                }
+            }
+        }
+        let topics = [
+            self.config.dead_letter_topic(topic, group),
+            self.config.redrive_topic(topic, group),
+        ];
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let results = self
+            .admin
+            .delete_topics(&names, &options)
+            .await
+            .map_err(|e| self.kafka_error(OPERATION, "cannot delete the group's topics", e))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((name, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Broker,
+                        OPERATION,
+                        format!("cannot delete topic {name:?}: {code}"),
+                    )
+                    .with_resource(self.config.url.to_string()))
+                }
+            }
+        }
+        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        for name in &topics {
+            created.remove(name);
         }
         Ok(())
     }
@@ -425,6 +491,9 @@ impl Transport for KafkaTransport {
             .consumers
             .stopped(Some(group), consumer::CLOSE_LIMIT)
             .await;
+        if options.start == StartFrom::Latest {
+            depth::start_latest(&self.inner, topic, group).await?;
+        }
         consumer::consume(Arc::clone(&self.inner), topic, group, options)
     }
 
@@ -445,7 +514,26 @@ impl Transport for KafkaTransport {
         selection: RedriveSelection,
     ) -> Result<usize> {
         self.ensure_open("redrive")?;
-        dead_letters::redrive(&self.inner, topic, group, selection).await
+        dead_letters::settle(&self.inner, topic, group, selection, Settle::Redrive).await
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.ensure_open("purge dead letters")?;
+        dead_letters::settle(&self.inner, topic, group, selection, Settle::Purge).await
+    }
+
+    /// Deletes the consumer group (with its committed offsets) and its DLQ reader's, then the
+    /// group's dead-letter and redrive topics. The topic itself stays: other groups read it.
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_open("delete a group")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.inner.delete_group(topic, group).await
     }
 
     async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {

@@ -6,7 +6,7 @@
 //! letter rather than losing it.
 
 use busbar_core::{DeadLetter, Depth, Error, ErrorKind, RedriveSelection, Result};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::Channel;
@@ -116,16 +116,37 @@ pub(crate) async fn list(
     Ok(held?.into_iter().map(|h| h.dead).collect())
 }
 
-pub(crate) async fn redrive(
+/// What happens to the selected dead letters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Back into the group queue (confirmed), then out of the DLQ.
+    Redrive,
+    /// Out of the DLQ for good.
+    Purge,
+}
+
+impl Settle {
+    fn operation(self) -> &'static str {
+        match self {
+            Settle::Redrive => "redrive",
+            Settle::Purge => "purge dead letters",
+        }
+    }
+}
+
+/// Redrives or purges the selected dead letters of (`topic`, `group`); returns how many.
+pub(crate) async fn settle(
     inner: &Inner,
     topic: &str,
     group: &str,
     selection: RedriveSelection,
+    action: Settle,
 ) -> Result<usize> {
     let connector = &inner.connector;
     let deadline = Instant::now() + connector.config.publish_timeout;
     let channel = connector.channel(deadline).await?;
     let queue = connector.config.queue(topic, group);
+    let operation = action.operation();
     let result = async {
         let held = read(inner, &channel, topic, group, usize::MAX).await?;
         let mut moved = 0;
@@ -134,21 +155,20 @@ pub(crate) async fn redrive(
                 continue;
             }
             let message = &h.dead.message;
-            let out = Outgoing {
-                id: message.id.clone(),
-                exchange: String::new(),
-                routing_key: queue.clone(),
-                properties: to_amqp(message, None)?,
-                payload: message.payload.clone(),
-            };
-            send_confirmed(connector, vec![out], "redrive").await?;
+            if action == Settle::Redrive {
+                let out = Outgoing {
+                    id: message.id.clone(),
+                    exchange: String::new(),
+                    routing_key: queue.clone(),
+                    properties: to_amqp(message, None)?,
+                    payload: message.payload.clone(),
+                };
+                send_confirmed(connector, vec![out], operation).await?;
+            }
             h.acker.ack(BasicAckOptions::default()).await.map_err(|e| {
                 connector.broker_error(
-                    "redrive",
-                    format!(
-                        "redriven {} but could not remove it from the DLQ",
-                        message.id
-                    ),
+                    operation,
+                    format!("could not remove {} from the DLQ", message.id),
                     e,
                 )
             })?;
@@ -157,7 +177,35 @@ pub(crate) async fn redrive(
         Ok(moved)
     }
     .await;
-    let _ = channel.close(200, "redriven".into()).await;
+    let _ = channel.close(200, "settled".into()).await;
+    result
+}
+
+/// Deletes the group queue and its dead-letter queue (retry queues, shared by name with
+/// nothing else, empty out on their own: a message whose group queue is gone is dropped when
+/// its delay ends).
+pub(crate) async fn delete_group(inner: &Inner, topic: &str, group: &str) -> Result<()> {
+    let connector = &inner.connector;
+    let queue = connector.config.queue(topic, group);
+    let dlq = connector.config.dead_letter_queue(&queue);
+    let deadline = Instant::now() + connector.config.publish_timeout;
+    let channel = connector.channel(deadline).await?;
+    let mut result = Ok(());
+    for name in [&queue, &dlq] {
+        if let Err(e) = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            result = Err(connector.broker_error(
+                "delete a group",
+                format!("cannot delete queue {name:?}"),
+                e,
+            ));
+            break;
+        }
+    }
+    let _ = channel.close(200, "deleted".into()).await;
+    inner.declared.forget(&[queue.as_str(), dlq.as_str()]);
     result
 }
 

@@ -40,15 +40,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use busbar_core::message::validate_name;
+use busbar_core::transport::no_history;
 use busbar_core::{
     Capabilities, ConnectionState, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Message,
-    RedriveSelection, Result, Transport, TransportUrl,
+    RedriveSelection, Result, StartFrom, Transport, TransportUrl,
 };
 use tokio::time::Instant;
 
 pub use config::{QueueType, RabbitConfig};
 
 use connection::Connector;
+use dead_letters::Settle;
 use publisher::{not_published, send_confirmed, Outgoing};
 use topology::Declared;
 
@@ -172,6 +174,9 @@ impl Transport for RabbitTransport {
         self.inner.connector.ensure_open("consume")?;
         validate_name("topic", topic)?;
         validate_name("group", group)?;
+        if options.start == StartFrom::Earliest {
+            return Err(no_history("RabbitMQ", topic, group));
+        }
         let queue = topology::declare_group(
             &self.inner.connector,
             &self.inner.declared,
@@ -206,7 +211,22 @@ impl Transport for RabbitTransport {
         selection: RedriveSelection,
     ) -> Result<usize> {
         self.inner.connector.ensure_open("redrive")?;
-        dead_letters::redrive(&self.inner, topic, group, selection).await
+        dead_letters::settle(&self.inner, topic, group, selection, Settle::Redrive).await
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.inner.connector.ensure_open("purge dead letters")?;
+        dead_letters::settle(&self.inner, topic, group, selection, Settle::Purge).await
+    }
+
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.inner.connector.ensure_open("delete a group")?;
+        dead_letters::delete_group(&self.inner, topic, group).await
     }
 
     async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {

@@ -99,13 +99,28 @@ pub(crate) async fn list(
     Ok(held.into_iter().map(|h| h.dead).collect())
 }
 
-pub(crate) async fn redrive(
+/// What happens to the selected dead letters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Sent back to the group's queue, then deleted from the DLQ.
+    Redrive,
+    /// Deleted from the DLQ for good.
+    Purge,
+}
+
+/// Redrives or purges the selected dead letters; the others are made visible again.
+pub(crate) async fn settle(
     inner: &Inner,
     topic: &str,
     group: &str,
     queues: &GroupQueues,
     selection: RedriveSelection,
+    action: Settle,
 ) -> Result<usize> {
+    let operation = match action {
+        Settle::Redrive => "redrive",
+        Settle::Purge => "purge dead letters",
+    };
     let held = read(inner, topic, group, queues, usize::MAX).await?;
     let mut moved = 0;
     let mut kept = Vec::new();
@@ -115,14 +130,16 @@ pub(crate) async fn redrive(
             continue;
         }
         let message = &h.dead.message;
-        inner
-            .send_to_queue(
-                &queues.queue.url,
-                vec![(message.id.clone(), pack(message)?)],
-                "redrive",
-                crate::Dedup::Fresh,
-            )
-            .await?;
+        if action == Settle::Redrive {
+            inner
+                .send_to_queue(
+                    &queues.queue.url,
+                    vec![(message.id.clone(), pack(message)?)],
+                    operation,
+                    crate::Dedup::Fresh,
+                )
+                .await?;
+        }
         inner
             .sqs
             .delete_message()
@@ -132,11 +149,8 @@ pub(crate) async fn redrive(
             .await
             .map_err(|e| {
                 sdk_error(
-                    "redrive",
-                    format!(
-                        "redriven {} but could not delete it from the DLQ",
-                        message.id
-                    ),
+                    operation,
+                    format!("could not delete {} from the DLQ", message.id),
                     e,
                 )
             })?;

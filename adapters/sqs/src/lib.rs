@@ -35,10 +35,12 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::QueueAttributeName;
 use busbar_core::message::validate_name;
+use busbar_core::transport::no_history;
 use busbar_core::{
     Capabilities, ConnectionState, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Error,
-    ErrorKind, Message, RedriveSelection, Result, Transport, TransportUrl,
+    ErrorKind, Message, RedriveSelection, Result, StartFrom, Transport, TransportUrl,
 };
+use dead_letters::Settle;
 
 pub use config::{Mode, SqsConfig, SQS_MAX_BYTES};
 use mapping::{pack, Packed};
@@ -108,6 +110,19 @@ pub(crate) fn sdk_error<E: std::error::Error + Send + Sync + 'static>(
         other => format!("{}", aws_sdk_sqs::error::DisplayErrorContext(other)),
     };
     Error::new(kind, operation, format!("{what}: {detail}")).with_retryable(retryable)
+}
+
+/// An SNS request's failure, with the service's explanation.
+fn sns_error<E: std::error::Error + 'static, R: std::fmt::Debug>(
+    operation: &'static str,
+    what: &str,
+    e: aws_sdk_sns::error::SdkError<E, R>,
+) -> Error {
+    Error::new(
+        ErrorKind::Broker,
+        operation,
+        format!("{what}: {}", aws_sdk_sns::error::DisplayErrorContext(&e)),
+    )
 }
 
 /// Whether a failed request's causes hold a TLS failure: the TLS stack reports a certificate
@@ -302,6 +317,133 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(topic);
+    }
+
+    /// The URL and ARN of the queue `name`, or `None` when it does not exist.
+    async fn find_queue(&self, name: &str, operation: &'static str) -> Result<Option<Queue>> {
+        let url = match self.sqs.get_queue_url().queue_name(name).send().await {
+            Ok(found) => found.queue_url().unwrap_or_default().to_string(),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_queue_does_not_exist()) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => {
+                return Err(sdk_error(
+                    operation,
+                    format!("cannot find queue {name:?}"),
+                    e,
+                ))
+            }
+        };
+        let arn = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| sdk_error(operation, format!("cannot read the ARN of {name:?}"), e))?
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_default();
+        Ok(Some(Queue { url, arn }))
+    }
+
+    /// The queues of (`topic`, `group`) if they exist, without creating anything: what
+    /// listing, redriving and purging dead letters work on (a typo in a group name must not
+    /// create a group that then receives the topic's messages).
+    pub(crate) async fn existing(
+        &self,
+        topic: &str,
+        group: &str,
+        operation: &'static str,
+    ) -> Result<Option<GroupQueues>> {
+        let id = (topic.to_string(), group.to_string());
+        if let Some(found) = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(Some(found.clone()));
+        }
+        let name = match self.config.mode {
+            Mode::FanOut => self.config.aws_name(&[topic, group])?,
+            Mode::Queue => self.config.aws_name(&[topic])?,
+        };
+        let queue = self
+            .find_queue(&self.config.resource_name(&name), operation)
+            .await?;
+        let dlq = self
+            .find_queue(
+                &self.config.resource_name(&format!("{name}-dlq")),
+                operation,
+            )
+            .await?;
+        Ok(queue
+            .zip(dlq)
+            .map(|(queue, dlq)| GroupQueues { queue, dlq }))
+    }
+
+    /// Removes a fan-out group: its subscription to the topic, its queue and its DLQ.
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        const OPERATION: &str = "delete a group";
+        let name = self.config.aws_name(&[topic, group])?;
+        let queue = self
+            .find_queue(&self.config.resource_name(&name), OPERATION)
+            .await?;
+        let dlq = self
+            .find_queue(
+                &self.config.resource_name(&format!("{name}-dlq")),
+                OPERATION,
+            )
+            .await?;
+        if let Some(queue) = &queue {
+            let topic_arn = self.topic_arn(topic).await?;
+            let mut next: Option<String> = None;
+            loop {
+                let page = self
+                    .sns
+                    .list_subscriptions_by_topic()
+                    .topic_arn(&topic_arn)
+                    .set_next_token(next.take())
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        sns_error(OPERATION, "cannot list the topic's subscriptions", e)
+                    })?;
+                for subscription in page.subscriptions() {
+                    if subscription.endpoint() != Some(queue.arn.as_str()) {
+                        continue;
+                    }
+                    if let Some(arn) = subscription.subscription_arn() {
+                        self.sns
+                            .unsubscribe()
+                            .subscription_arn(arn)
+                            .send()
+                            .await
+                            .map_err(|e| {
+                                sns_error(OPERATION, &format!("cannot unsubscribe {name:?}"), e)
+                            })?;
+                    }
+                }
+                match page.next_token() {
+                    Some(token) if !token.is_empty() => next = Some(token.to_string()),
+                    _ => break,
+                }
+            }
+        }
+        for found in [queue, dlq].into_iter().flatten() {
+            self.sqs
+                .delete_queue()
+                .queue_url(&found.url)
+                .send()
+                .await
+                .map_err(|e| sdk_error(OPERATION, format!("cannot delete {}", found.url), e))?;
+        }
+        Ok(())
     }
 
     /// Declares what (`topic`, `group`) needs; returns its queues.
@@ -791,6 +933,9 @@ impl Transport for SqsTransport {
         self.ensure_open("consume")?;
         validate_name("topic", topic)?;
         validate_name("group", group)?;
+        if options.start == StartFrom::Earliest {
+            return Err(no_history("SQS", topic, group));
+        }
         let queues = self.inner.declare(topic, group).await?;
         Ok(consumer::consume(
             Arc::clone(&self.inner),
@@ -807,7 +952,13 @@ impl Transport for SqsTransport {
         limit: usize,
     ) -> Result<Vec<DeadLetter>> {
         self.ensure_open("list dead letters")?;
-        let queues = self.inner.declare(topic, group).await?;
+        let Some(queues) = self
+            .inner
+            .existing(topic, group, "list dead letters")
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
         dead_letters::list(&self.inner, topic, group, &queues, limit).await
     }
 
@@ -818,8 +969,57 @@ impl Transport for SqsTransport {
         selection: RedriveSelection,
     ) -> Result<usize> {
         self.ensure_open("redrive")?;
-        let queues = self.inner.declare(topic, group).await?;
-        dead_letters::redrive(&self.inner, topic, group, &queues, selection).await
+        let Some(queues) = self.inner.existing(topic, group, "redrive").await? else {
+            return Ok(0);
+        };
+        dead_letters::settle(
+            &self.inner,
+            topic,
+            group,
+            &queues,
+            selection,
+            Settle::Redrive,
+        )
+        .await
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        selection: RedriveSelection,
+    ) -> Result<usize> {
+        self.ensure_open("purge dead letters")?;
+        let Some(queues) = self
+            .inner
+            .existing(topic, group, "purge dead letters")
+            .await?
+        else {
+            return Ok(0);
+        };
+        dead_letters::settle(&self.inner, topic, group, &queues, selection, Settle::Purge).await
+    }
+
+    /// Unsubscribes the group's queue from the topic, then deletes the queue and its DLQ.
+    /// In queue mode every group shares the topic's queue: refused.
+    async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_open("delete a group")?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        if self.inner.config.mode == Mode::Queue {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "delete a group",
+                "in queue mode every group shares the topic's queue, so a group has nothing of \
+                 its own to delete",
+            )
+            .with_resource(format!("topic {topic}, group {group}"))
+            .with_retryable(false));
+        }
+        let result = self.inner.delete_group(topic, group).await;
+        self.inner.forget(topic, group);
+        self.inner.saw(&result);
+        result
     }
 
     async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busbar_core::codec::Json;
-use busbar_core::{Context, DeadLetterReason, Envelope, HandlerError, Message};
+use busbar_core::{Context, DeadLetterReason, Envelope, HandlerError, Message, RedriveSelection};
 use tokio::time::Instant;
 
 use super::{bus_over, claims, fast_retry, lock, probe, unique, wait_for, Harness, Ledger, Probe};
@@ -276,5 +276,91 @@ pub async fn dead_letters_are_listed_and_redriven_then_handled(h: Harness) {
         .await
         .expect("list again");
     assert!(left.is_empty(), "dead letters left after redrive: {left:?}");
+    let _ = sub.shutdown(GRACE).await;
+}
+
+/// Chosen dead letters are redriven and purged by id; the others stay listed until purged
+/// with the rest. Only the redriven one is handled again.
+pub async fn chosen_dead_letters_are_redriven_or_purged(h: Harness) {
+    let Some(bus) = h.bus().await else { return };
+    let caps = bus.capabilities();
+    if !claims(&caps, caps.redrive, "redrive") {
+        return;
+    }
+    let (topic, group) = (unique("purge"), unique("g"));
+    let fixed = Arc::new(AtomicBool::new(false));
+    let ledger = Ledger::default();
+    let (flag, record) = (Arc::clone(&fixed), ledger.clone());
+    let sub = bus
+        .subscribe::<Probe>(&topic, &group)
+        .start(move |env: Envelope<Probe>, _ctx: Context| {
+            let ok = flag.load(Ordering::SeqCst);
+            if ok {
+                record.record(env);
+            }
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(HandlerError::permanent("downstream rejected it"))
+                }
+            }
+        })
+        .await
+        .expect("subscribe");
+    let ids = bus
+        .publish_batch(&topic, (0..4).map(|i| probe(i, "")))
+        .await
+        .expect("publish");
+    wait_for("four dead letters", || sub.stats().dead_lettered == 4).await;
+    fixed.store(true, Ordering::SeqCst);
+
+    let one = RedriveSelection::Ids(vec![ids[0].clone()]);
+    let moved = bus
+        .redrive_selected(&topic, &group, one)
+        .await
+        .expect("redrive");
+    assert_eq!(moved, 1, "only the chosen dead letter is redriven");
+    wait_for("the redriven one handled", || ledger.distinct().len() == 1).await;
+
+    let two = RedriveSelection::Ids(vec![ids[1].clone(), "no-such-id".to_string()]);
+    let purged = bus
+        .purge_dead_letters(&topic, &group, two)
+        .await
+        .expect("purge one");
+    assert_eq!(purged, 1, "only the chosen dead letter is purged");
+    let mut left: Vec<String> = bus
+        .dead_letters(&topic, &group, 100)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|dead| dead.message.id)
+        .collect();
+    left.sort();
+    let mut expected = vec![ids[2].clone(), ids[3].clone()];
+    expected.sort();
+    assert_eq!(
+        left, expected,
+        "the dead letters neither redriven nor purged stay"
+    );
+
+    let purged = bus
+        .purge_dead_letters(&topic, &group, RedriveSelection::All)
+        .await
+        .expect("purge all");
+    assert_eq!(purged, 2);
+    let left = bus.dead_letters(&topic, &group, 100).await.expect("list");
+    assert!(
+        left.is_empty(),
+        "dead letters left after purging all: {left:?}"
+    );
+    let redriven = bus.redrive(&topic, &group).await.expect("redrive the rest");
+    assert_eq!(redriven, 0, "purged dead letters cannot be redriven");
+    let handled = ledger.distinct();
+    assert_eq!(
+        handled,
+        std::iter::once(ids[0].clone()).collect(),
+        "only the redriven message is handled"
+    );
     let _ = sub.shutdown(GRACE).await;
 }

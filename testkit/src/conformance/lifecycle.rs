@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use busbar_core::{ErrorKind, Message};
+use busbar_core::{ConsumeOptions, ErrorKind, Message, StartFrom};
+use futures::StreamExt;
 
-use super::{probe, unique, wait_for, Harness, Ledger, Probe};
+use super::{bus_over, claims, probe, unique, wait_for, wait_limit, Harness, Ledger, Probe};
 
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -133,4 +134,106 @@ pub async fn shutdown_drains_in_flight_handlers(h: Harness) {
         );
     }
     let _ = sub.shutdown(GRACE).await;
+}
+
+/// A group that starts at [`StartFrom::Latest`] gets only what is published once it consumes
+/// (what `busbar tail` does); deleting it, twice, leaves the topic's other groups untouched.
+pub async fn a_temporary_group_sees_only_new_messages_and_its_deletion_spares_the_others(
+    h: Harness,
+) {
+    let Some(transport) = h.transport().await else {
+        return;
+    };
+    let bus = bus_over(std::sync::Arc::clone(&transport));
+    let caps = bus.capabilities();
+    if !claims(&caps, caps.fan_out, "fan-out") {
+        return;
+    }
+    let (topic, kept, temporary) = (unique("tail"), unique("kept"), unique("tmp"));
+    bus.declare(&topic, &kept).await.expect("declare");
+    let before = bus.publish(&topic, probe(0, "")).await.expect("publish");
+
+    // From the earliest: the backlog where the broker keeps history, a clear refusal where not.
+    let mut options = ConsumeOptions::new(4);
+    options.start = StartFrom::Earliest;
+    let history = unique("hist");
+    let released = options.status.clone();
+    match transport.consume(&topic, &history, options).await {
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+            assert!(e.to_string().contains("earliest"), "{e}");
+        }
+        Ok(mut stream) => {
+            let delivery = next_delivery(&mut stream).await;
+            assert_eq!(delivery.message().id, before, "the earliest message first");
+            delivery.ack().await.expect("ack");
+            drop(stream);
+            assert!(released.wait_released(wait_limit()).await);
+            bus.delete_group(&topic, &history).await.expect("delete");
+        }
+    }
+
+    let mut options = ConsumeOptions::new(4);
+    options.start = StartFrom::Latest;
+    let status = options.status.clone();
+    let mut stream = transport
+        .consume(&topic, &temporary, options)
+        .await
+        .expect("consume from the latest");
+    assert!(
+        status.wait_consuming(wait_limit()).await,
+        "the temporary group never started consuming"
+    );
+    let after = bus.publish(&topic, probe(1, "")).await.expect("publish");
+    let delivery = next_delivery(&mut stream).await;
+    assert_eq!(
+        delivery.message().id,
+        after,
+        "the temporary group got {} first, published before it consumed ({before})",
+        delivery.message().id
+    );
+    delivery.ack().await.expect("ack");
+    drop(stream);
+    assert!(
+        status.wait_released(wait_limit()).await,
+        "the temporary consumer never let go"
+    );
+    bus.delete_group(&topic, &temporary)
+        .await
+        .expect("delete the temporary group");
+    bus.delete_group(&topic, &temporary)
+        .await
+        .expect("deleting a deleted group succeeds");
+    let left = bus
+        .dead_letters(&topic, &temporary, 10)
+        .await
+        .unwrap_or_default();
+    assert!(left.is_empty(), "dead letters of a deleted group: {left:?}");
+
+    let ledger = Ledger::default();
+    let sub = bus
+        .subscribe::<Probe>(&topic, &kept)
+        .start(ledger.handler())
+        .await
+        .expect("subscribe the kept group");
+    wait_for("the kept group gets both messages", || {
+        ledger.distinct().len() == 2
+    })
+    .await;
+    ledger.assert_nothing_lost(&[before, after]);
+    let _ = sub.shutdown(GRACE).await;
+}
+
+async fn next_delivery(stream: &mut busbar_core::DeliveryStream) -> busbar_core::Delivery {
+    loop {
+        let next = tokio::time::timeout(wait_limit(), stream.next())
+            .await
+            .expect("a delivery in time")
+            .expect("the stream goes on");
+        match next {
+            Ok(delivery) => break delivery,
+            Err(e) if e.is_retryable() => continue,
+            Err(e) => panic!("the stream failed: {e}"),
+        }
+    }
 }
