@@ -1024,7 +1024,20 @@ impl Transport for SqsTransport {
 
     async fn depth(&self, topic: &str, group: &str) -> Result<Depth> {
         self.ensure_open("report queue depth")?;
-        let queues = self.inner.declare(topic, group).await?;
+        let found = self
+            .inner
+            .existing(topic, group, "report queue depth")
+            .await;
+        self.inner.saw(&found);
+        let Some(queues) = found? else {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                "report queue depth",
+                "the group's queues do not exist: declare the group first",
+            )
+            .with_resource(format!("topic {topic}, group {group}"))
+            .with_retryable(false));
+        };
         let pending = dead_letters::count(&self.inner, &queues.queue.url).await;
         self.inner.saw(&pending);
         let dead_letters = dead_letters::count(&self.inner, &queues.dlq.url).await?;
