@@ -194,6 +194,15 @@ pub struct Shown {
     time: Option<String>,
 }
 
+fn headers_json(headers: &Headers) -> Value {
+    Value::Object(
+        headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), json!(value)))
+            .collect(),
+    )
+}
+
 /// The data of a message: JSON when it is JSON, text when it is UTF-8, base64 otherwise
 /// (then under `data_base64`, as the CloudEvents JSON format does).
 fn data_fields(content_type: Option<&str>, bytes: &[u8], into: &mut Map<String, Value>) {
@@ -254,12 +263,7 @@ impl Shown {
                     }
                 }
                 if !envelope.headers.is_empty() {
-                    let headers: Map<String, Value> = envelope
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), json!(v)))
-                        .collect();
-                    fields.insert("headers".into(), Value::Object(headers));
+                    fields.insert("headers".into(), headers_json(&envelope.headers));
                 }
                 data_fields(
                     Some(&envelope.content_type),
@@ -273,12 +277,7 @@ impl Shown {
                 if let Some(key) = &message.key {
                     fields.insert("partitionkey".into(), json!(key));
                 }
-                let headers: Map<String, Value> = message
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), json!(v)))
-                    .collect();
-                fields.insert("headers".into(), Value::Object(headers));
+                fields.insert("headers".into(), headers_json(&message.headers));
                 data_fields(
                     message.header("content-type"),
                     &message.payload,

@@ -87,6 +87,17 @@ async fn ok(url: &str, args: &[&str], stdin: Option<&str>) -> Run {
     run
 }
 
+/// Asserts the run failed with exit `code` and said `says` on standard error.
+fn fails_with(run: &Run, code: i32, says: &str) {
+    assert_eq!(run.code, code, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(says),
+        "{:?} not in: {}",
+        says,
+        run.stderr
+    );
+}
+
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
@@ -252,8 +263,7 @@ async fn scenario(url: &str) {
         None,
     )
     .await;
-    assert_eq!(missing.code, 1, "{}", missing.stderr);
-    assert!(missing.stderr.contains("no-such-id"), "{}", missing.stderr);
+    fails_with(&missing, 1, "no-such-id");
     let redriven = ok(
         url,
         &["dlq", "redrive", &topic, &group, "--id", &ids[0]],
@@ -291,8 +301,7 @@ async fn scenario(url: &str) {
 
     // Purge asks first; without a terminal or --yes it refuses and deletes nothing.
     let refused = run(url, &["dlq", "purge", &topic, &group], None).await;
-    assert_eq!(refused.code, 2, "{}", refused.stderr);
-    assert!(refused.stderr.contains("--yes"), "{}", refused.stderr);
+    fails_with(&refused, 2, "--yes");
     let still = ok(url, &["dlq", "list", &topic, &group, "--json"], None).await;
     assert_eq!(
         json_lines(&still.stdout).len(),
@@ -320,8 +329,7 @@ async fn scenario(url: &str) {
         Some("{\"n\":9}\n{oops\n"),
     )
     .await;
-    assert_eq!(bad.code, 65, "{}", bad.stderr);
-    assert!(bad.stderr.contains("line 2 is not JSON"), "{}", bad.stderr);
+    fails_with(&bad, 65, "line 2 is not JSON");
     assert_eq!(
         bad.stdout.lines().count(),
         1,
@@ -365,12 +373,7 @@ async fn on_sqs() {
 #[tokio::test]
 async fn check_fails_clearly_on_a_wrong_url() {
     let unreachable = run("amqp://guest:secret-pw@127.0.0.1:1/%2f", &["check"], None).await;
-    assert_eq!(unreachable.code, 69, "{}", unreachable.stderr);
-    assert!(
-        unreachable.stderr.contains("127.0.0.1:1"),
-        "{}",
-        unreachable.stderr
-    );
+    fails_with(&unreachable, 69, "127.0.0.1:1");
     assert!(
         !unreachable.stderr.contains("secret-pw"),
         "the password is never printed"
@@ -378,22 +381,12 @@ async fn check_fails_clearly_on_a_wrong_url() {
     assert!(unreachable.stdout.is_empty());
 
     let unknown = run("rabbit://127.0.0.1", &["check"], None).await;
-    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
-    assert!(
-        unknown.stderr.contains("unknown URL scheme `rabbit`"),
-        "{}",
-        unknown.stderr
-    );
+    fails_with(&unknown, 2, "unknown URL scheme `rabbit`");
 
     let mut command = busbar("unused");
     command.env_remove("BUSBAR_URL").arg("check");
     let none = finish(command.spawn().expect("start"), "check").await;
-    assert_eq!(none.code, 2, "{}", none.stderr);
-    assert!(
-        none.stderr.contains("--url or set BUSBAR_URL"),
-        "{}",
-        none.stderr
-    );
+    fails_with(&none, 2, "--url or set BUSBAR_URL");
 }
 
 #[tokio::test]
@@ -418,6 +411,5 @@ async fn check_round_trips_on_memory_and_help_names_every_command() {
         None,
     )
     .await;
-    assert_eq!(bad.code, 2, "{}", bad.stderr);
-    assert!(bad.stderr.contains("expected NAME=VALUE"), "{}", bad.stderr);
+    fails_with(&bad, 2, "expected NAME=VALUE");
 }

@@ -194,6 +194,11 @@ impl Inner {
             .await
             .map_err(|e| sdk_error("declare", format!("cannot create queue {name:?}"), e))?;
         let url = created.queue_url().unwrap_or_default().to_string();
+        self.with_arn(name, url, "declare").await
+    }
+
+    /// The queue at `url`, with its ARN read.
+    async fn with_arn(&self, name: &str, url: String, operation: &'static str) -> Result<Queue> {
         let arn = self
             .sqs
             .get_queue_attributes()
@@ -201,7 +206,7 @@ impl Inner {
             .attribute_names(QueueAttributeName::QueueArn)
             .send()
             .await
-            .map_err(|e| sdk_error("declare", format!("cannot read the ARN of {name:?}"), e))?
+            .map_err(|e| sdk_error(operation, format!("cannot read the ARN of {name:?}"), e))?
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
             .unwrap_or_default();
@@ -337,18 +342,7 @@ impl Inner {
                 ))
             }
         };
-        let arn = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(&url)
-            .attribute_names(QueueAttributeName::QueueArn)
-            .send()
-            .await
-            .map_err(|e| sdk_error(operation, format!("cannot read the ARN of {name:?}"), e))?
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-            .unwrap_or_default();
-        Ok(Some(Queue { url, arn }))
+        self.with_arn(name, url, operation).await.map(Some)
     }
 
     /// The queues of (`topic`, `group`) if they exist, without creating anything: what

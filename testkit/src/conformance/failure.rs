@@ -230,19 +230,18 @@ pub async fn permanent_errors_and_undecodable_payloads_dead_letter_at_once(h: Ha
     let _ = sub.shutdown(GRACE).await;
 }
 
-/// Dead letters can be listed, then redriven; the group handles them and the DLQ empties.
-pub async fn dead_letters_are_listed_and_redriven_then_handled(h: Harness) {
-    let Some(bus) = h.bus().await else { return };
-    let caps = bus.capabilities();
-    if !claims(&caps, caps.redrive, "redrive") {
-        return;
-    }
-    let (topic, group) = (unique("redrive"), unique("g"));
+/// A subscription whose handler rejects every message (a permanent error, so it is
+/// dead-lettered at once) until `fixed` is set; then it records them in the ledger.
+async fn rejecting_until_fixed(
+    bus: &busbar_core::Bus,
+    topic: &str,
+    group: &str,
+) -> (busbar_core::Subscription, Arc<AtomicBool>, Ledger) {
     let fixed = Arc::new(AtomicBool::new(false));
     let ledger = Ledger::default();
     let (flag, record) = (Arc::clone(&fixed), ledger.clone());
     let sub = bus
-        .subscribe::<Probe>(&topic, &group)
+        .subscribe::<Probe>(topic, group)
         .start(move |env: Envelope<Probe>, _ctx: Context| {
             let ok = flag.load(Ordering::SeqCst);
             if ok {
@@ -258,6 +257,18 @@ pub async fn dead_letters_are_listed_and_redriven_then_handled(h: Harness) {
         })
         .await
         .expect("subscribe");
+    (sub, fixed, ledger)
+}
+
+/// Dead letters can be listed, then redriven; the group handles them and the DLQ empties.
+pub async fn dead_letters_are_listed_and_redriven_then_handled(h: Harness) {
+    let Some(bus) = h.bus().await else { return };
+    let caps = bus.capabilities();
+    if !claims(&caps, caps.redrive, "redrive") {
+        return;
+    }
+    let (topic, group) = (unique("redrive"), unique("g"));
+    let (sub, fixed, ledger) = rejecting_until_fixed(&bus, &topic, &group).await;
     let ids = bus
         .publish_batch(&topic, (0..3).map(|i| probe(i, "")))
         .await
@@ -288,26 +299,7 @@ pub async fn chosen_dead_letters_are_redriven_or_purged(h: Harness) {
         return;
     }
     let (topic, group) = (unique("purge"), unique("g"));
-    let fixed = Arc::new(AtomicBool::new(false));
-    let ledger = Ledger::default();
-    let (flag, record) = (Arc::clone(&fixed), ledger.clone());
-    let sub = bus
-        .subscribe::<Probe>(&topic, &group)
-        .start(move |env: Envelope<Probe>, _ctx: Context| {
-            let ok = flag.load(Ordering::SeqCst);
-            if ok {
-                record.record(env);
-            }
-            async move {
-                if ok {
-                    Ok(())
-                } else {
-                    Err(HandlerError::permanent("downstream rejected it"))
-                }
-            }
-        })
-        .await
-        .expect("subscribe");
+    let (sub, fixed, ledger) = rejecting_until_fixed(&bus, &topic, &group).await;
     let ids = bus
         .publish_batch(&topic, (0..4).map(|i| probe(i, "")))
         .await
