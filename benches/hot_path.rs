@@ -47,12 +47,16 @@ impl Event for Blob {
     const TYPE: &'static str = "bench.blob.v1";
 }
 
-/// The payload size: `BUSBAR_BENCH_BYTES`, default 1,024.
+/// The payload size: `BUSBAR_BENCH_BYTES`, default 1,024. Read once: a lookup of the
+/// environment per message would be counted as the bus's.
 fn payload_bytes() -> usize {
-    std::env::var("BUSBAR_BENCH_BYTES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1024)
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("BUSBAR_BENCH_BYTES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1024)
+    })
 }
 
 fn blob(seq: u64) -> Blob {
