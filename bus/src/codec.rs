@@ -55,14 +55,21 @@ impl Codec for Json {
     }
 
     fn accepts(&self, content_type: &str) -> bool {
-        // `application/json; charset=utf-8`, `application/cloudevents+json`, `text/json`.
+        // `application/json; charset=utf-8`, `application/cloudevents+json`, `text/json`, in
+        // any case, compared in place: this runs for every message received.
         let essence = content_type
             .split(';')
             .next()
             .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+            .trim();
+        let ends_with = |suffix: &str| {
+            essence.len() >= suffix.len()
+                && essence.as_bytes()[essence.len() - suffix.len()..]
+                    .eq_ignore_ascii_case(suffix.as_bytes())
+        };
+        essence.eq_ignore_ascii_case("application/json")
+            || essence.eq_ignore_ascii_case("text/json")
+            || ends_with("+json")
     }
 
     fn encode<T: Serialize>(&self, event_type: &str, value: &T) -> Result<Bytes> {
@@ -212,6 +219,11 @@ mod tests {
         assert!(Json.accepts("application/json"));
         assert!(Json.accepts("Application/JSON; charset=utf-8"));
         assert!(Json.accepts("application/cloudevents+json"));
+        assert!(Json.accepts(" APPLICATION/CLOUDEVENTS+JSON ;v=1"));
+        assert!(Json.accepts("TEXT/JSON"));
+        assert!(!Json.accepts("json"));
+        assert!(!Json.accepts("+jso"));
+        assert!(!Json.accepts("application/jsonx"));
         assert!(!Json.accepts("application/avro"));
         assert!(!Json.accepts("text/plain"));
     }

@@ -405,6 +405,9 @@ async fn check_round_trips_on_memory_and_help_names_every_command() {
             "{command} missing from --help"
         );
     }
+    let completions = run("memory://", &["completions", "bash"], None).await;
+    assert_eq!(completions.code, 0, "{}", completions.stderr);
+    assert!(completions.stdout.contains("_busbar()"), "a bash completion function");
     let bad = run(
         "memory://",
         &["publish", "t", "--type", "x", "--header", "novalue"],
@@ -412,4 +415,39 @@ async fn check_round_trips_on_memory_and_help_names_every_command() {
     )
     .await;
     fails_with(&bad, 2, "expected NAME=VALUE");
+}
+
+/// A redrive of more dead letters than one chunk reports its progress: plain lines on
+/// standard error when that is not a terminal (a bar when it is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_redrive_reports_progress_without_a_terminal() {
+    let Some(bus) = reachable(busbar::connect(RABBITMQ).await) else {
+        return;
+    };
+    let (topic, group) = (unique("cli-progress"), unique("g"));
+    let failing = bus
+        .subscribe::<Order>(&topic, &group)
+        .start(|_: Envelope<Order>, _: Context| async {
+            Err(HandlerError::permanent("rejected by the test"))
+        })
+        .await
+        .expect("subscribe");
+    bus.publish_batch(&topic, (0..60).map(|n| Order { n }))
+        .await
+        .expect("publish");
+    wait_for("sixty dead letters", || failing.stats().dead_lettered == 60).await;
+    failing
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    let redriven = ok(RABBITMQ, &["dlq", "redrive", &topic, &group], None).await;
+    assert!(redriven.stdout.contains("redriven 60"), "{}", redriven.stdout);
+    let progress: Vec<&str> = redriven.stderr.lines().collect();
+    assert_eq!(
+        progress,
+        ["redriven 25/60", "redriven 50/60", "redriven 60/60"],
+        "{}",
+        redriven.stderr
+    );
+    let _ = bus.close().await;
 }
