@@ -13,10 +13,14 @@
 //!   before the transport);
 //! - `decode`: a received `Message` decoded to an `Envelope` (what the consumer does first);
 //! - `spi`: the bare transport SPI, publish (batches of 100) → consume → ack;
+//! - `publish`: encoded messages through `Bus::publish_messages` (batches of 100) into the
+//!   memory transport: the bus's publish path (checks, metrics, span) and the enqueue;
+//! - `consume`: messages already waiting in the group's queue, received, decoded, dispatched
+//!   to a no-op handler and acked, concurrency 1: the consumer side of the bus;
 //! - `bus`: the whole bus, `publish_batch` (batches of 100) → handled, concurrency 1 and 8.
 //!
-//! What `bus` costs beyond `encode + decode + spi` is the consumer runtime's (dispatch,
-//! handler call, settle) and the publish path's.
+//! What `consume` costs beyond `decode` and the SPI's receive and ack is the consumer
+//! runtime's (dispatch, handler call, settle).
 
 use std::alloc::System;
 use std::sync::Arc;
@@ -196,6 +200,65 @@ async fn spi(messages: usize) -> Cost {
     start.cost(messages)
 }
 
+/// `messages` encoded 1 KiB events, in batches for `publish_messages`.
+fn encoded_batches(bus: &Bus, messages: usize) -> Vec<Vec<Message>> {
+    (0..(messages / BATCH) as u64)
+        .map(|b| {
+            (0..BATCH as u64)
+                .map(|i| {
+                    bus.envelope(blob(b * 1000 + i))
+                        .into_message(&Json, "bench")
+                        .expect("encode")
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn publish(messages: usize) -> Cost {
+    let bus = Bus::new(big_memory());
+    bus.declare("bench", "g").await.expect("declare");
+    let batches = encoded_batches(&bus, messages);
+    if setup_only() {
+        return Start::now().cost(messages);
+    }
+    let start = Start::now();
+    for batch in batches {
+        bus.publish_messages(batch).await.expect("publish");
+    }
+    start.cost(messages)
+}
+
+async fn consume(messages: usize) -> Cost {
+    let bus = Bus::new(big_memory());
+    bus.declare("bench", "g").await.expect("declare");
+    for batch in encoded_batches(&bus, messages) {
+        bus.publish_messages(batch).await.expect("publish");
+    }
+    if setup_only() {
+        return Start::now().cost(messages);
+    }
+    let handled = Arc::new(tokio::sync::Semaphore::new(0));
+    let done = Arc::clone(&handled);
+    let start = Start::now();
+    let sub = bus
+        .subscribe::<Blob>("bench", "g")
+        .concurrency(1)
+        .key_ordered(false)
+        .start(move |_e: Envelope<Blob>, _c: Context| {
+            done.add_permits(1);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe");
+    let _all = handled.acquire_many(messages as u32).await.expect("count");
+    let cost = start.cost(messages);
+    sub.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+    cost
+}
+
 async fn bus(messages: usize, concurrency: usize) -> Cost {
     let bus = Bus::new(big_memory());
     let handled = Arc::new(tokio::sync::Semaphore::new(0));
@@ -266,6 +329,15 @@ fn main() {
         }
         if wanted("spi") {
             println!("{}", spi(messages).await.row("transport SPI end to end"));
+        }
+        if wanted("publish") {
+            println!("{}", publish(messages).await.row("publish (bus → queue)"));
+        }
+        if wanted("consume") {
+            println!(
+                "{}",
+                consume(messages).await.row("consume (queue → handled)")
+            );
         }
         for concurrency in [1, 8] {
             if wanted("bus") || wanted(&format!("bus-{concurrency}")) {

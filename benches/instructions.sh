@@ -4,14 +4,14 @@
 # Each stage runs with N and 2N messages, and once more each with only its set-up (which also
 # grows with N): the difference of the differences, over N, is the measured part alone.
 #
-#   benches/instructions.sh [stage ...]      default: encode decode spi bus-1 bus-8
+#   benches/instructions.sh [stage ...]      default: encode decode spi publish consume bus-1 bus-8
 #   BUSBAR_BENCH_MESSAGES=N (default 5000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install valgrind" >&2; exit 1; }
 n=${BUSBAR_BENCH_MESSAGES:-5000}
 stages=("$@")
-((${#stages[@]})) || stages=(encode decode spi bus-1 bus-8)
+((${#stages[@]})) || stages=(encode decode spi publish consume bus-1 bus-8)
 cargo bench --bench hot_path --no-run >/dev/null 2>&1
 bin=$(ls -t target/release/deps/hot_path-* | grep -v '\.d$' | head -1)
 out=$(mktemp -d)

@@ -57,11 +57,7 @@ impl Codec for Json {
     fn accepts(&self, content_type: &str) -> bool {
         // `application/json; charset=utf-8`, `application/cloudevents+json`, `text/json`, in
         // any case, compared in place: this runs for every message received.
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim();
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
         let ends_with = |suffix: &str| {
             essence.len() >= suffix.len()
                 && essence.as_bytes()[essence.len() - suffix.len()..]

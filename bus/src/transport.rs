@@ -40,8 +40,8 @@ pub enum StartFrom {
     /// Only messages published from now on (Kafka: the end of the log).
     Latest,
     /// Every message the broker still keeps for the topic (Kafka: the start of the log).
-    /// Transports that keep no history for a group not yet declared (memory, RabbitMQ, SQS)
-    /// refuse it with [`ErrorKind::Unsupported`].
+    /// Transports that keep no history of a topic (memory, RabbitMQ, SQS) refuse it with
+    /// [`ErrorKind::Unsupported`], for an existing group too.
     Earliest,
 }
 

@@ -179,7 +179,12 @@ async fn list(bus: &Bus, target: &Target, json: bool) -> Outcome {
         ]);
     }
     writeln!(out, "{table}")?;
-    writeln!(out, "{} dead letter(s)", dead.len())?;
+    let limit = target.limit.unwrap_or(DEFAULT_LIMIT);
+    if dead.len() == limit {
+        writeln!(out, "the first {limit} dead letters; --limit N shows more")?;
+    } else {
+        writeln!(out, "{} dead letter(s)", dead.len())?;
+    }
     Ok(())
 }
 

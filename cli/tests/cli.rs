@@ -407,7 +407,10 @@ async fn check_round_trips_on_memory_and_help_names_every_command() {
     }
     let completions = run("memory://", &["completions", "bash"], None).await;
     assert_eq!(completions.code, 0, "{}", completions.stderr);
-    assert!(completions.stdout.contains("_busbar()"), "a bash completion function");
+    assert!(
+        completions.stdout.contains("_busbar()"),
+        "a bash completion function"
+    );
     let bad = run(
         "memory://",
         &["publish", "t", "--type", "x", "--header", "novalue"],
@@ -441,7 +444,11 @@ async fn a_long_redrive_reports_progress_without_a_terminal() {
         .await
         .expect("shutdown");
     let redriven = ok(RABBITMQ, &["dlq", "redrive", &topic, &group], None).await;
-    assert!(redriven.stdout.contains("redriven 60"), "{}", redriven.stdout);
+    assert!(
+        redriven.stdout.contains("redriven 60"),
+        "{}",
+        redriven.stdout
+    );
     let progress: Vec<&str> = redriven.stderr.lines().collect();
     assert_eq!(
         progress,
