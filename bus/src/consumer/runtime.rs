@@ -17,7 +17,7 @@ use crate::bus::Bus;
 use crate::dead_letter::{DeadLetterInfo, DeadLetterReason};
 use crate::envelope::{attr, unknown_type_error, Envelope, Undecoded};
 use crate::idempotency::{Claim, Lease};
-use crate::metrics::{ConsumerMetrics, InFlight};
+use crate::metrics::{ConsumerMetrics, InFlight, TypeMetrics};
 use crate::retry::RetryPolicy;
 use crate::routing::UnknownTypes;
 use crate::transport::{Delivery, DeliveryStream};
@@ -58,8 +58,12 @@ impl<E> Shared<E> {
 
     /// Counts what happened to `message`, in the subscription's stats and its metrics.
     fn tally(&self, tally: Tally, message: &crate::Message) {
+        self.tally_as(tally, self.metrics.of(message.header(attr::TYPE)));
+    }
+
+    /// [`tally`](Self::tally) with the metrics of the message's type already looked up.
+    fn tally_as(&self, tally: Tally, of: &TypeMetrics) {
         let (counter, metric) = {
-            let of = self.metrics.of(message.header(attr::TYPE));
             let c = &self.counters;
             match tally {
                 Tally::Handled => (&c.handled, &of.handled),
@@ -317,6 +321,8 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             span.record("busbar.causation_id", causation.as_str());
         }
 
+        // The decoded type, looked up once for the duration and the outcome's counts.
+        let of = shared.metrics.of(Some(envelope.event_type.as_str()));
         let mut lease = None;
         if let Some(idempotency) = &shared.idempotency {
             let key = idempotency
@@ -347,7 +353,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
                         permanent: false,
                         error: format!("idempotency store: {error}"),
                     };
-                    conclude(&shared, delivery, attempt, outcome).await;
+                    conclude(&shared, delivery, attempt, outcome, of).await;
                     return;
                 }
             }
@@ -366,11 +372,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             None => {
                 let started = std::time::Instant::now();
                 let outcome = run_handler(&shared, envelope, context).await;
-                shared
-                    .metrics
-                    .of(message.header(attr::TYPE))
-                    .duration
-                    .record(started.elapsed().as_secs_f64());
+                of.duration.record(started.elapsed().as_secs_f64());
                 outcome
             }
         };
@@ -378,7 +380,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         if let (Some(idempotency), Some((key, granted))) = (&shared.idempotency, &lease) {
             release_or_complete(idempotency, &shared.origin.group, key, granted, &outcome).await;
         }
-        conclude(&shared, delivery, attempt, outcome).await;
+        conclude(&shared, delivery, attempt, outcome, of).await;
     }
     .instrument(span)
     .await;
@@ -456,15 +458,21 @@ async fn release_or_complete<E>(
     }
 }
 
-async fn conclude<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, outcome: Outcome) {
+async fn conclude<E>(
+    shared: &Shared<E>,
+    delivery: Delivery,
+    attempt: u32,
+    outcome: Outcome,
+    of: &TypeMetrics,
+) {
     match outcome {
         Outcome::Handled => {
             shared.forget_waits(&delivery.message().id);
-            shared.tally(Tally::Handled, delivery.message());
+            shared.tally_as(Tally::Handled, of);
             settle("ack", delivery.ack().await);
         }
         Outcome::Failed { permanent, error } => {
-            shared.tally(Tally::FailedAttempt, delivery.message());
+            shared.tally_as(Tally::FailedAttempt, of);
             if permanent {
                 tracing::warn!(%error, "permanent failure; dead-lettering");
                 dead_letter(
@@ -478,7 +486,7 @@ async fn conclude<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, outco
             } else if shared.retry.should_retry(attempt) {
                 let wait = shared.retry.backoff(attempt);
                 tracing::info!(%error, ?wait, "handler failed; will retry");
-                shared.tally(Tally::Retried, delivery.message());
+                shared.tally_as(Tally::Retried, of);
                 settle("nack", delivery.nack(wait).await);
             } else {
                 tracing::warn!(%error, attempt, "attempts exhausted; dead-lettering");
