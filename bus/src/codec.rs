@@ -90,7 +90,7 @@ impl Codec for Json {
                 Error::new(
                     ErrorKind::Encode,
                     "encode",
-                    format!("cannot encode the payload as JSON: {e}"),
+                    "cannot encode the payload as JSON",
                 )
                 .with_resource(format!("event type {event_type}"))
                 .with_source(e)

@@ -117,10 +117,17 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // busbar's own warnings by default. The broker clients' logs (lapin logs an error for a
+    // queue that does not exist, librdkafka for a missing topic) only with RUST_LOG: what
+    // fails reaches the user as busbar's error, which says what to do.
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(
+                    "off,busbar=warn,busbar_core=warn,busbar_rabbitmq=warn,busbar_kafka=warn,\
+                     busbar_sqs=warn",
+                )
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

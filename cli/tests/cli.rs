@@ -136,6 +136,16 @@ async fn scenario(url: &str) {
     };
     let (topic, group) = (unique("cli"), unique("orders"));
 
+    // A group never declared has no dead letters, on every broker, and listing creates nothing.
+    let never = unique("never");
+    let listed = ok(url, &["dlq", "list", &topic, &never, "--json"], None).await;
+    assert!(listed.stdout.trim().is_empty(), "{}", listed.stdout);
+    assert!(
+        listed.stderr.is_empty(),
+        "nothing logged: {}",
+        listed.stderr
+    );
+
     let check = ok(url, &["check"], None).await;
     assert!(
         check.stdout.contains(bus.transport().name()),

@@ -57,6 +57,28 @@ fn read(inner: &Inner, topic: &str, group: &str) -> Result<Read> {
         )
         .create()
         .map_err(|e| inner.kafka_error("list dead letters", "cannot create a DLQ reader", e))?;
+    // A group never declared has no DLQ topic, so no dead letters (as on the other brokers);
+    // subscribing to a missing topic would fail, and log an error, instead.
+    let limit = config.connect_timeout.max(Duration::from_secs(5));
+    let metadata = consumer.fetch_metadata(Some(&dlq), limit).map_err(|e| {
+        inner.kafka_error("list dead letters", format!("cannot look up {dlq:?}"), e)
+    })?;
+    // Only a topic the broker says it does not know is missing; any other answer (a leader
+    // being elected, say) is left to the reader below, which waits for it.
+    let missing = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == dlq)
+        .is_none_or(|t| {
+            t.error()
+                == Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+        });
+    if missing {
+        return Ok(Read {
+            dead: Vec::new(),
+            consumer,
+        });
+    }
     consumer
         .subscribe(&[dlq.as_str()])
         .map_err(|e| inner.kafka_error("list dead letters", format!("cannot read {dlq:?}"), e))?;

@@ -83,7 +83,8 @@ impl Inner {
         } else {
             ErrorKind::Broker
         };
-        Error::new(kind, operation, format!("{}: {e}", what.into()))
+        // The source's text follows in the error's Display: not repeated in the message.
+        Error::new(kind, operation, what.into())
             .with_resource(self.config.url.to_string())
             .with_retryable(retryable)
             .with_source(e)

@@ -186,7 +186,7 @@ pub(crate) fn store_error(operation: &'static str, e: sqlx::Error) -> Error {
         e,
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
     );
-    Error::new(ErrorKind::Store, operation, format!("PostgreSQL: {e}"))
+    Error::new(ErrorKind::Store, operation, "the PostgreSQL request failed")
         .with_retryable(retryable)
         .with_source(e)
 }

@@ -82,7 +82,7 @@ impl std::fmt::Debug for RedisIdempotencyStore {
 fn store_error(operation: &'static str, e: redis::RedisError) -> Error {
     let retryable =
         e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal();
-    Error::new(ErrorKind::Store, operation, format!("Redis: {e}"))
+    Error::new(ErrorKind::Store, operation, "the Redis request failed")
         .with_retryable(retryable)
         .with_source(e)
 }
