@@ -103,18 +103,8 @@ pub async fn run(bus: &Bus, command: DlqCommand) -> Outcome {
     match command {
         DlqCommand::List { target, json } => list(bus, &target, json).await,
         DlqCommand::Show { target } => show(bus, &target).await,
-        DlqCommand::Redrive { target } => settle(bus, &target, Action::Redrive).await,
-        DlqCommand::Purge { target, yes } => {
-            let dead = target.listed(bus, usize::MAX).await?;
-            if dead.is_empty() {
-                println!("no dead letters to purge");
-                return Ok(());
-            }
-            if !yes && !confirm(&target, dead.len())? {
-                return Err(Failure::new(1, "purge cancelled: nothing was deleted"));
-            }
-            settle_listed(bus, &target, dead, Action::Purge).await
-        }
+        DlqCommand::Redrive { target } => settle(bus, &target, Action::Redrive, true).await,
+        DlqCommand::Purge { target, yes } => settle(bus, &target, Action::Purge, yes).await,
     }
 }
 
@@ -213,6 +203,13 @@ enum Action {
 }
 
 impl Action {
+    fn verb(self) -> &'static str {
+        match self {
+            Action::Redrive => "redrive",
+            Action::Purge => "purge",
+        }
+    }
+
     fn done(self) -> &'static str {
         match self {
             Action::Redrive => "redriven",
@@ -239,17 +236,18 @@ fn confirm(target: &Target, count: usize) -> Result<bool, Failure> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
-async fn settle(bus: &Bus, target: &Target, action: Action) -> Outcome {
+/// Redrives or purges the chosen dead letters; `confirmed` false asks first.
+async fn settle(bus: &Bus, target: &Target, action: Action, confirmed: bool) -> Outcome {
     let dead = target.listed(bus, usize::MAX).await?;
     if dead.is_empty() {
-        println!(
-            "no dead letters to {}",
-            match action {
-                Action::Redrive => "redrive",
-                Action::Purge => "purge",
-            }
-        );
+        println!("no dead letters to {}", action.verb());
         return Ok(());
+    }
+    if !confirmed && !confirm(target, dead.len())? {
+        return Err(Failure::new(
+            1,
+            format!("{} cancelled: nothing was changed", action.verb()),
+        ));
     }
     settle_listed(bus, target, dead, action).await
 }

@@ -367,8 +367,20 @@ impl Inner {
             Mode::FanOut => self.config.aws_name(&[topic, group])?,
             Mode::Queue => self.config.aws_name(&[topic])?,
         };
+        let (queue, dlq) = self.find_queues(&name, operation).await?;
+        Ok(queue
+            .zip(dlq)
+            .map(|(queue, dlq)| GroupQueues { queue, dlq }))
+    }
+
+    /// The queue named `name` (before the configured prefix) and its DLQ, each if it exists.
+    async fn find_queues(
+        &self,
+        name: &str,
+        operation: &'static str,
+    ) -> Result<(Option<Queue>, Option<Queue>)> {
         let queue = self
-            .find_queue(&self.config.resource_name(&name), operation)
+            .find_queue(&self.config.resource_name(name), operation)
             .await?;
         let dlq = self
             .find_queue(
@@ -376,24 +388,14 @@ impl Inner {
                 operation,
             )
             .await?;
-        Ok(queue
-            .zip(dlq)
-            .map(|(queue, dlq)| GroupQueues { queue, dlq }))
+        Ok((queue, dlq))
     }
 
     /// Removes a fan-out group: its subscription to the topic, its queue and its DLQ.
     async fn delete_group(&self, topic: &str, group: &str) -> Result<()> {
         const OPERATION: &str = "delete a group";
         let name = self.config.aws_name(&[topic, group])?;
-        let queue = self
-            .find_queue(&self.config.resource_name(&name), OPERATION)
-            .await?;
-        let dlq = self
-            .find_queue(
-                &self.config.resource_name(&format!("{name}-dlq")),
-                OPERATION,
-            )
-            .await?;
+        let (queue, dlq) = self.find_queues(&name, OPERATION).await?;
         if let Some(queue) = &queue {
             let topic_arn = self.topic_arn(topic).await?;
             let mut next: Option<String> = None;
