@@ -16,11 +16,7 @@ async fn foreign_and_malformed_messages_are_dead_lettered_with_a_clear_reason() 
     foreign_messages_are_dead_lettered_clearly(transport, &refused, |topic, cases| async move {
         for (i, case) in cases.into_iter().enumerate() {
             let mut message = Message::new(format!("raw-{i}"), topic.clone(), case.payload);
-            message.headers = case
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.into(), v))
-                .collect();
+            message.headers = case.headers.into_iter().collect();
             raw.publish(vec![message]).await.expect("raw publish");
         }
     })

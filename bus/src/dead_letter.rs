@@ -192,7 +192,7 @@ impl DeadLetterInfo {
         let failed_at = get(header::FAILED_AT)?;
         Ok(DeadLetterInfo {
             reason: get(header::REASON)?.parse()?,
-            error: get(header::ERROR)?.clone(),
+            error: get(header::ERROR)?.to_owned(),
             attempts: attempts.parse().map_err(|_| {
                 Error::new(
                     ErrorKind::Decode,
@@ -200,8 +200,8 @@ impl DeadLetterInfo {
                     format!("`{}` is not a count: {attempts:?}", header::ATTEMPTS),
                 )
             })?,
-            topic: get(header::TOPIC)?.clone(),
-            group: get(header::GROUP)?.clone(),
+            topic: get(header::TOPIC)?.to_owned(),
+            group: get(header::GROUP)?.to_owned(),
             failed_at: DateTime::parse_from_rfc3339(failed_at)
                 .map_err(|e| {
                     Error::new(
@@ -310,7 +310,7 @@ mod tests {
     #[test]
     fn metadata_round_trips_through_headers_and_original_headers_survive() {
         let mut original = Message::new("m1", "orders", "{}");
-        original.headers.insert("tenant".into(), "acme".into());
+        original.headers.insert("tenant", "acme");
         let dl = DeadLetter {
             message: original.clone(),
             info: DeadLetterInfo::new(

@@ -62,7 +62,7 @@ fn refused(message: &Message, what: String) -> Error {
 /// use busbar_core::Message;
 ///
 /// let mut wire = Message::new("m-1", "orders", r#"{"specversion":"1.0","id":"e-1","type":"shop.order_placed.v1","source":"/shop","data":{"order":7}}"#);
-/// wire.headers.insert("content-type".into(), "application/cloudevents+json; charset=utf-8".into());
+/// wire.headers.insert("content-type", "application/cloudevents+json; charset=utf-8");
 /// let binary = busbar_core::structured::from_structured(&wire)?.expect("structured");
 /// assert_eq!(binary.id, "e-1");
 /// assert_eq!(binary.header("ce_type"), Some("shop.order_placed.v1"));
@@ -128,7 +128,7 @@ pub fn from_structured(message: &Message) -> Result<Option<Message>> {
         .filter(|(name, _)| {
             !name.starts_with(attr::CE_PREFIX) && name.as_str() != attr::CONTENT_TYPE
         })
-        .map(|(name, value)| (name.clone(), value.clone()))
+        .map(|(name, value)| (name.clone(), value))
         .collect();
     let (mut data, mut data_base64, mut data_content_type) = (None, None, None);
     for (name, value) in event {
@@ -202,12 +202,11 @@ pub fn from_structured(message: &Message) -> Result<Option<Message>> {
     );
     let id = headers
         .get(attr::ID)
-        .cloned()
-        .unwrap_or_else(|| message.id.clone());
+        .map_or_else(|| message.id.clone(), str::to_owned);
     let key = message
         .key
         .clone()
-        .or_else(|| headers.get(PARTITION_KEY).cloned());
+        .or_else(|| headers.get(PARTITION_KEY).map(str::to_owned));
     Ok(Some(Message {
         id,
         topic: message.topic.clone(),
@@ -250,7 +249,7 @@ mod tests {
         let mut message = Message::new("wire-id", "t", json.to_string());
         message
             .headers
-            .insert(attr::CONTENT_TYPE.into(), content_type.to_string());
+            .insert(attr::CONTENT_TYPE, content_type.to_string());
         message
     }
 
@@ -272,8 +271,8 @@ mod tests {
                 "datacontenttype":"application/vnd.x+json","data":{"n":[1,2]}}"#,
             "Application/CloudEvents+JSON ; charset=UTF-8",
         );
-        message.headers.insert("ce_id".into(), "stale".into());
-        message.headers.insert("x-trace".into(), "kept".into());
+        message.headers.insert("ce_id", "stale");
+        message.headers.insert("x-trace", "kept");
         let binary = from_structured(&message).unwrap().unwrap();
         assert_eq!(binary.id, "e-1");
         assert_eq!(binary.header("ce_id"), Some("e-1"));

@@ -796,8 +796,8 @@ async fn a_structured_mode_cloudevent_is_handled_like_its_binary_form() {
             "correlationid":"conv-1","partitionkey":"k-9","data":{"key":"k-9","seq":5}}"#,
     );
     wire.headers.insert(
-        "content-type".into(),
-        "application/cloudevents+json; charset=utf-8".into(),
+        "content-type",
+        "application/cloudevents+json; charset=utf-8",
     );
     bus.publish_messages(vec![wire]).await.unwrap();
     eventually(WAIT, "handled", || async { sub.stats().handled == 1 }).await;

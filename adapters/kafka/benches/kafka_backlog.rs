@@ -7,7 +7,8 @@
 //! `cargo bench -p busbar-kafka --bench kafka_backlog` (Kafka on 127.0.0.1:9092, or
 //! `BUSBAR_KAFKA_URL`; `BUSBAR_BENCH_MESSAGES`, default 20,000; `BUSBAR_BENCH_ROUNDS`,
 //! default 5: the broker shares the machine and its speed drifts, so each figure is the
-//! median of the rounds, and who drains first alternates).
+//! median of the rounds, and who drains first alternates; `BUSBAR_BENCH_ONLY=busbar` or `raw`
+//! drains with that client alone, e.g. under a profiler).
 
 mod common;
 
@@ -148,6 +149,7 @@ fn main() {
             .ok()
             .and_then(|r| r.parse().ok())
             .unwrap_or(5);
+        let only = std::env::var("BUSBAR_BENCH_ONLY").ok();
         println!("| backlog of {n} x 1 KiB, median of {rounds} | busbar | hand-rolled rdkafka | busbar/raw |");
         println!("|---|---|---|---|");
         for keyed in [false, true] {
@@ -155,12 +157,16 @@ fn main() {
             for round in 0..rounds {
                 let run = format!("{:x}-{round}", std::process::id());
                 let topic = backlog(&bus, &run, keyed, n).await;
-                if round % 2 == 0 {
-                    raw.push(raw_drain(&brokers, &topic, n).await);
-                    busbar.push(busbar_drain(&bus, &topic, n).await);
-                } else {
-                    busbar.push(busbar_drain(&bus, &topic, n).await);
-                    raw.push(raw_drain(&brokers, &topic, n).await);
+                let (first, second) = if round % 2 == 0 { ("raw", "busbar") } else { ("busbar", "raw") };
+                for client in [first, second] {
+                    if only.as_deref().is_some_and(|only| !only.contains(client)) {
+                        continue;
+                    }
+                    if client == "raw" {
+                        raw.push(raw_drain(&brokers, &topic, n).await);
+                    } else {
+                        busbar.push(busbar_drain(&bus, &topic, n).await);
+                    }
                 }
             }
             let (busbar, raw) = (median(busbar), median(raw));

@@ -8,7 +8,7 @@
 //! key takes its key from `ce_partitionkey`.
 
 use busbar_core::envelope::attr;
-use busbar_core::message::insert_received_header;
+use busbar_core::message::ReceivedHeaders;
 use busbar_core::{Headers, Message};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 
@@ -47,18 +47,22 @@ pub fn to_headers(message: &Message) -> OwnedHeaders {
 /// A received record as a busbar message of `topic` (the busbar topic, which differs from the
 /// record's for redriven messages).
 pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
-    let mut headers = Headers::new();
-    if let Some(h) = record.headers() {
-        for header in h.iter() {
-            insert_received_header(&mut headers, header.key, header.value.unwrap_or_default());
+    let mut headers = match record.headers() {
+        Some(h) => {
+            let mut received = ReceivedHeaders::with_capacity(h.count() + 1);
+            for header in h.iter() {
+                received.bytes(header.key, header.value.unwrap_or_default());
+            }
+            received.finish()
         }
-    }
+        None => Headers::new(),
+    };
     let own_id = headers.remove(ID);
     // An empty id (a foreign producer's null `ce_id`) is no id: the record's place is.
     let id = headers
         .get(attr::ID)
-        .cloned()
         .filter(|id| !id.is_empty())
+        .map(str::to_owned)
         .or(own_id.filter(|id| !id.is_empty()))
         .unwrap_or_else(|| {
             format!(
@@ -72,7 +76,7 @@ pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
         Some(key) => {
             let key = String::from_utf8_lossy(key).into_owned();
             // The attribute that only repeats the record key is the key, not a header.
-            if headers.get(PARTITION_KEY) == Some(&key) {
+            if headers.get(PARTITION_KEY) == Some(key.as_str()) {
                 headers.remove(PARTITION_KEY);
             }
             Some(key)

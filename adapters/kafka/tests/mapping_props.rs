@@ -67,11 +67,11 @@ proptest! {
         });
         for (name, value) in &message.headers {
             if let Some(attribute) = name.as_str().strip_prefix("ce_") {
-                event.insert(attribute.to_string(), value.clone().into());
+                event.insert(attribute.to_string(), value.into());
             } else if name.as_str() == "content-type" {
-                event.insert("datacontenttype".into(), value.clone().into());
+                event.insert("datacontenttype".into(), value.into());
             } else {
-                wire_headers = wire_headers.insert(Header { key: name.as_str(), value: Some(value.as_str()) });
+                wire_headers = wire_headers.insert(Header { key: name.as_str(), value: Some(value) });
             }
         }
         event.insert("data_base64".into(), canonical_binary(&message.payload).into());

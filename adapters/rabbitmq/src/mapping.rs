@@ -8,7 +8,7 @@
 //! The key travels as the `cloudEvents:partitionkey` extension. Messages are persistent.
 
 use busbar_core::envelope::attr;
-use busbar_core::message::insert_received_header;
+use busbar_core::message::ReceivedHeaders;
 use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
@@ -126,10 +126,11 @@ pub fn from_amqp(
     payload: Vec<u8>,
     redelivered: bool,
 ) -> (Message, u32) {
-    let mut headers = Headers::new();
+    let mut received = ReceivedHeaders::default();
     let mut attempt = 1u32;
     let mut delivery_count = None;
     if let Some(table) = properties.headers() {
+        received = ReceivedHeaders::with_capacity(table.inner().len() + 1);
         for (name, value) in table {
             let name = name.as_str();
             if name == ATTEMPT {
@@ -143,25 +144,26 @@ pub fn from_amqp(
                 .or_else(|| name.strip_prefix(CE_PREFIX_ALT))
             {
                 insert_attribute(
-                    &mut headers,
+                    &mut received,
                     &format!("{}{attribute}", attr::CE_PREFIX),
                     value,
                 );
             } else {
-                insert_value(&mut headers, name, value);
+                insert_value(&mut received, name, value);
             }
         }
     }
+    let mut headers = received.finish();
     let redeliveries = delivery_count.unwrap_or(u32::from(redelivered));
     if let Some(content_type) = properties.content_type() {
-        headers
-            .entry(HeaderName::from_static(attr::CONTENT_TYPE))
-            .or_insert_with(|| content_type.as_str().to_string());
+        headers.get_or_insert_with(HeaderName::from_static(attr::CONTENT_TYPE), || {
+            content_type.as_str().to_string()
+        });
     }
     let key = headers.remove(PARTITION_KEY);
     let id = headers
         .get(attr::ID)
-        .cloned()
+        .map(str::to_owned)
         .or_else(|| {
             properties
                 .message_id()
@@ -208,7 +210,7 @@ fn content_id(headers: &Headers, payload: &[u8]) -> String {
 /// Adds a received CloudEvents attribute. The binding lets a sender use the native AMQP type
 /// instead of the canonical string, and a receiver must read both: a timestamp becomes RFC
 /// 3339, binary becomes base64; integers and booleans are already their canonical text.
-fn insert_attribute(headers: &mut Headers, name: &str, value: &AMQPValue) {
+fn insert_attribute(headers: &mut ReceivedHeaders, name: &str, value: &AMQPValue) {
     let canonical = match value {
         AMQPValue::Timestamp(seconds) => {
             busbar_core::structured::canonical_time_from_unix_seconds(*seconds)
@@ -219,22 +221,18 @@ fn insert_attribute(headers: &mut Headers, name: &str, value: &AMQPValue) {
         _ => None,
     };
     match canonical {
-        Some(text) => {
-            headers.insert(HeaderName::new(name), text);
-        }
+        Some(text) => headers.text(name, text),
         None => insert_value(headers, name, value),
     }
 }
 
 /// Adds a received header; byte values that are not UTF-8 are decoded lossily and named in
 /// [`busbar_core::message::INVALID_UTF8_HEADERS`].
-fn insert_value(headers: &mut Headers, name: &str, value: &AMQPValue) {
+fn insert_value(headers: &mut ReceivedHeaders, name: &str, value: &AMQPValue) {
     match value {
-        AMQPValue::LongString(s) => insert_received_header(headers, name, s.as_bytes()),
-        AMQPValue::ByteArray(b) => insert_received_header(headers, name, b.as_slice()),
-        other => {
-            headers.insert(HeaderName::new(name), text(other));
-        }
+        AMQPValue::LongString(s) => headers.bytes(name, s.as_bytes()),
+        AMQPValue::ByteArray(b) => headers.bytes(name, b.as_slice()),
+        other => headers.text(name, text(other)),
     }
 }
 
@@ -405,9 +403,7 @@ mod tests {
     #[test]
     fn headers_that_would_pose_as_cloudevents_attributes_are_refused() {
         let mut message = Message::new("m", "t", "{}");
-        message
-            .headers
-            .insert("cloudEvents:id".into(), "forged".into());
+        message.headers.insert("cloudEvents:id", "forged");
         assert_eq!(
             to_amqp(&message, None).unwrap_err().kind(),
             ErrorKind::InvalidHeader

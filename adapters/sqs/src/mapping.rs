@@ -76,9 +76,9 @@ pub fn pack(message: &Message) -> Result<Packed> {
         // SQS refuses empty attribute values and some characters: those go into the packed
         // object, where JSON escapes them.
         if OWN_ATTRIBUTES.contains(&name.as_str()) && !value.is_empty() && sqs_text(value) {
-            attributes.insert(name.to_string(), value.clone());
+            attributes.insert(name.to_string(), value.to_string());
         } else {
-            rest.insert(name.as_str(), value.as_str());
+            rest.insert(name.as_str(), value);
         }
     }
     if let Some(key) = &message.key {
@@ -223,7 +223,7 @@ pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> Headers {
 pub fn unpack<K: AsRef<str> + Into<HeaderName>>(
     topic: &str,
     body: &str,
-    attributes: BTreeMap<K, String>,
+    attributes: impl IntoIterator<Item = (K, String)>,
     fallback_id: &str,
 ) -> Message {
     let mut headers = Headers::new();
@@ -264,8 +264,8 @@ pub fn unpack<K: AsRef<str> + Into<HeaderName>>(
     // An empty id is no id: the SQS message id is.
     let id = headers
         .get(attr::ID)
-        .cloned()
         .filter(|id| !id.is_empty())
+        .map(str::to_owned)
         .or(id.filter(|id| !id.is_empty()))
         .unwrap_or_else(|| fallback_id.to_string());
     Message {

@@ -71,9 +71,7 @@ proptest! {
 fn characters_sqs_refuses_are_escaped_not_sent() {
     let mut message = busbar_core::Message::new("id\u{1}", "t", "body\u{0}".as_bytes().to_vec());
     message.key = Some("key\u{fffe}".into());
-    message
-        .headers
-        .insert("ce_source".into(), "/src\u{8}".into());
+    message.headers.insert("ce_source", "/src\u{8}");
     let packed = pack(&message).unwrap();
     assert!(
         packed.attributes.values().all(|v| sqs_text(v)),

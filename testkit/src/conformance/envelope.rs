@@ -107,7 +107,7 @@ pub async fn custom_headers_survive(h: Harness) {
     for (name, value) in &expected {
         assert_eq!(
             received.headers.get(name.as_str()),
-            Some(value),
+            Some(value.as_str()),
             "header {name} changed or lost"
         );
     }
