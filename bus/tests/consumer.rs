@@ -813,3 +813,69 @@ async fn a_structured_mode_cloudevent_is_handled_like_its_binary_form() {
     );
     sub.shutdown(WAIT).await.unwrap();
 }
+
+/// Handlers run on the runtime's threads, not one after another on one task: two CPU-bound
+/// handlers, each blocking its thread until the other has started, meet; and no more than the
+/// concurrency run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_handlers_run_in_parallel_on_the_runtime_threads_up_to_the_concurrency() {
+    let bus = Bus::memory();
+    let (topic, group) = (unique("t"), unique("g"));
+    let started = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+    let (met, running, max_running) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (s, m, r, mx) = (
+        Arc::clone(&started),
+        Arc::clone(&met),
+        Arc::clone(&running),
+        Arc::clone(&max_running),
+    );
+    let sub = bus
+        .subscribe::<Numbered>(&topic, &group)
+        .concurrency(2)
+        .key_ordered(false)
+        .start(move |_e: Envelope<Numbered>, _c: Context| {
+            let (s, m, r, mx) = (
+                Arc::clone(&s),
+                Arc::clone(&m),
+                Arc::clone(&r),
+                Arc::clone(&mx),
+            );
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                mx.fetch_max(now, Ordering::SeqCst);
+                let (count, other_started) = &*s;
+                let mut count = count.lock().unwrap();
+                *count += 1;
+                other_started.notify_all();
+                // The first two wait, blocking their thread, for each other.
+                let (_count, wait) = other_started
+                    .wait_timeout_while(count, Duration::from_secs(10), |n| *n < 2)
+                    .unwrap();
+                if !wait.timed_out() {
+                    m.fetch_add(1, Ordering::SeqCst);
+                }
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .await
+        .unwrap();
+    let events: Vec<Numbered> = (0..4).map(|i| numbered(&format!("k{i}"), i)).collect();
+    bus.publish_batch(&topic, events).await.unwrap();
+    eventually(WAIT, "all handled", || async { sub.stats().handled == 4 }).await;
+    assert_eq!(
+        met.load(Ordering::SeqCst),
+        4,
+        "blocking handlers did not run at the same time on the runtime's two threads"
+    );
+    assert_eq!(
+        max_running.load(Ordering::SeqCst),
+        2,
+        "more handlers ran than the concurrency"
+    );
+    sub.shutdown(Duration::from_secs(1)).await.unwrap();
+}
