@@ -18,20 +18,20 @@ use std::str::FromStr;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Makes `span` the child of the remote span `traceparent` names (with `tracestate`); does
-/// nothing for a missing or malformed `traceparent`. The caller skips it for a disabled span
-/// (no subscriber wants it), before reading the headers.
-pub(crate) fn set_parent(
-    span: &tracing::Span,
+/// Makes the remote span `traceparent` names (with `tracestate`) the current OpenTelemetry
+/// context until the guard drops, so that a span created meanwhile is its child (the
+/// `tracing-opentelemetry` layer takes a new span's parent from the current context when no
+/// enclosing `tracing` span gives one); nothing for a missing or malformed `traceparent`.
+pub(crate) fn enter_remote_parent(
     traceparent: Option<&str>,
     tracestate: Option<&str>,
-) {
-    let Some(parent) = traceparent.and_then(|tp| remote_context(tp, tracestate)) else {
-        return;
-    };
-    let context = opentelemetry::Context::new().with_remote_span_context(parent);
-    // Fails only when no OpenTelemetry layer is installed: then there is no trace to join.
-    let _ = span.set_parent(context);
+) -> Option<opentelemetry::ContextGuard> {
+    let parent = traceparent.and_then(|tp| remote_context(tp, tracestate))?;
+    Some(
+        opentelemetry::Context::new()
+            .with_remote_span_context(parent)
+            .attach(),
+    )
 }
 
 /// The W3C `traceparent` of the current span, when it has a valid OpenTelemetry context.

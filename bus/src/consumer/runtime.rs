@@ -353,6 +353,20 @@ enum Outcome {
 async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) {
     let message = delivery.shared_message();
     let attempt = shared.attempt(&message.id, delivery.attempt());
+    // With an OpenTelemetry layer, the span below is the child of the message's trace: the
+    // layer takes a new span's parent from the current context (cheaper than re-parenting the
+    // span once made). Skipped when no subscriber wants INFO spans.
+    #[cfg(feature = "otel")]
+    let parent = tracing::level_enabled!(tracing::Level::INFO)
+        .then(|| {
+            crate::otel::enter_remote_parent(
+                message.header(attr::TRACEPARENT),
+                message.header(attr::TRACESTATE),
+            )
+        })
+        .flatten();
+    // Every field is known here (a structured-mode event's, below, once decoded): recording
+    // one later costs a subscriber's look-up each.
     let span = tracing::info_span!(
         "busbar.process",
         messaging.system = shared.system,
@@ -360,19 +374,16 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         messaging.destination.name = shared.origin.topic.as_str(),
         messaging.consumer.group.name = shared.origin.group.as_str(),
         messaging.message.id = message.id.as_str(),
-        messaging.message.conversation_id = tracing::field::Empty,
-        busbar.causation_id = tracing::field::Empty,
+        messaging.message.conversation_id = message
+            .header(attr::CORRELATION_ID)
+            .or_else(|| message.header(attr::ID))
+            .unwrap_or(message.id.as_str()),
+        busbar.causation_id = message.header(attr::CAUSATION_ID),
         busbar.event_type = message.header(attr::TYPE).unwrap_or_default(),
         busbar.attempt = attempt,
     );
     #[cfg(feature = "otel")]
-    if !span.is_disabled() {
-        crate::otel::set_parent(
-            &span,
-            message.header(attr::TRACEPARENT),
-            message.header(attr::TRACESTATE),
-        );
-    }
+    drop(parent);
     async move {
         let _in_flight = InFlight::start(&shared.metrics.in_flight);
         if let Some(error) = oversize(&shared, &message) {
@@ -385,11 +396,12 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         let decoded = crate::structured::from_structured(&message)
             .map_err(Undecoded::Invalid)
             .and_then(|binary| {
+                let structured = binary.is_some();
                 let message = binary.map_or(message, Arc::new);
                 let envelope = shared.decoder.decode(&message)?;
-                Ok((message, envelope))
+                Ok((message, envelope, structured))
             });
-        let (message, envelope) = match decoded {
+        let (message, envelope, structured) = match decoded {
             Ok(decoded) => decoded,
             Err(Undecoded::Invalid(error)) => {
                 tracing::warn!(%error, "undecodable message; dead-lettering it");
@@ -401,10 +413,11 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
                 return;
             }
         };
-        let span = tracing::Span::current();
-        span.record("messaging.message.conversation_id", envelope.conversation_id());
-        if let Some(causation) = &envelope.causation_id {
-            span.record("busbar.causation_id", causation.as_str());
+        if structured {
+            // Its attributes were in its body: the span learns them now.
+            let span = tracing::Span::current();
+            span.record("messaging.message.conversation_id", envelope.conversation_id());
+            span.record("busbar.causation_id", envelope.causation_id.as_deref());
         }
 
         // The decoded type, looked up once for the duration and the outcome's counts.
