@@ -1,0 +1,292 @@
+//! busbar's memory transport side by side with mq-bridge's memory endpoint, omniqueue's
+//! in-memory backend and a bare tokio channel, in one process, taking turns: N events of 1 KiB
+//! (`{seq, data}` as JSON) published in batches of 100 (omniqueue and the channel send one by
+//! one: they have no batch send), each decoded by one consumer with a no-op handler and
+//! acknowledged. Reports each one's median rate over the rounds and the process's CPU time per
+//! message (user + system, `getrusage`), which a busy machine disturbs less than the rate.
+//!
+//! What each carries differs, and the table says so: busbar writes and reads a CloudEvents
+//! envelope (id, type, source, time, correlation, traceparent) and runs its retry,
+//! dead-letter and per-key bookkeeping; mq-bridge gives each message an id and nothing else
+//! here; omniqueue and the bare channel move only the JSON bytes.
+//!
+//! ```text
+//! cargo run --release --manifest-path benches/peers/Cargo.toml
+//! ```
+//! `BUSBAR_BENCH_MESSAGES` (default 100,000) and `BUSBAR_BENCH_ROUNDS` (default 5) size it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use busbar_core::{Bus, Context, Envelope, Event, HandlerError, MemoryOptions, MemoryTransport};
+use mq_bridge::endpoints::memory::{MemoryConsumer, MemoryPublisher};
+use mq_bridge::models::MemoryConfig;
+use mq_bridge::traits::{MessageConsumer, MessageDisposition, MessagePublisher};
+use mq_bridge::CanonicalMessage;
+use omniqueue::backends::InMemoryBackend;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+const BATCH: usize = 100;
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Blob {
+    seq: u64,
+    data: String,
+}
+
+impl Event for Blob {
+    const TYPE: &'static str = "bench.blob.v1";
+}
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+fn events(n: usize) -> Vec<Blob> {
+    let data = "x".repeat(1000);
+    (0..n as u64)
+        .map(|seq| Blob {
+            seq,
+            data: data.clone(),
+        })
+        .collect()
+}
+
+/// The process's user + system CPU time.
+fn cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// One timed run: (messages per second, CPU µs per message).
+struct Run {
+    rate: f64,
+    cpu_us: f64,
+}
+
+/// Counts handled messages; wakes the run when all are.
+#[derive(Clone)]
+struct Done {
+    count: Arc<AtomicUsize>,
+    all: Arc<Notify>,
+    target: usize,
+}
+
+impl Done {
+    fn new(target: usize) -> Self {
+        Done {
+            count: Arc::new(AtomicUsize::new(0)),
+            all: Arc::new(Notify::new()),
+            target,
+        }
+    }
+
+    fn handled(&self, n: usize) {
+        if self.count.fetch_add(n, Ordering::SeqCst) + n >= self.target {
+            self.all.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        while self.count.load(Ordering::SeqCst) < self.target {
+            self.all.notified().await;
+        }
+    }
+}
+
+async fn timed(n: usize, publish: impl std::future::Future<Output = ()>, done: &Done) -> Run {
+    let (started, cpu_before) = (Instant::now(), cpu());
+    publish.await;
+    done.wait().await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_us = (cpu() - cpu_before).as_secs_f64() * 1e6 / n as f64;
+    Run {
+        rate: n as f64 / elapsed,
+        cpu_us,
+    }
+}
+
+async fn busbar(n: usize, concurrency: usize) -> Run {
+    let bus = Bus::new(MemoryTransport::with_options(MemoryOptions {
+        queue_capacity: n + BATCH,
+        ..MemoryOptions::default()
+    }));
+    let done = Done::new(n);
+    let handled = done.clone();
+    let sub = bus
+        .subscribe::<Blob>("peers", "g")
+        .concurrency(concurrency)
+        .start(move |_e: Envelope<Blob>, _c: Context| {
+            handled.handled(1);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe");
+    let events = events(n);
+    let publish = async {
+        for batch in events.chunks(BATCH) {
+            bus.publish_batch("peers", batch.to_vec())
+                .await
+                .expect("publish");
+        }
+    };
+    let run = timed(n, publish, &done).await;
+    sub.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+    run
+}
+
+async fn mq_bridge(n: usize, round: usize) -> Run {
+    let topic = format!("peers-{round}-{}", std::process::id());
+    let config = MemoryConfig {
+        topic: topic.clone(),
+        capacity: Some(n / BATCH + 10),
+        ..MemoryConfig::default()
+    };
+    let publisher = MemoryPublisher::new(&config).expect("publisher");
+    let mut consumer = MemoryConsumer::new(&config).expect("consumer");
+    let done = Done::new(n);
+    let handled = done.clone();
+    let consuming = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < n {
+            let batch = consumer.receive_batch(BATCH).await.expect("receive");
+            for message in &batch.messages {
+                let _event: Blob = serde_json::from_slice(&message.payload).expect("decode");
+            }
+            let count = batch.messages.len();
+            (batch.commit)(vec![MessageDisposition::Ack; count])
+                .await
+                .expect("commit");
+            seen += count;
+            handled.handled(count);
+        }
+    });
+    let events = events(n);
+    let publish = async {
+        for batch in events.chunks(BATCH) {
+            let messages = batch
+                .iter()
+                .map(|e| CanonicalMessage::new(serde_json::to_vec(e).expect("encode"), None))
+                .collect();
+            publisher.send_batch(messages).await.expect("publish");
+        }
+    };
+    let run = timed(n, publish, &done).await;
+    consuming.await.expect("consumer");
+    run
+}
+
+async fn omniqueue(n: usize) -> Run {
+    let (producer, mut consumer) = InMemoryBackend::builder().build_pair().await.expect("pair");
+    let done = Done::new(n);
+    let handled = done.clone();
+    let consuming = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < n {
+            let deliveries = consumer
+                .receive_all(BATCH, Duration::from_millis(1))
+                .await
+                .expect("receive");
+            let count = deliveries.len();
+            for delivery in deliveries {
+                let _event: Option<Blob> = delivery.payload_serde_json().expect("decode");
+                delivery.ack().await.map_err(|(e, _)| e).expect("ack");
+            }
+            seen += count;
+            handled.handled(count);
+        }
+    });
+    let events = events(n);
+    let publish = async {
+        for event in &events {
+            producer.send_serde_json(event).await.expect("publish");
+        }
+    };
+    let run = timed(n, publish, &done).await;
+    consuming.await.expect("consumer");
+    run
+}
+
+async fn channel(n: usize) -> Run {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let done = Done::new(n);
+    let handled = done.clone();
+    let consuming = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            let _event: Blob = serde_json::from_slice(&bytes).expect("decode");
+            handled.handled(1);
+        }
+    });
+    let events = events(n);
+    let publish = async {
+        for event in &events {
+            tx.send(serde_json::to_vec(event).expect("encode"))
+                .expect("send");
+        }
+    };
+    let run = timed(n, publish, &done).await;
+    drop(tx);
+    consuming.await.expect("consumer");
+    run
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let (n, rounds) = (
+        env("BUSBAR_BENCH_MESSAGES", 100_000),
+        env("BUSBAR_BENCH_ROUNDS", 5),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let names = [
+        "busbar, concurrency 1",
+        "busbar, concurrency 8",
+        "mq-bridge memory endpoint",
+        "omniqueue in-memory",
+        "tokio channel + serde_json",
+    ];
+    let mut runs: Vec<Vec<Run>> = names.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        // Each round starts with the next one, so none always runs on a cold or warm machine.
+        for turn in 0..names.len() {
+            let which = (turn + round) % names.len();
+            let run = runtime.block_on(async {
+                match which {
+                    0 => busbar(n, 1).await,
+                    1 => busbar(n, 8).await,
+                    2 => mq_bridge(n, round).await,
+                    3 => omniqueue(n).await,
+                    _ => channel(n).await,
+                }
+            });
+            runs[which].push(run);
+        }
+    }
+    println!("{n} events of 1 KiB, publish → handled, medians of {rounds} rounds\n");
+    println!("| | msg/s | CPU µs/msg |");
+    println!("|---|---|---|");
+    for (name, runs) in names.iter().zip(runs) {
+        let rate = median(runs.iter().map(|r| r.rate).collect());
+        let cpu_us = median(runs.iter().map(|r| r.cpu_us).collect());
+        println!("| {name} | {rate:.0} | {cpu_us:.2} |");
+    }
+}
