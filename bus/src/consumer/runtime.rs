@@ -180,26 +180,45 @@ impl Workers {
             Some(index) => index,
             None => {
                 let index = self.inboxes.len();
-                let (inbox, deliveries) = mpsc::channel(1);
-                self.tasks.spawn(worker(
-                    index,
-                    Arc::clone(shared),
-                    deliveries,
-                    self.done.clone(),
-                ));
+                let inbox = self.spawn(shared, index);
                 self.inboxes.push(inbox);
                 self.keys.push(None);
                 index
             }
         };
-        // The worker is idle, so its inbox is empty; it is closed only after the worker has
-        // gone, which it does only when this loop ends.
+        // The worker is idle, so its inbox is empty and takes the delivery. A worker never ends
+        // while this loop runs (it catches what `process` throws); should one have, a new one
+        // takes its place rather than the delivery and its key being lost.
         if let Err(error) = self.inboxes[index].try_send(delivery) {
-            tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, error = %error, "handler worker is gone; its message returns unacked");
-            return;
+            let delivery = match error {
+                mpsc::error::TrySendError::Full(delivery)
+                | mpsc::error::TrySendError::Closed(delivery) => delivery,
+            };
+            tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, "a handler worker was gone; starting another");
+            let inbox = self.spawn(shared, index);
+            self.inboxes[index] = inbox;
+            if self.inboxes[index].try_send(delivery).is_err() {
+                return; // unreachable: a new inbox has room; the delivery returns unacked
+            }
         }
         self.keys[index] = key;
         self.busy += 1;
+    }
+
+    /// Starts worker `index`; returns its inbox.
+    fn spawn<E: Send + 'static>(
+        &mut self,
+        shared: &Arc<Shared<E>>,
+        index: usize,
+    ) -> mpsc::Sender<Delivery> {
+        let (inbox, deliveries) = mpsc::channel(1);
+        self.tasks.spawn(worker(
+            index,
+            Arc::clone(shared),
+            deliveries,
+            self.done.clone(),
+        ));
+        inbox
     }
 
     /// Worker `index` finished its delivery; returns the key it held.
