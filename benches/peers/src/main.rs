@@ -13,7 +13,8 @@
 //! ```text
 //! cargo run --release --manifest-path benches/peers/Cargo.toml
 //! ```
-//! `BUSBAR_BENCH_MESSAGES` (default 100,000) and `BUSBAR_BENCH_ROUNDS` (default 5) size it.
+//! `BUSBAR_BENCH_MESSAGES` (default 100,000) and `BUSBAR_BENCH_ROUNDS` (default 5) size it;
+//! `BUSBAR_BENCH_BYTES` (default 1,000) is the length of each event's string.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,7 +49,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn events(n: usize) -> Vec<Blob> {
-    let data = "x".repeat(1000);
+    let data = "x".repeat(env("BUSBAR_BENCH_BYTES", 1000));
     (0..n as u64)
         .map(|seq| Blob {
             seq,
@@ -281,7 +282,8 @@ fn main() {
             runs[which].push(run);
         }
     }
-    println!("{n} events of 1 KiB, publish → handled, medians of {rounds} rounds\n");
+    let bytes = env("BUSBAR_BENCH_BYTES", 1000);
+    println!("{n} events of {bytes} bytes, publish → handled, medians of {rounds} rounds\n");
     println!("| | msg/s | CPU µs/msg |");
     println!("|---|---|---|");
     for (name, runs) in names.iter().zip(runs) {
