@@ -8,12 +8,61 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busbar_core::{
-    Bus, Context, DeadLetterReason, Envelope, HandlerError, MemoryIdempotencyStore,
-    MemoryTransport, Message, RetryPolicy, ShutdownReport,
+    Bus, Capabilities, ConsumeOptions, Context, DeadLetterReason, Delivery, DeliveryStream,
+    Envelope, HandlerError, MemoryIdempotencyStore, MemoryTransport, Message, RetryPolicy,
+    ShutdownReport, Transport,
 };
 use common::{eventually, numbered, unique, Numbered};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// The memory transport without its per-key lock: keys travel in a header it does not read,
+/// and come back as keys on delivery, so messages of one key are handed out together.
+#[derive(Debug)]
+struct Unlocked(MemoryTransport);
+
+const HIDDEN_KEY: &str = "test.key";
+
+#[async_trait::async_trait]
+impl Transport for Unlocked {
+    fn name(&self) -> &'static str {
+        "unlocked"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    async fn publish(&self, mut messages: Vec<Message>) -> busbar_core::Result<()> {
+        for message in &mut messages {
+            if let Some(key) = message.key.take() {
+                message.headers.insert(HIDDEN_KEY, key);
+            }
+        }
+        self.0.publish(messages).await
+    }
+    async fn declare(&self, topic: &str, group: &str) -> busbar_core::Result<()> {
+        self.0.declare(topic, group).await
+    }
+    async fn consume(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumeOptions,
+    ) -> busbar_core::Result<DeliveryStream> {
+        use futures::StreamExt;
+        let stream = self.0.consume(topic, group, options).await?;
+        Ok(Box::pin(stream.map(|item| {
+            item.map(|delivery| {
+                let (message, attempt, acker) = delivery.into_parts();
+                let mut message = Arc::unwrap_or_clone(message);
+                message.key = message.headers.remove(HIDDEN_KEY);
+                Delivery::new(Arc::new(message), attempt, acker)
+            })
+        })))
+    }
+    async fn close(&self) -> busbar_core::Result<()> {
+        self.0.close().await
+    }
+}
 
 fn fast_retry(max_attempts: u32) -> RetryPolicy {
     RetryPolicy::exponential(max_attempts)
@@ -469,10 +518,10 @@ async fn per_key_order_holds_under_concurrency_16_even_across_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_ordering_in_the_runtime_sequences_keys_a_transport_hands_out_together() {
-    // With key_ordered(false) and a transport that does not lock keys this would interleave;
-    // the runtime's own sequencing is what keeps each key sequential here, so test it directly:
-    // at most one handler per key runs at any moment.
-    let bus = Bus::memory();
+    // The memory transport hands out one message per key at a time; this one hands out every
+    // message at once, as RabbitMQ does, so only the runtime's own sequencing keeps each key
+    // sequential: at most one handler per key runs at any moment.
+    let bus = Bus::builder(Arc::new(Unlocked(MemoryTransport::new()))).build();
     let (topic, group) = (unique("t"), unique("g"));
     let active = Arc::new(Mutex::new(HashSet::<String>::new()));
     let overlap = Arc::new(AtomicBool::new(false));

@@ -100,31 +100,40 @@ pub(crate) struct Limits {
 ///
 /// A key is "busy" while one of its deliveries runs or is runnable; later deliveries of a busy
 /// key wait behind it, so each key is handled sequentially while different keys run in parallel.
+/// Keys are told apart by a 64-bit hash, so no delivery copies its key: two keys with the same
+/// hash (one chance in 2^64 for a pair) would only wait for each other, never run at once.
 #[derive(Default)]
 struct Dispatch {
-    runnable: VecDeque<Delivery>,
-    waiting: HashMap<String, VecDeque<Delivery>>,
+    /// Deliveries that may start, with their key's hash when ordered by key.
+    runnable: VecDeque<(Delivery, Option<u64>)>,
+    waiting: HashMap<u64, VecDeque<Delivery>>,
     held: usize,
+    hasher: std::hash::RandomState,
 }
 
 impl Dispatch {
     fn receive(&mut self, delivery: Delivery, key_ordered: bool) {
         self.held += 1;
-        if let (true, Some(key)) = (key_ordered, &delivery.message().key) {
-            if let Some(queue) = self.waiting.get_mut(key) {
-                queue.push_back(delivery);
+        let key = match (key_ordered, &delivery.message().key) {
+            (true, Some(key)) => std::hash::BuildHasher::hash_one(&self.hasher, key.as_str()),
+            _ => {
+                self.runnable.push_back((delivery, None));
                 return;
             }
-            self.waiting.insert(key.clone(), VecDeque::new());
+        };
+        if let Some(queue) = self.waiting.get_mut(&key) {
+            queue.push_back(delivery);
+            return;
         }
-        self.runnable.push_back(delivery);
+        self.waiting.insert(key, VecDeque::new());
+        self.runnable.push_back((delivery, Some(key)));
     }
 
-    fn finished(&mut self, key: Option<String>) {
+    fn finished(&mut self, key: Option<u64>) {
         self.held = self.held.saturating_sub(1);
         if let Some(key) = key {
             match self.waiting.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => self.runnable.push_front(next),
+                Some(next) => self.runnable.push_front((next, Some(key))),
                 None => {
                     self.waiting.remove(&key);
                 }
@@ -151,8 +160,8 @@ struct Workers {
     /// Each worker's inbox; a worker is idle when its index is in `idle`.
     inboxes: Vec<mpsc::Sender<Delivery>>,
     idle: Vec<usize>,
-    /// The ordering key each busy worker holds (`None` when unkeyed or idle).
-    keys: Vec<Option<String>>,
+    /// The hash of the ordering key each busy worker holds (`None` when unkeyed or idle).
+    keys: Vec<Option<u64>>,
     busy: usize,
     done: mpsc::UnboundedSender<usize>,
 }
@@ -174,7 +183,7 @@ impl Workers {
         &mut self,
         shared: &Arc<Shared<E>>,
         delivery: Delivery,
-        key: Option<String>,
+        key: Option<u64>,
     ) {
         let index = match self.idle.pop() {
             Some(index) => index,
@@ -222,7 +231,7 @@ impl Workers {
     }
 
     /// Worker `index` finished its delivery; returns the key it held.
-    fn finished(&mut self, index: usize) -> Option<String> {
+    fn finished(&mut self, index: usize) -> Option<u64> {
         self.busy = self.busy.saturating_sub(1);
         self.idle.push(index);
         self.keys.get_mut(index).and_then(Option::take)
@@ -267,13 +276,8 @@ pub(crate) async fn run<E: Send + 'static>(
 
     loop {
         while workers.busy < limits.concurrency {
-            let Some(delivery) = dispatch.runnable.pop_front() else {
+            let Some((delivery, key)) = dispatch.runnable.pop_front() else {
                 break;
-            };
-            let key = if limits.key_ordered {
-                delivery.message().key.clone()
-            } else {
-                None
             };
             workers.start(&shared, delivery, key);
         }
