@@ -866,13 +866,23 @@ mod tests {
         assert!(env.to_message(&Json, "t").is_err());
     }
 
+    /// `headers` as an adapter reads them when one more arrived as the bytes `value`.
+    fn received_with(headers: &Headers, name: &str, value: &[u8]) -> Headers {
+        let mut received = crate::message::ReceivedHeaders::with_capacity(headers.len() + 1);
+        for (known, text) in headers {
+            received.text(known.clone(), text.to_owned());
+        }
+        received.bytes(name, value);
+        received.finish()
+    }
+
     #[test]
     fn an_attribute_that_was_not_utf8_makes_the_message_undecodable_but_a_free_header_does_not() {
         let mut msg = Envelope::new("/svc", note())
             .to_message(&Json, "t")
             .unwrap();
         let mut bad_attribute = msg.clone();
-        crate::message::insert_received_header(&mut bad_attribute.headers, attr::SOURCE, b"/s\xff");
+        bad_attribute.headers = received_with(&msg.headers, attr::SOURCE, b"/s\xff");
         let err = Envelope::<Note>::from_message(&Json, &bad_attribute).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Decode);
         assert!(
@@ -880,7 +890,7 @@ mod tests {
             "{err}"
         );
 
-        crate::message::insert_received_header(&mut msg.headers, "note", b"caf\xe9");
+        msg.headers = received_with(&msg.headers, "note", b"caf\xe9");
         let env = Envelope::<Note>::from_message(&Json, &msg).unwrap();
         assert_eq!(env.headers.get("note"), Some("caf\u{fffd}"));
         assert_eq!(

@@ -480,34 +480,6 @@ pub const MAX_HEADERS: usize = 1_000;
 /// header telling the handler which values were altered.
 pub const INVALID_UTF8_HEADERS: &str = "busbar.invalid-utf8";
 
-/// Adds a header received as bytes (see [`INVALID_UTF8_HEADERS`]): as text when it is UTF-8,
-/// otherwise lossily, with its name recorded in [`INVALID_UTF8_HEADERS`]. To read all of a
-/// message's headers, [`ReceivedHeaders`] sorts once instead of inserting one by one.
-///
-/// ```
-/// use busbar_core::message::{insert_received_header, Headers, INVALID_UTF8_HEADERS};
-/// let mut headers = Headers::new();
-/// insert_received_header(&mut headers, "ce_source", b"/shop");
-/// insert_received_header(&mut headers, "note", b"caf\xe9");
-/// assert_eq!(headers.get("ce_source"), Some("/shop"));
-/// assert_eq!(headers.get("note"), Some("caf\u{fffd}"));
-/// assert_eq!(headers.get(INVALID_UTF8_HEADERS), Some("note"));
-/// ```
-pub fn insert_received_header(headers: &mut Headers, name: &str, value: &[u8]) {
-    let (text, valid) = received_text(value);
-    headers.insert(HeaderName::new(name), text);
-    if !valid {
-        let list =
-            headers.get_or_insert_with(HeaderName::from_static(INVALID_UTF8_HEADERS), String::new);
-        if !list.split(',').any(|n| n == name) {
-            if !list.is_empty() {
-                list.push(',');
-            }
-            list.push_str(name);
-        }
-    }
-}
-
 /// A received value as text, and whether it was valid UTF-8 (else decoded lossily).
 fn received_text(value: &[u8]) -> (String, bool) {
     match std::str::from_utf8(value) {
@@ -518,7 +490,8 @@ fn received_text(value: &[u8]) -> (String, bool) {
 
 /// The headers of a received message, read from the broker's in one pass and sorted once (where
 /// inserting each would cost `n²` for a hostile message with thousands). Values received as
-/// bytes are checked for UTF-8 as [`insert_received_header`] does.
+/// bytes are read as text when they are UTF-8, otherwise lossily, and then named in
+/// [`INVALID_UTF8_HEADERS`].
 ///
 /// ```
 /// use busbar_core::message::{ReceivedHeaders, INVALID_UTF8_HEADERS};
@@ -625,16 +598,17 @@ mod tests {
 
     #[test]
     fn header_names_read_from_the_wire_share_the_known_ones_and_sort_as_text() {
-        let mut headers = Headers::new();
+        let mut received = ReceivedHeaders::default();
         for (name, value) in [
             ("ce_type", "t"),
             ("b-custom", "x"),
             ("ce_id", "1"),
             ("A", "up"),
+            ("content-type", "application/json"),
         ] {
-            insert_received_header(&mut headers, name, value.as_bytes());
+            received.bytes(name, value.as_bytes());
         }
-        insert_received_header(&mut headers, "content-type", b"application/json");
+        let mut headers = received.finish();
         let names: Vec<&str> = headers.names().map(HeaderName::as_str).collect();
         let mut sorted = names.clone();
         sorted.sort_unstable();

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 
 use busbar_core::envelope::attr;
-use busbar_core::message::insert_received_header;
+use busbar_core::message::ReceivedHeaders;
 use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result};
 
 /// Headers sent as attributes of their own.
@@ -207,15 +207,16 @@ fn fnv1a(value: &str, basis: u64) -> u64 {
 /// they are, `Binary` ones (a foreign producer's) as UTF-8 text, or lossily when they are not
 /// UTF-8, named then in [`busbar_core::message::INVALID_UTF8_HEADERS`].
 pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> Headers {
-    let mut attributes = Headers::new();
-    for (name, value) in received.message_attributes().into_iter().flatten() {
+    let attributes = received.message_attributes();
+    let mut headers = ReceivedHeaders::with_capacity(attributes.map_or(0, |a| a.len() + 1));
+    for (name, value) in attributes.into_iter().flatten() {
         if let Some(text) = value.string_value() {
-            attributes.insert(HeaderName::new(name), text.to_string());
+            headers.text(name.as_str(), text.to_string());
         } else if let Some(bytes) = value.binary_value() {
-            insert_received_header(&mut attributes, name, bytes.as_ref());
+            headers.bytes(name, bytes.as_ref());
         }
     }
-    attributes
+    headers.finish()
 }
 
 /// Unpacks a received message of `topic`; `fallback_id` (the SQS message id) names a message
