@@ -162,7 +162,6 @@ struct Workers {
     idle: Vec<usize>,
     /// The hash of the ordering key each busy worker holds (`None` when unkeyed or idle).
     keys: Vec<Option<u64>>,
-    busy: usize,
     done: mpsc::UnboundedSender<usize>,
 }
 
@@ -173,7 +172,6 @@ impl Workers {
             inboxes: Vec::new(),
             idle: Vec::new(),
             keys: Vec::new(),
-            busy: 0,
             done,
         }
     }
@@ -207,11 +205,17 @@ impl Workers {
             let inbox = self.spawn(shared, index);
             self.inboxes[index] = inbox;
             if self.inboxes[index].try_send(delivery).is_err() {
-                return; // unreachable: a new inbox has room; the delivery returns unacked
+                // Unreachable (a new inbox has room); the delivery returns unacked.
+                self.idle.push(index);
+                return;
             }
         }
         self.keys[index] = key;
-        self.busy += 1;
+    }
+
+    /// How many workers are handling a delivery (every worker is busy or idle).
+    fn busy(&self) -> usize {
+        self.inboxes.len() - self.idle.len()
     }
 
     /// Starts worker `index`; returns its inbox.
@@ -232,7 +236,6 @@ impl Workers {
 
     /// Worker `index` finished its delivery; returns the key it held.
     fn finished(&mut self, index: usize) -> Option<u64> {
-        self.busy = self.busy.saturating_sub(1);
         self.idle.push(index);
         self.keys.get_mut(index).and_then(Option::take)
     }
@@ -275,13 +278,13 @@ pub(crate) async fn run<E: Send + 'static>(
     let mut stream = Some(stream);
 
     loop {
-        while workers.busy < limits.concurrency {
+        while workers.busy() < limits.concurrency {
             let Some((delivery, key)) = dispatch.runnable.pop_front() else {
                 break;
             };
             workers.start(&shared, delivery, key);
         }
-        if !fetching && workers.busy == 0 && dispatch.held == 0 {
+        if !fetching && workers.busy() == 0 && dispatch.held == 0 {
             break;
         }
         tokio::select! {
@@ -298,11 +301,11 @@ pub(crate) async fn run<E: Send + 'static>(
                 // consumer still running would fetch what is given back again.
                 drop(stream.take());
                 report.returned = dispatch.return_unstarted();
-                dispatch.held = workers.busy;
-                report.drained = workers.busy;
-                tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, running = workers.busy, "subscription shutting down");
+                dispatch.held = workers.busy();
+                report.drained = workers.busy();
+                tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, running = workers.busy(), "subscription shutting down");
             }
-            Some(index) = done.recv(), if workers.busy > 0 => {
+            Some(index) = done.recv(), if workers.busy() > 0 => {
                 dispatch.finished(workers.finished(index));
             }
             item = next_delivery(&mut stream), if fetching && dispatch.held < limits.max_in_flight => {
@@ -325,7 +328,7 @@ pub(crate) async fn run<E: Send + 'static>(
                 }
             }
             () = sleep_until_deadline(deadline), if deadline.is_some() => {
-                report.abandoned = workers.busy;
+                report.abandoned = workers.busy();
                 report.drained = report.drained.saturating_sub(report.abandoned);
                 break;
             }
