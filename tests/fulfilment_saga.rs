@@ -59,13 +59,16 @@ fn sent(bus: &TestBus, topics: &Topics) -> Vec<(String, String)> {
     ];
     bus.published_messages()
         .iter()
-        .filter(|m| ours.contains(&&m.topic))
+        .filter(|m| ours.iter().any(|t| **t == m.topic))
         .map(|m: &Message| {
             let short = m
                 .header("ce_type")
                 .unwrap_or("?")
                 .trim_start_matches("shop.");
-            (m.topic.clone(), short.trim_end_matches(".v1").to_string())
+            (
+                m.topic.to_string(),
+                short.trim_end_matches(".v1").to_string(),
+            )
         })
         .collect()
 }

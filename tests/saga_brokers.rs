@@ -162,7 +162,7 @@ fn sent_about(published: &[Message], topics: &Topics, order_id: &str) -> Vec<Str
     let mut types = Vec::new();
     for m in published
         .iter()
-        .filter(|m| ours.contains(&&m.topic) && m.key.as_deref() == Some(order_id))
+        .filter(|m| ours.iter().any(|t| **t == m.topic) && m.key.as_deref() == Some(order_id))
     {
         *seen.entry(m.id.clone()).or_insert(0) += 1;
         if seen[&m.id] == 1 {

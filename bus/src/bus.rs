@@ -17,6 +17,7 @@ use crate::message::{validate_name, Message};
 use crate::metrics::PublishMetrics;
 use crate::retry::RetryPolicy;
 use crate::routing::EventSet;
+use crate::text::Text;
 use crate::transport::{Depth, RedriveSelection, Transport};
 use crate::Capabilities;
 
@@ -52,7 +53,7 @@ pub struct Bus {
 
 struct BusInner {
     transport: Arc<dyn Transport>,
-    source: String,
+    source: Text,
     retry: RetryPolicy,
     concurrency: usize,
     interceptor: Option<Arc<dyn Interceptor>>,
@@ -126,7 +127,7 @@ impl BusBuilder {
         Bus {
             inner: Arc::new(BusInner {
                 transport: self.transport,
-                source: self.source,
+                source: Text::from(self.source),
                 retry: self.retry,
                 concurrency: self.concurrency,
                 interceptor: self.interceptor,
@@ -205,7 +206,7 @@ impl Bus {
 
     /// Publishes `event` to `topic` as a new conversation. Returns the message id once the
     /// broker durably accepted it.
-    pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<String> {
+    pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<Text> {
         self.publish_owned(topic, self.envelope(event)).await
     }
 
@@ -214,7 +215,7 @@ impl Bus {
         &self,
         topic: &str,
         envelope: Envelope<E>,
-    ) -> Result<String> {
+    ) -> Result<Text> {
         let id = envelope.id.clone();
         let message = envelope.into_message(&Json, topic)?;
         self.publish_messages(vec![message]).await?;
@@ -237,7 +238,7 @@ impl Bus {
         &self,
         topic: &str,
         events: impl IntoIterator<Item = E>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<Text>> {
         let messages = events
             .into_iter()
             .map(|event| self.envelope(event).into_message(&Json, topic))

@@ -15,6 +15,7 @@ use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{HeaderName, Headers, Message, INVALID_UTF8_HEADERS, MAX_HEADERS};
 use crate::routing::{EventSet, Payload};
+use crate::text::Text;
 
 /// A Rust type that travels as an event: serializable, and naming its CloudEvents `type`.
 ///
@@ -151,27 +152,27 @@ pub const MAX_HEADER_NAME_LEN: usize = 255;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope<T> {
     /// Unique id (a UUID v7 when busbar creates it; any string from foreign producers).
-    pub id: String,
+    pub id: Text,
     /// The CloudEvents `type`; [`Event::TYPE`] for busbar-created envelopes.
-    pub event_type: String,
+    pub event_type: Text,
     /// The CloudEvents `source`: which service produced the event.
-    pub source: String,
+    pub source: Text,
     /// When the event was produced.
     pub time: Option<DateTime<Utc>>,
     /// The conversation this event belongs to; shared by every event of one chain.
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<Text>,
     /// The id of the event whose handling produced this one.
-    pub causation_id: Option<String>,
+    pub causation_id: Option<Text>,
     /// The payload's MIME type.
-    pub content_type: String,
+    pub content_type: Text,
     /// W3C `traceparent`.
-    pub traceparent: Option<String>,
+    pub traceparent: Option<Text>,
     /// W3C `tracestate`.
-    pub tracestate: Option<String>,
+    pub tracestate: Option<Text>,
     /// Free-form headers (names must not be one of [`attr::RESERVED`] or start with `busbar.`).
     pub headers: Headers,
     /// The ordering/partition key.
-    pub key: Option<String>,
+    pub key: Option<Text>,
     /// The event itself.
     pub payload: T,
 }
@@ -179,20 +180,20 @@ pub struct Envelope<T> {
 impl<E: Event> Envelope<E> {
     /// A fresh envelope: new UUID v7 id, `type` = [`Event::TYPE`], the current time, the
     /// event's key, a new correlation (equal to the id) and a new W3C trace.
-    pub fn new(source: impl Into<String>, payload: E) -> Self {
-        let id = uuid::Uuid::now_v7().to_string();
+    pub fn new(source: impl Into<Text>, payload: E) -> Self {
+        let id = new_id();
         Envelope {
             correlation_id: Some(id.clone()),
             id,
-            event_type: E::TYPE.to_string(),
+            event_type: Text::from_static(E::TYPE),
             source: source.into(),
             time: Some(Utc::now()),
             causation_id: None,
-            content_type: crate::codec::Json.content_type().to_string(),
+            content_type: Text::from_static(crate::codec::Json.content_type()),
             traceparent: Some(new_traceparent(None)),
             tracestate: None,
             headers: Headers::new(),
-            key: payload.key(),
+            key: payload.key().map(Text::from),
             payload,
         }
     }
@@ -252,24 +253,24 @@ pub(crate) fn unknown_type_error(message: &Message, event_type: &str, claimed: &
 /// A message's CloudEvents attributes and its free-form headers, read in one pass.
 #[derive(Default)]
 struct Attributes<'m> {
-    specversion: Option<&'m str>,
-    id: Option<&'m str>,
-    event_type: Option<&'m str>,
-    source: Option<&'m str>,
-    time: Option<&'m str>,
-    content_type: Option<&'m str>,
-    correlation_id: Option<&'m str>,
-    causation_id: Option<&'m str>,
-    traceparent: Option<&'m str>,
-    tracestate: Option<&'m str>,
-    invalid_utf8: Option<&'m str>,
+    specversion: Option<&'m Text>,
+    id: Option<&'m Text>,
+    event_type: Option<&'m Text>,
+    source: Option<&'m Text>,
+    time: Option<&'m Text>,
+    content_type: Option<&'m Text>,
+    correlation_id: Option<&'m Text>,
+    causation_id: Option<&'m Text>,
+    traceparent: Option<&'m Text>,
+    tracestate: Option<&'m Text>,
+    invalid_utf8: Option<&'m Text>,
     free_form: Headers,
 }
 
 impl<'m> Attributes<'m> {
     fn read(message: &'m Message) -> Self {
         let mut read = Attributes::default();
-        for (name, value) in &message.headers {
+        for (name, value) in message.headers.entries() {
             let slot = match name.as_str() {
                 attr::SPECVERSION => &mut read.specversion,
                 attr::ID => &mut read.id,
@@ -285,7 +286,7 @@ impl<'m> Attributes<'m> {
                     if other == INVALID_UTF8_HEADERS {
                         read.invalid_utf8 = Some(value);
                     }
-                    read.free_form.insert(name.clone(), value);
+                    read.free_form.insert(name.clone(), value.clone());
                     continue;
                 }
             };
@@ -330,7 +331,11 @@ impl<T> Envelope<T> {
                 )));
             }
         }
-        fn required<'m>(message: &Message, value: Option<&'m str>, name: &str) -> Result<&'m str> {
+        fn required<'m>(
+            message: &Message,
+            value: Option<&'m Text>,
+            name: &str,
+        ) -> Result<&'m Text> {
             value.ok_or_else(|| {
                 decode_error(message, format!("missing CloudEvents attribute `{name}`"))
             })
@@ -349,15 +354,15 @@ impl<T> Envelope<T> {
                 },
             )
         })?;
-        if spec != attr::SPECVERSION_1_0 {
+        if *spec != attr::SPECVERSION_1_0 {
             return Err(Undecoded::Invalid(decode_error(
                 message,
                 format!("unsupported CloudEvents specversion {spec:?}; busbar reads 1.0"),
             )));
         }
         let event_type = required(message, read.event_type, attr::TYPE)?;
-        let id = required(message, read.id, attr::ID)?.to_string();
-        let source = required(message, read.source, attr::SOURCE)?.to_string();
+        let id = required(message, read.id, attr::ID)?.clone();
+        let source = required(message, read.source, attr::SOURCE)?.clone();
         let time = match read.time {
             None => None,
             Some(text) => Some(
@@ -376,8 +381,8 @@ impl<T> Envelope<T> {
         };
         let content_type = read
             .content_type
-            .unwrap_or(codec.content_type())
-            .to_string();
+            .cloned()
+            .unwrap_or(Text::from_static(codec.content_type()));
         if !codec.accepts(&content_type) {
             return Err(Undecoded::Invalid(decode_error(
                 message,
@@ -390,17 +395,16 @@ impl<T> Envelope<T> {
         let payload = decode(Payload::new(codec, event_type, &message.payload))
             .ok_or_else(|| Undecoded::UnknownType(event_type.to_string()))?
             .map_err(|e| e.with_resource(describe(message)))?;
-        let owned = |value: Option<&str>| value.map(str::to_string);
         Ok(Envelope {
             id,
-            event_type: event_type.to_string(),
+            event_type: event_type.clone(),
             source,
             time,
-            correlation_id: owned(read.correlation_id),
-            causation_id: owned(read.causation_id),
+            correlation_id: read.correlation_id.cloned(),
+            causation_id: read.causation_id.cloned(),
             content_type,
-            traceparent: owned(read.traceparent),
-            tracestate: owned(read.tracestate),
+            traceparent: read.traceparent.cloned(),
+            tracestate: read.tracestate.cloned(),
             headers: read.free_form,
             key: message.key.clone(),
             payload,
@@ -439,31 +443,31 @@ impl<T> Envelope<T> {
     }
 
     /// Adds a free-form header (checked when the envelope is encoded).
-    pub fn with_header(mut self, name: impl Into<HeaderName>, value: impl Into<String>) -> Self {
+    pub fn with_header(mut self, name: impl Into<HeaderName>, value: impl Into<Text>) -> Self {
         self.headers.insert(name.into(), value.into());
         self
     }
 
     /// Sets the ordering/partition key.
-    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+    pub fn with_key(mut self, key: impl Into<Text>) -> Self {
         self.key = Some(key.into());
         self
     }
 
     /// Sets the correlation id (joins an existing conversation).
-    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+    pub fn with_correlation_id(mut self, id: impl Into<Text>) -> Self {
         self.correlation_id = Some(id.into());
         self
     }
 
     /// Sets the causation id (the id of the event that caused this one).
-    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
+    pub fn with_causation_id(mut self, id: impl Into<Text>) -> Self {
         self.causation_id = Some(id.into());
         self
     }
 
     /// Sets the W3C `traceparent` (e.g. from the current OpenTelemetry span).
-    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
+    pub fn with_traceparent(mut self, traceparent: impl Into<Text>) -> Self {
         self.traceparent = Some(traceparent.into());
         self
     }
@@ -521,10 +525,10 @@ impl<T> Envelope<T> {
         let mut headers = self.headers;
         // The attributes below, so the vector grows once.
         headers.reserve(10);
-        let mut set = |name: &'static str, value: String| {
+        let mut set = |name: &'static str, value: Text| {
             headers.insert(HeaderName::from_static(name), value);
         };
-        set(attr::SPECVERSION, attr::SPECVERSION_1_0.to_string());
+        set(attr::SPECVERSION, Text::from_static(attr::SPECVERSION_1_0));
         set(attr::ID, self.id.clone());
         set(attr::TYPE, self.event_type);
         set(attr::SOURCE, self.source);
@@ -545,7 +549,7 @@ impl<T> Envelope<T> {
         }
         Ok(Message {
             id: self.id,
-            topic: topic.to_string(),
+            topic: Text::new(topic),
             key: self.key,
             headers,
             payload,
@@ -597,10 +601,10 @@ pub fn validate_header(name: &str, value: &str) -> Result<()> {
 ///
 /// With the `otel` feature, inside a span with an OpenTelemetry context, that span's context
 /// instead: the trace continues from the span the event is published in.
-pub(crate) fn new_traceparent(parent: Option<&str>) -> String {
+pub(crate) fn new_traceparent(parent: Option<&str>) -> Text {
     #[cfg(feature = "otel")]
     if let Some(current) = crate::otel::current_traceparent() {
-        return current;
+        return current.into();
     }
     let parent_trace = parent.and_then(|p| {
         let mut parts = p.split('-');
@@ -611,40 +615,44 @@ pub(crate) fn new_traceparent(parent: Option<&str>) -> String {
             && trace.bytes().any(|b| b != b'0');
         valid.then_some(trace)
     });
-    // Built in one allocation: this runs for every event published.
-    let mut traceparent = String::with_capacity(55);
-    traceparent.push_str("00-");
+    // Written in place, without the formatting machinery: this runs for every event published.
+    let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-01";
     match parent_trace {
-        Some(trace) => traceparent.extend(trace.chars().map(|c| c.to_ascii_lowercase())),
-        None => push_hex(&mut traceparent, fastrand::u128(1..), 32),
+        Some(trace) => {
+            for (out, digit) in traceparent[3..35].iter_mut().zip(trace.bytes()) {
+                *out = digit.to_ascii_lowercase();
+            }
+        }
+        None => put_hex(&mut traceparent[3..35], fastrand::u128(1..)),
     }
-    traceparent.push('-');
-    push_hex(&mut traceparent, u128::from(fastrand::u64(1..)), 16);
-    traceparent.push_str("-01");
-    traceparent
+    put_hex(&mut traceparent[36..52], u128::from(fastrand::u64(1..)));
+    Text::new(std::str::from_utf8(&traceparent).unwrap_or_default())
 }
 
-/// Appends the lowest `digits` hex digits of `value`, lowercase, zero-padded (what
-/// `{:0digits$x}` writes, without the formatting machinery: it runs for every publish).
-fn push_hex(out: &mut String, value: u128, digits: usize) {
+/// A new message id: a UUID v7, formatted in place.
+pub(crate) fn new_id() -> Text {
+    let mut buf = uuid::Uuid::encode_buffer();
+    Text::new(uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
+}
+
+/// Writes the lowest hex digits of `value` into `out`, lowercase, zero-padded to its length
+/// (what `{:0digits$x}` writes, without the formatting machinery).
+fn put_hex(out: &mut [u8], value: u128) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 32];
-    let digits = digits.min(buf.len());
-    for (place, byte) in buf[..digits].iter_mut().rev().enumerate() {
+    for (place, byte) in out.iter_mut().rev().enumerate() {
         *byte = HEX[((value >> (place * 4)) & 0xf) as usize];
     }
-    out.push_str(std::str::from_utf8(&buf[..digits]).unwrap_or_default());
 }
 
 /// `time` in RFC 3339, as chrono's `to_rfc3339_opts(SecondsFormat::AutoSi, true)` writes it
 /// (`2026-11-30T06:45:00.123Z`: 0, 3, 6 or 9 fraction digits, whichever is exact), written
 /// into a buffer directly: chrono's formatter costs about 900 instructions per publish.
-pub(crate) fn rfc3339(time: &DateTime<Utc>) -> String {
+pub(crate) fn rfc3339(time: &DateTime<Utc>) -> Text {
     use chrono::{Datelike, Timelike};
     let date = time.date_naive();
     let year = date.year();
     if !(0..=9999).contains(&year) {
-        return time.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+        return time.to_rfc3339_opts(SecondsFormat::AutoSi, true).into();
     }
     let clock = time.time();
     // chrono keeps a leap second as nanoseconds past 1e9; its formatter writes second 60.
@@ -675,9 +683,7 @@ pub(crate) fn rfc3339(time: &DateTime<Utc>) -> String {
         }
     };
     buf[end] = b'Z';
-    let mut out = String::with_capacity(end + 1);
-    out.push_str(std::str::from_utf8(&buf[..=end]).unwrap_or_default());
-    out
+    Text::new(std::str::from_utf8(&buf[..=end]).unwrap_or_default())
 }
 
 /// Writes `value`'s lowest decimal digits into `out`, zero-padded to its length.
@@ -762,9 +768,9 @@ mod tests {
         let child = new_traceparent(Some(&fresh));
         assert_eq!(&child[..35], &fresh[..35], "the same trace");
         assert_ne!(child, fresh, "a new span id");
-        let mut hex = String::new();
-        push_hex(&mut hex, 0xab, 4);
-        assert_eq!(hex, "00ab");
+        let mut hex = [0u8; 4];
+        put_hex(&mut hex, 0xab);
+        assert_eq!(&hex, b"00ab");
     }
     use crate::codec::Json;
     use serde::Deserialize;
@@ -996,7 +1002,7 @@ mod tests {
                 err.to_string().contains(expected),
                 "expected {expected:?} in {err}"
             );
-            assert!(err.to_string().contains(&msg.id), "{err}");
+            assert!(err.to_string().contains(msg.id.as_str()), "{err}");
         }
     }
 

@@ -39,6 +39,7 @@ pub mod retry;
 pub mod routing;
 pub mod saga;
 pub mod structured;
+pub mod text;
 pub mod transport;
 
 pub use bus::{Bus, BusBuilder};
@@ -57,6 +58,7 @@ pub use memory::{MemoryOptions, MemoryTransport};
 pub use message::{HeaderName, Headers, Message};
 pub use retry::RetryPolicy;
 pub use routing::{EventSet, UnknownTypes};
+pub use text::Text;
 pub use transport::{
     Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, Delivery, DeliveryStream, Depth,
     RedriveSelection, StartFrom, Transport,

@@ -25,6 +25,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterInfo};
 use crate::error::{Error, ErrorKind, Result};
 use crate::health::ConnectionState;
 use crate::message::{validate_name, Message};
+use crate::text::Text;
 use crate::transport::{
     no_history, Acknowledger, ConsumeOptions, Delivery, DeliveryStream, Depth, RedriveSelection,
     StartFrom, Transport,
@@ -144,7 +145,7 @@ struct QueueState {
     /// Messages that may be handed out now: at most one per key.
     ready: VecDeque<Entry>,
     /// For each locked key, the messages waiting behind the one that holds the lock.
-    waiting: HashMap<String, VecDeque<Entry>>,
+    waiting: HashMap<Text, VecDeque<Entry>>,
     /// Unsettled messages: ready, waiting, in flight and delayed.
     len: usize,
     dead: VecDeque<DeadLetter>,
@@ -333,7 +334,7 @@ impl MemoryTransport {
         let capacity = self.inner.options.queue_capacity;
         let mut wanted: HashMap<*const GroupQueue, (usize, &Arc<GroupQueue>)> = HashMap::new();
         for message in messages {
-            for queue in topics.get(&message.topic).into_iter().flatten() {
+            for queue in topics.get(message.topic.as_str()).into_iter().flatten() {
                 wanted.entry(Arc::as_ptr(queue)).or_insert((0, queue)).0 += 1;
             }
         }
@@ -347,7 +348,7 @@ impl MemoryTransport {
         }
         let mut states: HashMap<_, _> = states.into_iter().collect();
         for message in messages {
-            for queue in topics.get(&message.topic).into_iter().flatten() {
+            for queue in topics.get(message.topic.as_str()).into_iter().flatten() {
                 if let Some(state) = states.get_mut(&Arc::as_ptr(queue)) {
                     state.push(Entry {
                         message: Arc::clone(message),

@@ -7,6 +7,7 @@ use std::ops::Deref;
 use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::text::Text;
 
 /// Header names and string values of a [`Message`], sorted by name; later inserts of a name
 /// replace earlier ones.
@@ -22,7 +23,7 @@ use crate::error::{Error, ErrorKind, Result};
 /// let mut headers = Headers::new();
 /// headers.insert("tenant", "acme");
 /// assert_eq!(headers.get("tenant"), Some("acme"));
-/// assert_eq!(headers.insert("tenant", "globex"), Some("acme".to_string()));
+/// assert_eq!(headers.insert("tenant", "globex").as_deref(), Some("acme"));
 /// assert_eq!(headers.len(), 1);
 ///
 /// let more: Headers = [("b", "2"), ("a", "1"), ("b", "3")].into_iter().collect();
@@ -30,7 +31,7 @@ use crate::error::{Error, ErrorKind, Result};
 /// assert_eq!(pairs, [("a", "1"), ("b", "3")]);
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct Headers(Vec<(HeaderName, String)>);
+pub struct Headers(Vec<(HeaderName, Text)>);
 
 impl Headers {
     /// No headers.
@@ -68,7 +69,7 @@ impl Headers {
     }
 
     /// The value of header `name`, to change in place.
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut String> {
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Text> {
         self.find(name).ok().map(|i| &mut self.0[i].1)
     }
 
@@ -78,11 +79,7 @@ impl Headers {
     }
 
     /// Sets header `name` to `value`; returns the value it replaces.
-    pub fn insert(
-        &mut self,
-        name: impl Into<HeaderName>,
-        value: impl Into<String>,
-    ) -> Option<String> {
+    pub fn insert(&mut self, name: impl Into<HeaderName>, value: impl Into<Text>) -> Option<Text> {
         let name = name.into();
         match self.find(&name) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value.into())),
@@ -97,8 +94,8 @@ impl Headers {
     pub fn get_or_insert_with(
         &mut self,
         name: impl Into<HeaderName>,
-        value: impl FnOnce() -> String,
-    ) -> &mut String {
+        value: impl FnOnce() -> Text,
+    ) -> &mut Text {
         let name = name.into();
         let i = match self.find(&name) {
             Ok(i) => i,
@@ -111,7 +108,7 @@ impl Headers {
     }
 
     /// Removes header `name`; returns its value.
-    pub fn remove(&mut self, name: &str) -> Option<String> {
+    pub fn remove(&mut self, name: &str) -> Option<Text> {
         self.find(name).ok().map(|i| self.0.remove(i).1)
     }
 
@@ -130,13 +127,18 @@ impl Headers {
         Iter(self.0.iter())
     }
 
+    /// The entries, by name, with their values as [`Text`] (cheap to clone).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&HeaderName, &Text)> {
+        self.0.iter().map(|(name, value)| (name, value))
+    }
+
     /// The names, in order.
     pub fn names(&self) -> impl DoubleEndedIterator<Item = &HeaderName> + ExactSizeIterator {
         self.0.iter().map(|(name, _)| name)
     }
 
     /// Sorts entries pushed in any order by name; of equal names the last pushed stays.
-    fn from_unsorted(mut entries: Vec<(HeaderName, String)>) -> Self {
+    fn from_unsorted(mut entries: Vec<(HeaderName, Text)>) -> Self {
         if !entries.windows(2).all(|pair| pair[0].0 < pair[1].0) {
             // Stable, so equal names keep their order; the later value moves into the one kept.
             entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -158,7 +160,7 @@ impl fmt::Debug for Headers {
     }
 }
 
-impl<N: Into<HeaderName>, V: Into<String>> FromIterator<(N, V)> for Headers {
+impl<N: Into<HeaderName>, V: Into<Text>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
         Headers::from_unsorted(
             iter.into_iter()
@@ -168,7 +170,7 @@ impl<N: Into<HeaderName>, V: Into<String>> FromIterator<(N, V)> for Headers {
     }
 }
 
-impl<N: Into<HeaderName>, V: Into<String>> Extend<(N, V)> for Headers {
+impl<N: Into<HeaderName>, V: Into<Text>> Extend<(N, V)> for Headers {
     fn extend<I: IntoIterator<Item = (N, V)>>(&mut self, iter: I) {
         let mut entries = std::mem::take(&mut self.0);
         entries.extend(
@@ -181,7 +183,7 @@ impl<N: Into<HeaderName>, V: Into<String>> Extend<(N, V)> for Headers {
 
 /// The headers of a [`Headers`], by name: see [`Headers::iter`].
 #[derive(Clone, Debug)]
-pub struct Iter<'a>(std::slice::Iter<'a, (HeaderName, String)>);
+pub struct Iter<'a>(std::slice::Iter<'a, (HeaderName, Text)>);
 
 impl<'a> Iterator for Iter<'a> {
     type Item = (&'a HeaderName, &'a str);
@@ -216,10 +218,10 @@ impl<'a> IntoIterator for &'a Headers {
 
 /// The headers of a [`Headers`], by name, taken out of it.
 #[derive(Debug)]
-pub struct IntoIter(std::vec::IntoIter<(HeaderName, String)>);
+pub struct IntoIter(std::vec::IntoIter<(HeaderName, Text)>);
 
 impl Iterator for IntoIter {
-    type Item = (HeaderName, String);
+    type Item = (HeaderName, Text);
 
     fn next(&mut self) -> Option<Self::Item> {
         self.0.next()
@@ -239,7 +241,7 @@ impl DoubleEndedIterator for IntoIter {
 impl ExactSizeIterator for IntoIter {}
 
 impl IntoIterator for Headers {
-    type Item = (HeaderName, String);
+    type Item = (HeaderName, Text);
     type IntoIter = IntoIter;
 
     fn into_iter(self) -> IntoIter {
@@ -388,11 +390,11 @@ impl fmt::Debug for HeaderName {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// The message id (the envelope's `id`).
-    pub id: String,
+    pub id: Text,
     /// The topic the message is published to.
-    pub topic: String,
+    pub topic: Text,
     /// The ordering/partition key, if any.
-    pub key: Option<String>,
+    pub key: Option<Text>,
     /// CloudEvents attributes and free-form headers.
     pub headers: Headers,
     /// The encoded event.
@@ -406,7 +408,7 @@ impl Message {
     /// let msg = busbar_core::Message::new("id-1", "orders", "{}");
     /// assert_eq!(msg.payload.as_ref(), b"{}");
     /// ```
-    pub fn new(id: impl Into<String>, topic: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+    pub fn new(id: impl Into<Text>, topic: impl Into<Text>, payload: impl Into<Bytes>) -> Self {
         Message {
             id: id.into(),
             topic: topic.into(),
@@ -459,7 +461,7 @@ impl Message {
     /// Approximate size on the wire: payload plus header names and values plus key.
     pub fn wire_size(&self) -> usize {
         self.payload.len()
-            + self.key.as_ref().map_or(0, String::len)
+            + self.key.as_deref().map_or(0, str::len)
             + self
                 .headers
                 .iter()
@@ -481,10 +483,10 @@ pub const MAX_HEADERS: usize = 1_000;
 pub const INVALID_UTF8_HEADERS: &str = "busbar.invalid-utf8";
 
 /// A received value as text, and whether it was valid UTF-8 (else decoded lossily).
-fn received_text(value: &[u8]) -> (String, bool) {
+fn received_text(value: &[u8]) -> (Text, bool) {
     match std::str::from_utf8(value) {
-        Ok(text) => (text.to_owned(), true),
-        Err(_) => (String::from_utf8_lossy(value).into_owned(), false),
+        Ok(text) => (Text::new(text), true),
+        Err(_) => (Text::from(String::from_utf8_lossy(value)), false),
     }
 }
 
@@ -507,7 +509,7 @@ fn received_text(value: &[u8]) -> (String, bool) {
 /// ```
 #[derive(Debug, Default)]
 pub struct ReceivedHeaders {
-    entries: Vec<(HeaderName, String)>,
+    entries: Vec<(HeaderName, Text)>,
     invalid: Vec<HeaderName>,
 }
 
@@ -521,8 +523,8 @@ impl ReceivedHeaders {
     }
 
     /// A header whose value is already text.
-    pub fn text(&mut self, name: impl Into<HeaderName>, value: String) {
-        self.entries.push((name.into(), value));
+    pub fn text(&mut self, name: impl Into<HeaderName>, value: impl Into<Text>) {
+        self.entries.push((name.into(), value.into()));
     }
 
     /// A header whose value came as bytes: as text when it is UTF-8, otherwise lossily, with
@@ -548,7 +550,7 @@ impl ReceivedHeaders {
                 .collect();
             let list = names.join(",");
             self.entries
-                .push((HeaderName::from_static(INVALID_UTF8_HEADERS), list));
+                .push((HeaderName::from_static(INVALID_UTF8_HEADERS), list.into()));
         }
         Headers::from_unsorted(self.entries)
     }

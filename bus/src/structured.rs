@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::envelope::attr;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{HeaderName, Headers, Message, MAX_HEADERS};
+use crate::text::Text;
 
 /// The media type of the JSON event format (structured mode).
 pub const STRUCTURED_JSON: &str = "application/cloudevents+json";
@@ -198,15 +199,15 @@ pub fn from_structured(message: &Message) -> Result<Option<Message>> {
     };
     headers.insert(
         HeaderName::from(attr::CONTENT_TYPE),
-        data_content_type.unwrap_or_else(|| "application/json".to_string()),
+        data_content_type.map_or(Text::from_static("application/json"), Text::from),
     );
     let id = headers
         .get(attr::ID)
-        .map_or_else(|| message.id.clone(), str::to_owned);
+        .map_or_else(|| message.id.clone(), Text::new);
     let key = message
         .key
         .clone()
-        .or_else(|| headers.get(PARTITION_KEY).map(str::to_owned));
+        .or_else(|| headers.get(PARTITION_KEY).map(Text::new));
     Ok(Some(Message {
         id,
         topic: message.topic.clone(),

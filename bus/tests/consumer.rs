@@ -371,7 +371,7 @@ async fn correlation_and_causation_propagate_across_two_hops() {
     assert_eq!(charged.correlation_id, first.correlation_id);
     assert_eq!(charged.causation_id.as_deref(), Some(reserved.id.as_str()));
     // Same W3C trace across the hops, a new span each time.
-    let trace = |tp: &Option<String>| {
+    let trace = |tp: &Option<busbar_core::Text>| {
         tp.as_deref()
             .unwrap()
             .split('-')
@@ -394,7 +394,7 @@ async fn idempotent_handler_applies_each_message_once_despite_duplicates() {
     let bus = Bus::new(bus_transport.clone());
     for idempotent in [false, true] {
         let (topic, group) = (unique("t"), unique("g"));
-        let effects = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+        let effects = Arc::new(Mutex::new(HashMap::<busbar_core::Text, usize>::new()));
         let record = Arc::clone(&effects);
         let mut builder = bus
             .subscribe::<Numbered>(&topic, &group)
@@ -452,7 +452,7 @@ async fn per_key_order_holds_under_concurrency_16_even_across_retries() {
     let order = Arc::new(Mutex::new(HashMap::<String, Vec<u64>>::new()));
     let running = Arc::new(AtomicUsize::new(0));
     let max_running = Arc::new(AtomicUsize::new(0));
-    let failed_once = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let failed_once = Arc::new(Mutex::new(HashSet::<busbar_core::Text>::new()));
     let (o, r, m, f) = (
         Arc::clone(&order),
         Arc::clone(&running),
@@ -631,7 +631,7 @@ async fn redriven_dead_letters_return_to_their_group_and_are_handled() {
     let bus = Bus::new(transport.clone());
     let (topic, group) = (unique("t"), unique("g"));
     let fixed = Arc::new(AtomicBool::new(false));
-    let handled = Arc::new(Mutex::new(Vec::<String>::new()));
+    let handled = Arc::new(Mutex::new(Vec::<busbar_core::Text>::new()));
     let (f, h) = (Arc::clone(&fixed), Arc::clone(&handled));
     let sub = bus
         .subscribe::<Numbered>(&topic, &group)
@@ -664,7 +664,7 @@ async fn redriven_dead_letters_return_to_their_group_and_are_handled() {
         .redrive_selected(
             &topic,
             &group,
-            busbar_core::RedriveSelection::Ids(vec![ids[1].clone()]),
+            busbar_core::RedriveSelection::Ids(vec![ids[1].to_string()]),
         )
         .await
         .unwrap();
@@ -695,7 +695,7 @@ async fn ten_thousand_messages_with_random_failures_are_all_accounted_for() {
     let bus = Bus::new(transport.clone());
     let (topic, group) = (unique("t"), unique("g"));
     const N: u64 = 10_000;
-    let handled = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let handled = Arc::new(Mutex::new(HashMap::<busbar_core::Text, u32>::new()));
     let h = Arc::clone(&handled);
     let sub = bus
         .subscribe::<Numbered>(&topic, &group)
@@ -734,7 +734,7 @@ async fn ten_thousand_messages_with_random_failures_are_all_accounted_for() {
 
     let handled = handled.lock().unwrap().clone();
     let dead: Vec<_> = bus.dead_letters(&topic, &group, usize::MAX).await.unwrap();
-    let dead_ids: HashSet<String> = dead.iter().map(|d| d.message.id.clone()).collect();
+    let dead_ids: HashSet<busbar_core::Text> = dead.iter().map(|d| d.message.id.clone()).collect();
     let twice: Vec<_> = handled.iter().filter(|(_, &n)| n > 1).collect();
     assert!(twice.is_empty(), "handled more than once: {twice:?}");
     assert_eq!(
@@ -746,7 +746,7 @@ async fn ten_thousand_messages_with_random_failures_are_all_accounted_for() {
         handled.keys().all(|id| !dead_ids.contains(id)),
         "an id was both handled and dead-lettered"
     );
-    let accounted: HashSet<String> = handled
+    let accounted: HashSet<busbar_core::Text> = handled
         .keys()
         .cloned()
         .chain(dead_ids.iter().cloned())
@@ -853,10 +853,10 @@ async fn a_structured_mode_cloudevent_is_handled_like_its_binary_form() {
     assert_eq!(
         seen.lock().unwrap()[0],
         (
-            "se-1".to_string(),
+            "se-1".into(),
             "se-1".to_string(),
             "conv-1".to_string(),
-            Some("k-9".to_string()),
+            Some("k-9".into()),
             5
         )
     );

@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn msg(topic: &str, id: &str, key: Option<&str>) -> Message {
     let mut m = Message::new(id, topic, format!("payload of {id}"));
-    m.key = key.map(str::to_string);
+    m.key = key.map(Into::into);
     m
 }
 

@@ -71,7 +71,7 @@ impl Target {
         };
         let mut dead = bus.dead_letters(&self.topic, &self.group, scan).await?;
         if !self.ids.is_empty() {
-            dead.retain(|d| self.ids.contains(&d.message.id));
+            dead.retain(|d| self.ids.iter().any(|id| *id == d.message.id));
             let missing: Vec<&String> = self
                 .ids
                 .iter()
@@ -158,7 +158,7 @@ async fn list(bus: &Bus, target: &Target, json: bool) -> Outcome {
     ]);
     for d in &dead {
         table.add_row([
-            d.message.id.clone(),
+            d.message.id.to_string(),
             d.message.header("ce_type").unwrap_or("-").to_string(),
             d.info.reason.as_str().to_string(),
             d.info.attempts.to_string(),
@@ -272,7 +272,8 @@ async fn settle_listed(
     });
     let mut done = 0usize;
     for ids in dead.chunks(chunk) {
-        let selection = RedriveSelection::Ids(ids.iter().map(|d| d.message.id.clone()).collect());
+        let selection =
+            RedriveSelection::Ids(ids.iter().map(|d| d.message.id.to_string()).collect());
         let moved = match action {
             Action::Redrive => {
                 bus.redrive_selected(&target.topic, &target.group, selection)

@@ -6,7 +6,7 @@ use std::io::Write;
 use base64::Engine;
 use busbar::codec::{Codec, Json};
 use busbar::routing::Payload;
-use busbar::{Bus, Envelope, EventSet, HeaderName, Headers, Message};
+use busbar::{Bus, Envelope, EventSet, HeaderName, Headers, Message, Text};
 use serde_json::{json, Map, Value};
 use tokio::io::AsyncBufReadExt;
 
@@ -46,23 +46,27 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
 
 impl PublishArgs {
     fn envelope(&self, data: Value) -> Envelope<Value> {
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = Text::from_display(&uuid::Uuid::now_v7());
         let mut headers = Headers::new();
         for (name, value) in &self.headers {
             headers.insert(HeaderName::new(name), value.clone());
         }
         Envelope {
-            correlation_id: Some(self.correlation_id.clone().unwrap_or_else(|| id.clone())),
+            correlation_id: Some(
+                self.correlation_id
+                    .as_deref()
+                    .map_or_else(|| id.clone(), Text::new),
+            ),
             id,
-            event_type: self.event_type.clone(),
-            source: "/busbar-cli".to_string(),
+            event_type: Text::new(&self.event_type),
+            source: Text::from_static("/busbar-cli"),
             time: Some(chrono::Utc::now()),
             causation_id: None,
-            content_type: Json.content_type().to_string(),
+            content_type: Text::from_static(Json.content_type()),
             traceparent: None,
             tracestate: None,
             headers,
-            key: self.key.clone(),
+            key: self.key.as_deref().map(Text::new),
             payload: data,
         }
     }
@@ -123,7 +127,7 @@ async fn flush(bus: &Bus, batch: &mut Vec<Message>) -> Outcome {
     if batch.is_empty() {
         return Ok(());
     }
-    let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+    let ids: Vec<Text> = batch.iter().map(|m| m.id.clone()).collect();
     bus.publish_messages(std::mem::take(batch)).await?;
     let mut out = std::io::stdout().lock();
     for id in ids {

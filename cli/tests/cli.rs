@@ -290,7 +290,7 @@ async fn scenario(url: &str) {
     let healthy = bus
         .subscribe::<Order>(&topic, &group)
         .start(move |order: Envelope<Order>, _: Context| {
-            seen.lock().unwrap().push(order.id.clone());
+            seen.lock().unwrap().push(order.id.to_string());
             async { Ok(()) }
         })
         .await

@@ -139,7 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let order =
             Envelope::<InventoryReserved>::from_message(&busbar::codec::Json, &dead.message)
                 .map(|e| e.payload.order_id)
-                .unwrap_or_else(|_| dead.message.id.clone());
+                .unwrap_or_else(|_| dead.message.id.to_string());
         dead_orders.push(order.clone());
         println!(
             "  group {} on {}: order {order}, {} after {} attempt(s): {}",

@@ -138,10 +138,10 @@ pub async fn two_instances_apply_each_effect_once(
     let counts = effects.counts().await.unwrap();
     for id in &ids {
         assert_eq!(
-            counts.get(id).copied().unwrap_or(0),
+            counts.get(id.as_str()).copied().unwrap_or(0),
             1,
             "effect of {id} applied {:?} times",
-            counts.get(id)
+            counts.get(id.as_str())
         );
     }
     let skipped: u64 = instances
@@ -231,7 +231,7 @@ pub async fn a_dead_holders_lease_expires_and_another_instance_takes_over(
     );
     wait_for("the survivor acked it", || survivor.stats().handled == 1).await;
     let counts = effects.counts().await.unwrap();
-    assert_eq!(counts.get(&id).copied(), Some(1));
+    assert_eq!(counts.get(id.as_str()).copied(), Some(1));
     survivor.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 

@@ -197,7 +197,10 @@ pub fn assert_sdk_read(event: &Event, envelope: &busbar_core::Envelope<crate::co
     assert_eq!(event.time(), envelope.time.as_ref());
     assert_eq!(event.datacontenttype(), Some("application/json"));
     let extension = |name: &str| event.extension(name).map(|v| v.to_string());
-    assert_eq!(extension("correlationid"), envelope.correlation_id);
+    assert_eq!(
+        extension("correlationid").as_deref(),
+        envelope.correlation_id.as_deref()
+    );
     assert_eq!(extension("causationid").as_deref(), Some("cause-1"));
     let data: crate::conformance::Probe = match event.data() {
         Some(Data::Binary(bytes)) => serde_json::from_slice(bytes),

@@ -16,6 +16,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use busbar_core::Text;
 use busbar_core::{Bus, Context, Envelope, Event, Transport};
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry::Value;
@@ -85,7 +86,7 @@ pub async fn one_trace_across_two_hops(transport: Arc<dyn Transport>) {
     let (first, second, group) = (unique("otel-a"), unique("otel-b"), unique("g"));
     bus.declare(&first, &group).await.expect("declare");
     bus.declare(&second, &group).await.expect("declare");
-    let seen: Arc<Mutex<Option<String>>> = Arc::default();
+    let seen: Arc<Mutex<Option<Text>>> = Arc::default();
     let record = Arc::clone(&seen);
     let last = bus
         .subscribe::<Hop>(&second, &group)

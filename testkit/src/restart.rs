@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use busbar_core::Text;
 use busbar_core::{Bus, Error, ErrorKind, RetryPolicy, Transport};
 
 use crate::conformance::{probe, unique, Ledger};
@@ -91,7 +92,7 @@ pub const DURABLE_MESSAGES: u64 = 5_000;
 #[derive(Debug, Default)]
 pub struct BrokerLog {
     /// The ids of the messages in the log.
-    pub ids: HashSet<String>,
+    pub ids: HashSet<Text>,
     /// Messages the broker acknowledged without storing them, as far as the client can tell
     /// (on Kafka: messages of batches answered `DUPLICATE_SEQUENCE_NUMBER`, which the protocol
     /// says were written before). Zero on a broker that loses nothing.
@@ -112,7 +113,7 @@ pub struct DurableRestartReport {
     pub redelivered: usize,
     /// Acknowledged messages the broker's log does not hold, each explained by a blind
     /// acknowledgement: the broker lost them, not busbar.
-    pub lost_by_the_broker: Vec<String>,
+    pub lost_by_the_broker: Vec<Text>,
     /// The broker's blind acknowledgements (see [`BrokerLog::blind_acks`]).
     pub blind_acks: u64,
     /// The first error a publish got.
@@ -212,7 +213,7 @@ where
         .map(|publisher| {
             let (bus, topic, stop) = (bus.clone(), topic.clone(), Arc::clone(&stop));
             tokio::spawn(async move {
-                let (mut ok, mut errors): (Vec<String>, Vec<Error>) = (Vec::new(), Vec::new());
+                let (mut ok, mut errors): (Vec<Text>, Vec<Error>) = (Vec::new(), Vec::new());
                 let mut seq = 10_000 + publisher * 1_000;
                 while !stop.load(Ordering::SeqCst) {
                     match bus.publish(&topic, probe(seq, "")).await {
@@ -291,7 +292,7 @@ where
     } = start(transport).await;
 
     let restarting = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<Text>::new()));
     let publisher = {
         let (bus, topic) = (bus.clone(), topic.clone());
         let (restarting, acked) = (Arc::clone(&restarting), Arc::clone(&acked));
@@ -347,7 +348,7 @@ where
         "the publisher had not recovered by its last batch: {first_error:?}"
     );
     let log = read_log(topic.clone()).await;
-    let (in_log, lost_by_the_broker): (Vec<String>, Vec<String>) = published
+    let (in_log, lost_by_the_broker): (Vec<Text>, Vec<Text>) = published
         .iter()
         .cloned()
         .partition(|id| log.ids.contains(id));
@@ -472,7 +473,7 @@ fn assert_outage_errors(errors: &[Error], topic: &str) {
     }
 }
 
-async fn publish_all(bus: &Bus, topic: &str, seqs: std::ops::Range<u64>) -> Vec<String> {
+async fn publish_all(bus: &Bus, topic: &str, seqs: std::ops::Range<u64>) -> Vec<Text> {
     let mut ids = Vec::new();
     let all: Vec<_> = seqs.map(|seq| probe(seq, "")).collect();
     for batch in all.chunks(10) {
@@ -485,11 +486,11 @@ async fn publish_all(bus: &Bus, topic: &str, seqs: std::ops::Range<u64>) -> Vec<
     ids
 }
 
-async fn wait_handled(ledger: &Ledger, ids: &[String], what: &str) {
+async fn wait_handled(ledger: &Ledger, ids: &[Text], what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let handled = ledger.distinct();
-        let missing: Vec<&String> = ids.iter().filter(|id| !handled.contains(*id)).collect();
+        let missing: Vec<&Text> = ids.iter().filter(|id| !handled.contains(*id)).collect();
         if missing.is_empty() {
             return;
         }

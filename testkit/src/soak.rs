@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use busbar_core::Text;
 use busbar_core::{
     Bus, Capabilities, Context, DeadLetterReason, Envelope, HandlerError, MemoryIdempotencyStore,
     RetryPolicy, Transport,
@@ -120,7 +121,7 @@ struct Frozen {
 #[derive(Default)]
 struct Record {
     /// Effects per message id.
-    effects: HashMap<String, u32>,
+    effects: HashMap<Text, u32>,
     /// Per key, the sequence numbers in the order their effects happened.
     order: BTreeMap<String, Vec<u64>>,
     injected_failures: u64,
@@ -265,12 +266,12 @@ async fn run(
     for publisher in publishers {
         published.extend(publisher.await.expect("publisher task"));
     }
-    let poison: HashSet<String> = published
+    let poison: HashSet<Text> = published
         .iter()
         .filter(|(seq, _)| is_poison(*seq))
         .map(|(_, id)| id.clone())
         .collect();
-    let published_set: HashSet<String> = published.into_iter().map(|(_, id)| id).collect();
+    let published_set: HashSet<Text> = published.into_iter().map(|(_, id)| id).collect();
 
     // Wait until every published id is accounted for.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -303,8 +304,8 @@ async fn run(
     }
     skipped += doomed_stats.duplicates_skipped;
     let record = lock(&record);
-    let dead_ids: HashSet<String> = dead.iter().map(|d| d.message.id.clone()).collect();
-    let handled: HashSet<&String> = record.effects.keys().collect();
+    let dead_ids: HashSet<Text> = dead.iter().map(|d| d.message.id.clone()).collect();
+    let handled: HashSet<&Text> = record.effects.keys().collect();
     let keys_out_of_order = record
         .order
         .values()
@@ -342,7 +343,7 @@ async fn run(
         .filter(|d| d.info.reason != DeadLetterReason::Permanent)
         .map(|d| format!("{} ({}: {})", d.message.id, d.info.reason, d.info.error))
         .collect();
-    let unexpected_dead: Vec<&String> = dead_ids.difference(&poison).collect();
+    let unexpected_dead: Vec<&Text> = dead_ids.difference(&poison).collect();
     assert_eq!(
         report.published, messages,
         "publishing lost messages\n{report}"
@@ -380,7 +381,7 @@ async fn run(
 /// Publishes a batch, sending it again after a retryable error (the ids stay the same, so a
 /// resend that follows a hidden success is a duplicate the idempotency store absorbs).
 /// Returns each probe's sequence number and message id.
-async fn publish(bus: &Bus, topic: &str, batch: Vec<Probe>) -> Vec<(u64, String)> {
+async fn publish(bus: &Bus, topic: &str, batch: Vec<Probe>) -> Vec<(u64, Text)> {
     let envelopes: Vec<Envelope<Probe>> = batch.into_iter().map(|p| bus.envelope(p)).collect();
     let messages: Vec<busbar_core::Message> = envelopes
         .iter()

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use busbar_core::codec::Json;
 use busbar_core::envelope::attr;
+use busbar_core::Text;
 use busbar_core::{Bus, Envelope, Event, MemoryTransport, Message, RetryPolicy};
 
 use crate::faults::{Faults, FaultyTransport, SettleCounts};
@@ -141,7 +142,7 @@ impl TestBus {
 
     /// Published events of type `E` on `topic`.
     pub fn published_on<E: Event>(&self, topic: &str) -> Vec<Envelope<E>> {
-        let ids: Vec<String> = self
+        let ids: Vec<Text> = self
             .published_messages()
             .into_iter()
             .filter(|m| m.topic == topic)

@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busbar_core::{
     Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, DeadLetter, DeadLetterInfo,
-    Delivery, DeliveryStream, Error, ErrorKind, Message, Result,
+    Delivery, DeliveryStream, Error, ErrorKind, Message, Result, Text,
 };
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -44,7 +44,7 @@ struct PartitionState {
     /// Keys with a message handed out (or waiting for its retry), and the later messages of
     /// that key waiting their turn: one message per key at a time keeps per-key order, also
     /// across retries.
-    keys: HashMap<String, VecDeque<(Arc<Message>, i64)>>,
+    keys: HashMap<Text, VecDeque<(Arc<Message>, i64)>>,
     /// Payload bytes of the messages in `in_flight`.
     held_bytes: usize,
     /// Whether fetching from the partition is paused because too many of its messages are
@@ -841,7 +841,7 @@ impl Acknowledger for KafkaAck {
             info: info.clone(),
         }
         .to_message();
-        dead.topic = self.route.dlq.clone();
+        dead.topic = Text::new(&self.route.dlq);
         match crate::producer::send(&self.inner, vec![dead], "dead-letter").await {
             Ok(()) => {
                 self.finish();

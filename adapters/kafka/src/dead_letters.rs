@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busbar_core::{DeadLetter, Error, ErrorKind, Message, RedriveSelection, Result};
+use busbar_core::{DeadLetter, Error, ErrorKind, Message, RedriveSelection, Result, Text};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
 use crate::mapping::from_record;
@@ -128,7 +128,7 @@ fn read(inner: &Inner, topic: &str, group: &str) -> Result<Read> {
     }
     let dead = records
         .into_iter()
-        .filter(|m| !redriven.contains(&m.id))
+        .filter(|m| !redriven.contains(m.id.as_str()))
         .filter_map(|m| DeadLetter::from_message(m).ok())
         .collect();
     Ok(Read { dead, consumer })
@@ -180,7 +180,7 @@ pub(crate) async fn settle(
         }
         if action == Settle::Redrive {
             let mut back = dead.message.clone();
-            back.topic = redrive_topic.clone();
+            back.topic = Text::new(&redrive_topic);
             crate::producer::send(inner, vec![back], operation).await?;
         }
         let mut marker = Message::new(

@@ -91,10 +91,14 @@ impl Inner {
     }
 
     /// Creates the topics not created yet through this transport (existing ones are fine).
-    async fn ensure_topics(&self, names: &[String]) -> Result<()> {
-        let missing: Vec<&String> = {
+    async fn ensure_topics(&self, names: &[impl AsRef<str>]) -> Result<()> {
+        let missing: Vec<&str> = {
             let created = self.created.lock().unwrap_or_else(|p| p.into_inner());
-            names.iter().filter(|n| !created.contains(*n)).collect()
+            names
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|n| !created.contains(*n))
+                .collect()
         };
         if missing.is_empty() {
             return Ok(());

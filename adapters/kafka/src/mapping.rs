@@ -9,7 +9,7 @@
 
 use busbar_core::envelope::attr;
 use busbar_core::message::ReceivedHeaders;
-use busbar_core::{Headers, Message};
+use busbar_core::{Headers, Message, Text};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 
 /// Carries the message id when no `ce_id` header does (a message that is not a CloudEvent).
@@ -62,19 +62,19 @@ pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
     let id = headers
         .get(attr::ID)
         .filter(|id| !id.is_empty())
-        .map(str::to_owned)
+        .map(Text::new)
         .or(own_id.filter(|id| !id.is_empty()))
         .unwrap_or_else(|| {
-            format!(
+            Text::from_display(&format_args!(
                 "{}/{}/{}",
                 record.topic(),
                 record.partition(),
                 record.offset()
-            )
+            ))
         });
     let key = match record.key() {
         Some(key) => {
-            let key = String::from_utf8_lossy(key).into_owned();
+            let key = Text::from(String::from_utf8_lossy(key));
             // The attribute that only repeats the record key is the key, not a header.
             if headers.get(PARTITION_KEY) == Some(key.as_str()) {
                 headers.remove(PARTITION_KEY);
@@ -85,7 +85,7 @@ pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
     };
     Message {
         id,
-        topic: topic.to_string(),
+        topic: Text::new(topic),
         key,
         headers,
         payload: bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default()),

@@ -1,7 +1,7 @@
 //! Publishing: acks=all, idempotent producer; a batch is handed to librdkafka at once (it
 //! batches on the wire) and `publish` returns when every record is acknowledged.
 
-use busbar_core::{Error, ErrorKind, Message, Result};
+use busbar_core::{Error, ErrorKind, Message, Result, Text};
 use futures::future::join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
@@ -52,7 +52,7 @@ pub(crate) async fn send(
         };
         pending.push((message.id, future));
     }
-    let (ids, futures): (Vec<String>, Vec<_>) = pending.into_iter().unzip();
+    let (ids, futures): (Vec<Text>, Vec<_>) = pending.into_iter().unzip();
     let mut failed = Vec::new();
     let mut first_error = None;
     for (id, result) in ids.into_iter().zip(join_all(futures).await) {

@@ -163,7 +163,7 @@ fn read_log(servers: &str, topic: &str) -> BrokerLog {
                     .and_then(|h| h.value)
                     .map(|v| String::from_utf8_lossy(v).into_owned());
                 if let Some(id) = id {
-                    log.ids.insert(id);
+                    log.ids.insert(id.into());
                 }
             }
         }

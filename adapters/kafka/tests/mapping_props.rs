@@ -52,7 +52,7 @@ proptest! {
             .find(|h| h.key == PARTITION_KEY)
             .and_then(|h| h.value)
             .map(|v| String::from_utf8_lossy(v).into_owned());
-        prop_assert_eq!(&attribute, &message.key);
+        prop_assert_eq!(attribute.as_deref(), message.key.as_deref());
         // A foreign producer that sets only the attribute, no record key: the same message.
         let wire = record(Some(message.payload.to_vec()), None, Some(headers));
         prop_assert_eq!(from_record("topic", &wire), message);

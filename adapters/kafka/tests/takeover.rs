@@ -25,7 +25,7 @@ async fn bus() -> Option<Bus> {
     }
 }
 
-type Seen = Arc<Mutex<Vec<String>>>;
+type Seen = Arc<Mutex<Vec<busbar_core::Text>>>;
 
 fn handler(
     seen: &Seen,
@@ -90,9 +90,9 @@ async fn the_survivor_takes_over_a_dropped_consumers_partitions_with_nothing_los
     drop(sub_a);
     let handled_by_a = seen_a.lock().unwrap().len();
 
-    let published: Vec<String> = publisher.await.unwrap();
+    let published: Vec<busbar_core::Text> = publisher.await.unwrap();
     wait_for("every published message handled by someone", || {
-        let all: HashSet<String> = seen_a
+        let all: HashSet<busbar_core::Text> = seen_a
             .lock()
             .unwrap()
             .iter()
@@ -107,7 +107,7 @@ async fn the_survivor_takes_over_a_dropped_consumers_partitions_with_nothing_los
         seen_b.lock().unwrap().clone(),
     );
     let after_drop = seen_a.lock().unwrap().len() - handled_by_a;
-    let b_distinct: HashSet<&String> = b_ids.iter().collect();
+    let b_distinct: HashSet<&busbar_core::Text> = b_ids.iter().collect();
     let duplicates = a_ids.len() + b_ids.len()
         - a_ids
             .iter()

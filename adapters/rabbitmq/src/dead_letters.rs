@@ -5,7 +5,7 @@
 //! (confirmed) before acking them out of the DLQ, so a failure in between duplicates a dead
 //! letter rather than losing it.
 
-use busbar_core::{DeadLetter, Depth, Error, ErrorKind, RedriveSelection, Result};
+use busbar_core::{DeadLetter, Depth, Error, ErrorKind, RedriveSelection, Result, Text};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
@@ -159,7 +159,7 @@ pub(crate) async fn settle(
                 let out = Outgoing {
                     id: message.id.clone(),
                     exchange: String::new(),
-                    routing_key: queue.clone(),
+                    routing_key: Text::new(&queue),
                     properties: to_amqp(message, None)?,
                     payload: message.payload.clone(),
                 };

@@ -9,7 +9,7 @@
 
 use busbar_core::envelope::attr;
 use busbar_core::message::ReceivedHeaders;
-use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result};
+use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result, Text};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 
@@ -157,24 +157,24 @@ pub fn from_amqp(
     let redeliveries = delivery_count.unwrap_or(u32::from(redelivered));
     if let Some(content_type) = properties.content_type() {
         headers.get_or_insert_with(HeaderName::from_static(attr::CONTENT_TYPE), || {
-            content_type.as_str().to_string()
+            Text::new(content_type.as_str())
         });
     }
     let key = headers.remove(PARTITION_KEY);
     let id = headers
         .get(attr::ID)
-        .map(str::to_owned)
+        .map(Text::new)
         .or_else(|| {
             properties
                 .message_id()
                 .as_ref()
-                .map(|id| id.as_str().to_string())
+                .map(|id| Text::new(id.as_str()))
         })
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| content_id(&headers, &payload));
     let message = Message {
         id,
-        topic: topic.to_string(),
+        topic: Text::new(topic),
         key,
         headers,
         payload: bytes::Bytes::from(payload),
@@ -185,7 +185,7 @@ pub fn from_amqp(
 /// The id of a foreign message that carries none (no `ce_id`, no `message-id`): a hash of
 /// its headers and body, so a redelivery keeps its id and the idempotency store recognises it,
 /// where AMQP has no broker-assigned id to fall back on.
-fn content_id(headers: &Headers, payload: &[u8]) -> String {
+fn content_id(headers: &Headers, payload: &[u8]) -> Text {
     let hash = |basis: u64| {
         let mut hash = basis;
         let mut eat = |bytes: &[u8]| {
@@ -200,11 +200,11 @@ fn content_id(headers: &Headers, payload: &[u8]) -> String {
         eat(payload);
         hash
     };
-    format!(
+    Text::from_display(&format_args!(
         "amqp-{:016x}{:016x}",
         hash(0xcbf2_9ce4_8422_2325),
         hash(0x6c62_272e_07bb_0142)
-    )
+    ))
 }
 
 /// Adds a received CloudEvents attribute. The binding lets a sender use the native AMQP type

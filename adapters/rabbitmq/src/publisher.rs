@@ -2,7 +2,7 @@
 //! together; what the broker did not confirm because the connection dropped is sent again on
 //! the next connection, until the publish deadline. `Ok` means every message was confirmed.
 
-use busbar_core::{Error, ErrorKind, Result};
+use busbar_core::{Error, ErrorKind, Result, Text};
 use bytes::Bytes;
 use futures::future::join_all;
 use lapin::options::BasicPublishOptions;
@@ -14,9 +14,9 @@ use crate::connection::{is_connection_loss, Connector};
 /// One AMQP publish.
 #[derive(Clone)]
 pub(crate) struct Outgoing {
-    pub(crate) id: String,
+    pub(crate) id: Text,
     pub(crate) exchange: String,
-    pub(crate) routing_key: String,
+    pub(crate) routing_key: Text,
     pub(crate) properties: BasicProperties,
     pub(crate) payload: Bytes,
 }

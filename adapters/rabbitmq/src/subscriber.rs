@@ -329,7 +329,7 @@ impl RabbitAck {
         let out = Outgoing {
             id: message.id.clone(),
             exchange: String::new(),
-            routing_key: queue,
+            routing_key: queue.into(),
             properties,
             payload: message.payload.clone(),
         };

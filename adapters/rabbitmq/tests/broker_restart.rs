@@ -58,7 +58,7 @@ async fn broker_restart_mid_run_loses_nothing() {
         .build();
     let (topic, group) = (unique("restart"), unique("g"));
     bus.declare(&topic, &group).await.unwrap();
-    let handled = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let handled = Arc::new(Mutex::new(HashMap::<busbar_core::Text, u32>::new()));
     let record = Arc::clone(&handled);
     let sub = bus
         .subscribe::<Tick>(&topic, &group)
@@ -146,7 +146,7 @@ async fn broker_restart_mid_run_loses_nothing() {
     }
 
     let (published, publish_errors) = publisher.await.unwrap();
-    let published: HashSet<String> = published.into_iter().collect();
+    let published: HashSet<busbar_core::Text> = published.into_iter().collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let dead = loop {
         let dead = bus
@@ -167,7 +167,7 @@ async fn broker_restart_mid_run_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let handled = handled.lock().unwrap().clone();
-    let dead_ids: HashSet<String> = dead.iter().map(|d| d.message.id.clone()).collect();
+    let dead_ids: HashSet<busbar_core::Text> = dead.iter().map(|d| d.message.id.clone()).collect();
     let lost: Vec<_> = published
         .iter()
         .filter(|id| !handled.contains_key(*id) && !dead_ids.contains(*id))

@@ -93,7 +93,7 @@ async fn a_publish_during_an_outage_fails_clearly_and_everything_recovers_after(
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     assert!(err.is_retryable());
     assert!(
-        err.to_string().contains(&lost.id),
+        err.to_string().contains(lost.id.as_str()),
         "the error must name the unconfirmed message: {err}"
     );
     assert!(!err.to_string().contains("guest:guest"), "{err}");

@@ -38,7 +38,7 @@ use busbar_core::message::validate_name;
 use busbar_core::transport::no_history;
 use busbar_core::{
     Capabilities, ConnectionState, ConsumeOptions, DeadLetter, DeliveryStream, Depth, Error,
-    ErrorKind, Message, RedriveSelection, Result, StartFrom, Transport, TransportUrl,
+    ErrorKind, Message, RedriveSelection, Result, StartFrom, Text, Transport, TransportUrl,
 };
 use dead_letters::Settle;
 
@@ -562,10 +562,7 @@ impl Inner {
 
     /// Publishes packed messages, grouped by busbar topic, to their SNS topic (fan-out mode) or
     /// queue (queue mode); errors name the topic.
-    async fn publish_packed(
-        &self,
-        by_topic: BTreeMap<String, Vec<(String, Packed)>>,
-    ) -> Result<()> {
+    async fn publish_packed(&self, by_topic: BTreeMap<Text, Vec<(Text, Packed)>>) -> Result<()> {
         for (topic, packed) in by_topic {
             let named = |e: Error| {
                 if e.resource().is_some() {
@@ -593,7 +590,7 @@ impl Inner {
     pub(crate) async fn send_to_queue(
         &self,
         queue_url: &str,
-        messages: Vec<(String, Packed)>,
+        messages: Vec<(Text, Packed)>,
         operation: &'static str,
         dedup: Dedup,
     ) -> Result<()> {
@@ -629,11 +626,7 @@ impl Inner {
         Ok(())
     }
 
-    async fn publish_to_topic(
-        &self,
-        topic_arn: &str,
-        messages: Vec<(String, Packed)>,
-    ) -> Result<()> {
+    async fn publish_to_topic(&self, topic_arn: &str, messages: Vec<(Text, Packed)>) -> Result<()> {
         for chunk in batches(messages) {
             let mut request = self.sns.publish_batch().topic_arn(topic_arn);
             for (i, (id, packed)) in chunk.iter().enumerate() {
@@ -690,7 +683,7 @@ impl Inner {
 
 /// Describes the failed entries of a batch call (entry ids are indexes into `chunk`).
 fn failed_entries<'a>(
-    chunk: &[(String, Packed)],
+    chunk: &[(Text, Packed)],
     failed: impl Iterator<Item = (&'a str, &'a str, Option<&'a str>)>,
 ) -> Vec<String> {
     failed
@@ -731,8 +724,8 @@ pub(crate) fn sqs_attribute(value: &str) -> Result<aws_sdk_sqs::types::MessageAt
 }
 
 /// Splits into batch calls: at most 10 entries and at most 256 KiB together.
-fn batches(messages: Vec<(String, Packed)>) -> Vec<Vec<(String, Packed)>> {
-    let mut out: Vec<Vec<(String, Packed)>> = Vec::new();
+fn batches(messages: Vec<(Text, Packed)>) -> Vec<Vec<(Text, Packed)>> {
+    let mut out: Vec<Vec<(Text, Packed)>> = Vec::new();
     let mut size = 0;
     for message in messages {
         let this = message.1.sqs_size();
@@ -862,7 +855,7 @@ impl Transport for SqsTransport {
 
     async fn publish(&self, messages: Vec<Message>) -> Result<()> {
         self.ensure_open("publish")?;
-        let mut by_topic: BTreeMap<String, Vec<(String, Packed)>> = BTreeMap::new();
+        let mut by_topic: BTreeMap<Text, Vec<(Text, Packed)>> = BTreeMap::new();
         let max = self
             .capabilities()
             .max_message_bytes

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use busbar_core::envelope::attr;
 use busbar_core::message::ReceivedHeaders;
-use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result};
+use busbar_core::{Error, ErrorKind, HeaderName, Headers, Message, Result, Text};
 
 /// Headers sent as attributes of their own.
 const OWN_ATTRIBUTES: [&str; 6] = [
@@ -83,14 +83,14 @@ pub fn pack(message: &Message) -> Result<Packed> {
     }
     if let Some(key) = &message.key {
         if !key.is_empty() && sqs_text(key) {
-            attributes.insert(KEY.to_string(), key.clone());
+            attributes.insert(KEY.to_string(), key.to_string());
         } else {
             rest.insert(KEY, key.as_str());
         }
     }
     if message.header(attr::ID) != Some(message.id.as_str()) && !message.id.is_empty() {
         if sqs_text(&message.id) {
-            attributes.insert(ID.to_string(), message.id.clone());
+            attributes.insert(ID.to_string(), message.id.to_string());
         } else {
             rest.insert(ID, message.id.as_str());
         }
@@ -221,10 +221,10 @@ pub fn received_attributes(received: &aws_sdk_sqs::types::Message) -> Headers {
 
 /// Unpacks a received message of `topic`; `fallback_id` (the SQS message id) names a message
 /// that carries no id of its own. The attributes move into the message's headers.
-pub fn unpack<K: AsRef<str> + Into<HeaderName>>(
+pub fn unpack<K: AsRef<str> + Into<HeaderName>, V: AsRef<str> + Into<Text>>(
     topic: &str,
     body: &str,
-    attributes: impl IntoIterator<Item = (K, String)>,
+    attributes: impl IntoIterator<Item = (K, V)>,
     fallback_id: &str,
 ) -> Message {
     let mut headers = Headers::new();
@@ -233,14 +233,14 @@ pub fn unpack<K: AsRef<str> + Into<HeaderName>>(
     let mut base64_body = false;
     for (name, value) in attributes {
         match name.as_ref() {
-            PACKED => match serde_json::from_str::<BTreeMap<String, String>>(&value) {
+            PACKED => match serde_json::from_str::<BTreeMap<String, String>>(value.as_ref()) {
                 Ok(mut packed) => {
                     // A key or id SQS could not carry as an attribute travels in here.
                     if let Some(packed_key) = packed.remove(KEY) {
-                        key = Some(packed_key);
+                        key = Some(Text::from(packed_key));
                     }
                     if let Some(packed_id) = packed.remove(ID) {
-                        id = Some(packed_id);
+                        id = Some(Text::from(packed_id));
                     }
                     headers.extend(packed.into_iter().map(|(k, v)| (HeaderName::from(k), v)));
                 }
@@ -249,9 +249,9 @@ pub fn unpack<K: AsRef<str> + Into<HeaderName>>(
                     headers.insert(name.into(), value);
                 }
             },
-            KEY => key = Some(value),
-            ID => id = Some(value),
-            ENCODING => base64_body = value == "base64",
+            KEY => key = Some(value.into()),
+            ID => id = Some(value.into()),
+            ENCODING => base64_body = value.as_ref() == "base64",
             _ => {
                 headers.insert(name.into(), value);
             }
@@ -266,12 +266,12 @@ pub fn unpack<K: AsRef<str> + Into<HeaderName>>(
     let id = headers
         .get(attr::ID)
         .filter(|id| !id.is_empty())
-        .map(str::to_owned)
+        .map(Text::new)
         .or(id.filter(|id| !id.is_empty()))
-        .unwrap_or_else(|| fallback_id.to_string());
+        .unwrap_or_else(|| Text::new(fallback_id));
     Message {
         id,
-        topic: topic.to_string(),
+        topic: Text::new(topic),
         key,
         headers,
         payload: bytes::Bytes::from(payload),

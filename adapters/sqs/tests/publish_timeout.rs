@@ -142,7 +142,7 @@ async fn a_publish_to_an_endpoint_that_never_answers_fails_within_the_time_limit
             .unwrap_or_else(|_| panic!("only {seen:?} arrived"))
             .expect("stream ended")
             .expect("consume error");
-        seen.push(delivery.message().id.clone());
+        seen.push(delivery.message().id.to_string());
         delivery.ack().await.unwrap();
     }
 }

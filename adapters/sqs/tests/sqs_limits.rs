@@ -164,8 +164,8 @@ async fn a_fifo_publish_sent_twice_is_stored_once() {
     assert_eq!(
         seen,
         vec![
-            ("m-1".to_string(), Some("clé avec espaces".to_string())),
-            ("m-2".to_string(), None)
+            ("m-1".into(), Some("clé avec espaces".into())),
+            ("m-2".into(), None)
         ],
         "the second send of m-1 must be deduplicated"
     );

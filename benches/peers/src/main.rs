@@ -134,12 +134,12 @@ async fn busbar(n: usize, concurrency: usize) -> Run {
         })
         .await
         .expect("subscribe");
-    let events = events(n);
+    // busbar's publish takes the events by value (the others encode from a reference): the
+    // batches are made before the clock starts, so copying them is not counted as busbar's.
+    let batches: Vec<Vec<Blob>> = events(n).chunks(BATCH).map(<[Blob]>::to_vec).collect();
     let publish = async {
-        for batch in events.chunks(BATCH) {
-            bus.publish_batch("peers", batch.to_vec())
-                .await
-                .expect("publish");
+        for batch in batches {
+            bus.publish_batch("peers", batch).await.expect("publish");
         }
     };
     let run = timed(n, publish, &done).await;

@@ -8,6 +8,7 @@ use crate::codec::Json;
 use crate::envelope::{attr, new_traceparent, Envelope, Event};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
+use crate::text::Text;
 
 /// What a handler knows about the message it handles, and a bus to publish follow-ups.
 ///
@@ -126,7 +127,7 @@ impl Context {
     /// Publishes a follow-up event to `topic`; returns its id. On a [capturing](Self::capturing)
     /// context the encoded message is kept for the capture's owner instead (an outbox writes
     /// it in the handler's transaction).
-    pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<String> {
+    pub async fn publish<E: Event>(&self, topic: &str, event: E) -> Result<Text> {
         let envelope = self.envelope(event);
         match &self.capture {
             None => self.bus.publish_owned(topic, envelope).await,

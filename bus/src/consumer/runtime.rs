@@ -453,7 +453,7 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             let key = idempotency
                 .key
                 .as_ref()
-                .map_or_else(|| envelope.id.clone(), |key| key(&envelope));
+                .map_or_else(|| envelope.id.to_string(), |key| key(&envelope));
             match idempotency.store.claim(&shared.origin.group, &key, idempotency.lease).await {
                 Ok(Claim::Acquired(granted)) => lease = Some((key, granted)),
                 Ok(Claim::Done) => {

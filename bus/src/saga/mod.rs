@@ -120,6 +120,7 @@ use crate::envelope::{Envelope, Event};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::retry::RetryPolicy;
+use crate::text::Text;
 
 pub use memory::MemorySagaStore;
 pub use runtime::{RunningSaga, SagaStats};
@@ -519,7 +520,7 @@ impl<S> Step<S> {
     /// Sends `event` to `topic` when this step commits (same conversation as the handled
     /// message, caused by it). Returns the message's id. Fails at once when the event cannot
     /// be encoded or the topic name is invalid.
-    pub fn send<E: Event>(&mut self, topic: &str, event: E) -> Result<String> {
+    pub fn send<E: Event>(&mut self, topic: &str, event: E) -> Result<Text> {
         crate::message::validate_name("topic", topic)?;
         let message = self.context.envelope(event).into_message(&Json, topic)?;
         let id = message.id.clone();

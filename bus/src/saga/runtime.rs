@@ -461,7 +461,7 @@ impl<S: SagaData, E: Event + Clone> Handler<E> for EventHandler<S, E> {
         Box::pin(async move {
             let find = match &entry.correlation {
                 Correlation::Key => match &envelope.key {
-                    Some(key) if !key.is_empty() => Find::Id(key.clone()),
+                    Some(key) if !key.is_empty() => Find::Id(key.to_string()),
                     _ => {
                         return Err(HandlerError::permanent(format!(
                             "a {} event has no key to find its saga instance by; give the event \

@@ -134,7 +134,7 @@ async fn latency(pool: &PgPool, listen: bool) {
     let bus = Bus::new(MemoryTransport::new());
     let (topic, group) = (topic("bench-latency"), "g");
     bus.declare(&topic, group).await.expect("declare");
-    let handled_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let handled_at: Arc<Mutex<HashMap<busbar_core::Text, Instant>>> = Arc::default();
     let sub = bus
         .subscribe::<Sized>(&topic, group)
         .start({

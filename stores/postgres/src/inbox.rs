@@ -146,13 +146,13 @@ where
                 })?;
             sqlx::query(sql(&statements.inbox_insert))
                 .bind(&scope)
-                .bind(&key)
+                .bind(key.as_str())
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| HandlerError::transient(store_error("inbox", e)))?;
             let handled: bool = sqlx::query(sql(&statements.inbox_lock))
                 .bind(&scope)
-                .bind(&key)
+                .bind(key.as_str())
                 .fetch_one(&mut *tx)
                 .await
                 .and_then(|row| row.try_get("handled"))
@@ -188,7 +188,7 @@ where
             }
             sqlx::query(sql(&statements.mark_done))
                 .bind(&scope)
-                .bind(&key)
+                .bind(key.as_str())
                 .bind(millis(inbox.retention))
                 .execute(&mut *tx)
                 .await

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use busbar_core::codec::Json;
 use busbar_core::message::validate_name;
-use busbar_core::{Bus, Envelope, Error, ErrorKind, Event, HeaderName, Headers, Message, Result};
+use busbar_core::{
+    Bus, Envelope, Error, ErrorKind, Event, HeaderName, Headers, Message, Result, Text,
+};
 use bytes::Bytes;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
@@ -245,7 +247,7 @@ impl PostgresOutbox {
         tx: &mut PgConnection,
         topic: &str,
         event: E,
-    ) -> Result<String> {
+    ) -> Result<Text> {
         let envelope = self.bus.envelope(event);
         let id = envelope.id.clone();
         self.publish_messages(tx, vec![envelope.into_message(&Json, topic)?])
@@ -272,7 +274,7 @@ impl PostgresOutbox {
         tx: &mut PgConnection,
         topic: &str,
         events: impl IntoIterator<Item = E>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<Text>> {
         let messages = events
             .into_iter()
             .map(|event| self.bus.envelope(event).into_message(&Json, topic))
@@ -452,9 +454,12 @@ pub(crate) fn read_row(row: &PgRow) -> Result<(i64, Message)> {
     Ok((
         seq,
         Message {
-            id: row.try_get("id").map_err(read)?,
-            topic: row.try_get("topic").map_err(read)?,
-            key: row.try_get("key").map_err(read)?,
+            id: Text::new(row.try_get("id").map_err(read)?),
+            topic: Text::new(row.try_get("topic").map_err(read)?),
+            key: row
+                .try_get::<Option<&str>, _>("key")
+                .map_err(read)?
+                .map(Text::new),
             headers: headers
                 .into_iter()
                 .map(|(name, value)| (HeaderName::from(name), value))

@@ -113,13 +113,13 @@ fn fast(transport: Arc<dyn Transport>) -> Bus {
 
 /// What a consumer saw: every delivery's (id, key, seq), in arrival order.
 #[derive(Default, Clone)]
-struct Seen(Arc<Mutex<Vec<(String, String, u64)>>>);
+struct Seen(Arc<Mutex<Vec<(busbar_core::Text, String, u64)>>>);
 
 impl Seen {
     fn len(&self) -> usize {
         self.0.lock().unwrap().len()
     }
-    fn ids(&self) -> HashSet<String> {
+    fn ids(&self) -> HashSet<busbar_core::Text> {
         self.0
             .lock()
             .unwrap()
@@ -466,7 +466,7 @@ async fn a_refused_row_is_marked_failed_and_the_others_go_on() {
     // Put back and relayed by a transport that takes it: same id.
     assert_eq!(
         outbox
-            .retry_failed(Some(std::slice::from_ref(&big_id)))
+            .retry_failed(Some(std::slice::from_ref(&big_id.to_string())))
             .await
             .unwrap(),
         1
@@ -669,7 +669,7 @@ async fn the_consumer_outbox_publishes_only_what_committed_handlings_published()
          WHERE headers->>'ce_causationid' = $1",
         outbox.table()
     )))
-    .bind(&fine.id)
+    .bind(fine.id.as_str())
     .fetch_one(&pool)
     .await
     .unwrap();
@@ -706,7 +706,7 @@ impl Transport for StopsAfterPublishing {
         self.0.capabilities()
     }
     async fn publish(&self, messages: Vec<Message>) -> busbar_core::Result<()> {
-        let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+        let ids: Vec<busbar_core::Text> = messages.iter().map(|m| m.id.clone()).collect();
         self.0.publish(messages).await?;
         println!("PUBLISHED {}", ids.join(","));
         std::future::pending::<()>().await;
@@ -820,11 +820,11 @@ async fn relay_killed_between_publish_and_mark_republishes_the_same_ids() {
             move |e: Envelope<Probe>, _ctx: Context, mut tx| {
                 let (deliveries, effects) = (deliveries.clone(), effects.clone());
                 async move {
-                    deliveries.lock().unwrap().push(e.id.clone());
+                    deliveries.lock().unwrap().push(e.id.to_string());
                     sqlx::query(sqlx::AssertSqlSafe(format!(
                         "INSERT INTO {effects} (id) VALUES ($1)"
                     )))
-                    .bind(&e.id)
+                    .bind(e.id.as_str())
                     .execute(&mut *tx)
                     .await?;
                     Ok(tx)

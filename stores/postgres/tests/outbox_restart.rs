@@ -52,7 +52,7 @@ async fn broker_restart_during_an_outbox_run_loses_nothing() {
     let outbox = PostgresOutbox::with_table(&bus, pool.clone(), &table).unwrap();
     outbox.ensure_schema().await.unwrap();
 
-    let handled = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let handled = Arc::new(Mutex::new(HashSet::<busbar_core::Text>::new()));
     let sub = bus
         .subscribe::<Probe>(&topic, &group)
         .concurrency(8)
@@ -116,7 +116,7 @@ async fn broker_restart_during_an_outbox_run_loses_nothing() {
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
 
-    let written: HashSet<String> = writer.await.unwrap().into_iter().collect();
+    let written: HashSet<busbar_core::Text> = writer.await.unwrap().into_iter().collect();
     assert_eq!(written.len() as u64, N);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {

@@ -136,7 +136,7 @@ async fn the_inbox_commits_the_effect_and_the_done_mark_together_or_not_at_all()
                 let insert = insert.clone();
                 async move {
                     sqlx::query(sqlx::AssertSqlSafe(insert))
-                        .bind(&e.id)
+                        .bind(e.id.as_str())
                         .execute(&mut *tx)
                         .await?;
                     if e.payload.note == "fail after writing" {
@@ -160,7 +160,7 @@ async fn the_inbox_commits_the_effect_and_the_done_mark_together_or_not_at_all()
     })
     .await;
     assert_eq!(
-        effects.counts().await.unwrap().get(&failing.id),
+        effects.counts().await.unwrap().get(failing.id.as_str()),
         None,
         "the failed attempts' writes were kept"
     );
@@ -168,7 +168,7 @@ async fn the_inbox_commits_the_effect_and_the_done_mark_together_or_not_at_all()
         "SELECT count(*) FROM busbar_idempotency WHERE scope = $1 AND key = $2 AND done",
     )
     .bind(&group)
-    .bind(&failing.id)
+    .bind(failing.id.as_str())
     .fetch_one(&pool)
     .await
     .unwrap()
@@ -180,12 +180,15 @@ async fn the_inbox_commits_the_effect_and_the_done_mark_together_or_not_at_all()
     bus.publish_envelope(&topic, &ok).await.unwrap();
     bus.publish_envelope(&topic, &ok).await.unwrap();
     wait_for("both deliveries handled", || sub.stats().handled == 2).await;
-    assert_eq!(effects.counts().await.unwrap().get(&ok.id), Some(&1));
+    assert_eq!(
+        effects.counts().await.unwrap().get(ok.id.as_str()),
+        Some(&1)
+    );
     let marks: i64 = sqlx::query(
         "SELECT count(*) FROM busbar_idempotency WHERE scope = $1 AND key = $2 AND done",
     )
     .bind(&group)
-    .bind(&ok.id)
+    .bind(ok.id.as_str())
     .fetch_one(&pool)
     .await
     .unwrap()

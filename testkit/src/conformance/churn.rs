@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use busbar_core::Text;
 use busbar_core::{Context, Envelope, HandlerError, Subscription};
 use tokio::time::Instant;
 
@@ -210,7 +211,7 @@ pub async fn failing_subscriptions_in_turn_leave_nothing_stuck(h: Harness) {
                 .await
                 .expect("list dead letters");
             let seen = healthy.distinct();
-            let stuck: Vec<&String> = ids
+            let stuck: Vec<&Text> = ids
                 .iter()
                 .filter(|id| !seen.contains(*id) && !dead.iter().any(|d| &d.message.id == *id))
                 .collect();

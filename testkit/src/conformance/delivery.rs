@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use busbar_core::Text;
 use busbar_core::{Envelope, Subscription};
 
 use super::{bus_over, claims, probe, unique, wait_for, Harness, Ledger, Probe};
@@ -54,7 +55,7 @@ pub async fn published_before_and_after_subscribing_arrives_intact(h: Harness) {
             .expect("publish after subscribing");
         sent.push(env);
     }
-    let ids: Vec<String> = sent.iter().map(|e| e.id.clone()).collect();
+    let ids: Vec<Text> = sent.iter().map(|e| e.id.clone()).collect();
     wait_for("all 10 messages handled", || ledger.distinct().len() == 10).await;
     ledger.assert_nothing_lost(&ids);
     ledger.assert_nothing_duplicated(&caps);

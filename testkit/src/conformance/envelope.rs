@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busbar_core::codec::Json;
+use busbar_core::Text;
 use busbar_core::{Context, Envelope, ErrorKind};
 
 use super::{claims, lock, probe, unique, wait_for, Echo, Harness, Ledger, Probe};
@@ -64,7 +65,7 @@ pub async fn correlation_and_causation_propagate_through_a_handler(h: Harness) {
         "causation must be the handled id"
     );
     assert_ne!(echo.id, original.id);
-    let trace = |tp: &Option<String>| {
+    let trace = |tp: &Option<Text>| {
         tp.as_deref()
             .and_then(|t| t.split('-').nth(1))
             .map(str::to_string)
@@ -153,7 +154,7 @@ pub async fn largest_allowed_message_round_trips_and_larger_is_rejected(h: Harne
         .expect_err("a message over the limit must be refused");
     assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
     assert!(
-        err.to_string().contains(&too_big.id),
+        err.to_string().contains(too_big.id.as_str()),
         "the error should name the message: {err}"
     );
     let largest = sized(max);

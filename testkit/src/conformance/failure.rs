@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busbar_core::codec::Json;
+use busbar_core::Text;
 use busbar_core::{Context, DeadLetterReason, Envelope, HandlerError, Message, RedriveSelection};
 use tokio::time::Instant;
 
@@ -307,7 +308,7 @@ pub async fn chosen_dead_letters_are_redriven_or_purged(h: Harness) {
     wait_for("four dead letters", || sub.stats().dead_lettered == 4).await;
     fixed.store(true, Ordering::SeqCst);
 
-    let one = RedriveSelection::Ids(vec![ids[0].clone()]);
+    let one = RedriveSelection::Ids(vec![ids[0].to_string()]);
     let moved = bus
         .redrive_selected(&topic, &group, one)
         .await
@@ -315,13 +316,13 @@ pub async fn chosen_dead_letters_are_redriven_or_purged(h: Harness) {
     assert_eq!(moved, 1, "only the chosen dead letter is redriven");
     wait_for("the redriven one handled", || ledger.distinct().len() == 1).await;
 
-    let two = RedriveSelection::Ids(vec![ids[1].clone(), "no-such-id".to_string()]);
+    let two = RedriveSelection::Ids(vec![ids[1].to_string(), "no-such-id".to_string()]);
     let purged = bus
         .purge_dead_letters(&topic, &group, two)
         .await
         .expect("purge one");
     assert_eq!(purged, 1, "only the chosen dead letter is purged");
-    let mut left: Vec<String> = bus
+    let mut left: Vec<Text> = bus
         .dead_letters(&topic, &group, 100)
         .await
         .expect("list")

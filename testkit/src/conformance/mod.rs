@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use busbar_core::Text;
 use busbar_core::{
     Bus, Capabilities, Context, Envelope, Event, HandlerError, Result, RetryPolicy, Transport,
 };
@@ -262,15 +263,15 @@ impl Ledger {
     }
 
     /// Distinct message ids recorded.
-    pub fn distinct(&self) -> HashSet<String> {
+    pub fn distinct(&self) -> HashSet<Text> {
         lock(&self.seen).iter().map(|e| e.id.clone()).collect()
     }
 
     /// Asserts every id in `published` was recorded.
     #[track_caller]
-    pub fn assert_nothing_lost(&self, published: &[String]) {
+    pub fn assert_nothing_lost(&self, published: &[Text]) {
         let seen = self.distinct();
-        let lost: Vec<&String> = published.iter().filter(|id| !seen.contains(*id)).collect();
+        let lost: Vec<&Text> = published.iter().filter(|id| !seen.contains(*id)).collect();
         assert!(
             lost.is_empty(),
             "lost {} of {} messages: {lost:?}",
@@ -282,7 +283,7 @@ impl Ledger {
     /// Asserts no id was recorded twice, unless the transport may duplicate on its own.
     #[track_caller]
     pub fn assert_nothing_duplicated(&self, caps: &Capabilities) {
-        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut counts: HashMap<Text, usize> = HashMap::new();
         for e in lock(&self.seen).iter() {
             *counts.entry(e.id.clone()).or_default() += 1;
         }

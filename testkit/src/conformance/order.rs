@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use busbar_core::Text;
 use busbar_core::{Bus, Context, Envelope, MemoryIdempotencyStore};
 
 use super::{claims, fast_retry, lock, probe, unique, wait_for, Harness, Probe};
@@ -52,11 +53,11 @@ async fn keyed_run(
     bus: &Bus,
     per_key: u64,
     fail_first: impl Fn(u64) -> bool + Send + Sync + 'static,
-) -> std::collections::HashSet<String> {
+) -> std::collections::HashSet<Text> {
     let caps = bus.capabilities();
     let (topic, group) = (unique("order"), unique("g"));
     let order = Arc::new(Mutex::new(HashMap::<String, Vec<u64>>::new()));
-    let failed_once = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let failed_once = Arc::new(Mutex::new(std::collections::HashSet::<Text>::new()));
     let (keep, failed) = (Arc::clone(&order), Arc::clone(&failed_once));
     let fail_first = Arc::new(fail_first);
     let sub = bus
@@ -123,7 +124,7 @@ pub async fn duplicates_do_not_repeat_an_idempotent_effect(h: Harness) {
         .build();
     let (topic, group) = (unique("dup"), unique("g"));
     faulty.faults().duplicate_every(&topic, &group, 1);
-    let effects = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let effects = Arc::new(Mutex::new(HashMap::<Text, u32>::new()));
     let keep = Arc::clone(&effects);
     let sub = bus
         .subscribe::<Probe>(&topic, &group)

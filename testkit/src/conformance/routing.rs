@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use busbar_core::codec::{Codec, Json};
 use busbar_core::routing::Payload;
+use busbar_core::Text;
 use busbar_core::{
     Bus, Context, DeadLetterReason, Envelope, ErrorKind, Event, HandlerError, Message, UnknownTypes,
 };
@@ -88,7 +89,7 @@ impl AccountEvent {
 }
 
 /// What handlers saw: (handler label, event type, account, seq, message id), in order.
-type Seen = Arc<Mutex<Vec<(&'static str, String, String, u64, String)>>>;
+type Seen = Arc<Mutex<Vec<(&'static str, Text, String, u64, Text)>>>;
 
 fn record<E: Event>(
     seen: &Seen,
@@ -194,7 +195,7 @@ async fn several_types_run(bus: &Bus, form: Form) {
         }
     }
     wait_for("every event handled", || {
-        let ids: HashSet<String> = lock(&seen).iter().map(|s| s.4.clone()).collect();
+        let ids: HashSet<Text> = lock(&seen).iter().map(|s| s.4.clone()).collect();
         ids.len() == published.len()
     })
     .await;
@@ -298,7 +299,7 @@ async fn unknown_types_run(bus: &Bus, policy: UnknownTypes) {
     let skipping = policy == UnknownTypes::Skip;
     let (dead, skipped) = if skipping { (1, 3) } else { (4, 0) };
     wait_for("the claimed type handled and the others settled", || {
-        let handled: HashSet<String> = lock(&handled).iter().map(|s| s.4.clone()).collect();
+        let handled: HashSet<Text> = lock(&handled).iter().map(|s| s.4.clone()).collect();
         let stats = sub.stats();
         handled.len() == claimed.len()
             && stats.dead_lettered >= dead
@@ -394,7 +395,7 @@ pub async fn v1_and_v2_on_one_topic_are_handled_as_v2(h: Harness) {
     };
     let (topic, group) = (unique("versions"), unique("g"));
     new_service.declare(&topic, &group).await.expect("declare");
-    let handled = Arc::new(Mutex::new(HashMap::<String, PriceSet>::new()));
+    let handled = Arc::new(Mutex::new(HashMap::<Text, PriceSet>::new()));
     let keep = Arc::clone(&handled);
     let sub = new_service
         .subscribe::<PriceSet>(&topic, &group)
