@@ -117,7 +117,7 @@ pub struct MemoryTransport {
 #[derive(Default)]
 struct Inner {
     options: MemoryOptions,
-    topics: Mutex<HashMap<String, Vec<Arc<GroupQueue>>>>,
+    topics: Mutex<foldhash::HashMap<String, Vec<Arc<GroupQueue>>>>,
     /// Signalled whenever a queue frees space, for publishers waiting on a full queue.
     space: Notify,
 }
@@ -145,7 +145,7 @@ struct QueueState {
     /// Messages that may be handed out now: at most one per key.
     ready: VecDeque<Entry>,
     /// For each locked key, the messages waiting behind the one that holds the lock.
-    waiting: HashMap<Text, VecDeque<Entry>>,
+    waiting: foldhash::HashMap<Text, VecDeque<Entry>>,
     /// Unsettled messages: ready, waiting, in flight and delayed.
     len: usize,
     dead: VecDeque<DeadLetter>,

@@ -14,7 +14,7 @@
 //!   broker's group naming the departed member as its leader (Tansu does), so that no later
 //!   member of the group is ever assigned anything.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ struct PartitionState {
     /// Keys with a message handed out (or waiting for its retry), and the later messages of
     /// that key waiting their turn: one message per key at a time keeps per-key order, also
     /// across retries.
-    keys: HashMap<Text, VecDeque<(Arc<Message>, i64)>>,
+    keys: foldhash::HashMap<Text, VecDeque<(Arc<Message>, i64)>>,
     /// Payload bytes of the messages in `in_flight`.
     held_bytes: usize,
     /// Whether fetching from the partition is paused because too many of its messages are
@@ -96,14 +96,14 @@ struct Finished {
 
 /// In-flight offsets per partition, and what may be committed.
 pub(crate) struct Tracker {
-    partitions: HashMap<Partition, PartitionState>,
+    partitions: foldhash::HashMap<Partition, PartitionState>,
     limit: HeldLimit,
 }
 
 impl Tracker {
     pub(crate) fn new(limit: HeldLimit) -> Self {
         Tracker {
-            partitions: HashMap::new(),
+            partitions: foldhash::HashMap::default(),
             limit,
         }
     }

@@ -1,6 +1,6 @@
 //! The dispatch loop and the handling of one delivery.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,9 +106,10 @@ pub(crate) struct Limits {
 struct Dispatch {
     /// Deliveries that may start, with their key's hash when ordered by key.
     runnable: VecDeque<(Delivery, Option<u64>)>,
-    waiting: HashMap<u64, VecDeque<Delivery>>,
+    waiting: foldhash::HashMap<u64, VecDeque<Delivery>>,
     held: usize,
-    hasher: std::hash::RandomState,
+    /// Seeded per subscription, so a producer cannot choose keys that collide.
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Dispatch {
