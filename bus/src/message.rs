@@ -571,11 +571,6 @@ pub const MAX_NAME_LEN: usize = 200;
 /// assert!(validate_name("topic", "orders/v1").is_err());
 /// ```
 pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
-    // The common case, checked byte by byte: every message published is checked.
-    if !name.is_empty() && name.len() <= MAX_NAME_LEN && name.bytes().all(allowed) {
-        return Ok(());
-    }
     let problem = if name.is_empty() {
         Some("is empty".to_string())
     } else if name.len() > MAX_NAME_LEN {
@@ -584,8 +579,13 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
             name.len()
         ))
     } else {
-        name.chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        // Byte by byte (every message published is checked); a character outside ASCII
+        // starts with a byte that is not allowed, so the first such byte starts the character
+        // to report.
+        let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+        name.bytes()
+            .position(|b| !allowed(&b))
+            .and_then(|at| name.get(at..)?.chars().next())
             .map(|c| format!("contains {c:?}; use ASCII letters, digits, '.', '_' or '-'"))
     };
     match problem {
@@ -674,6 +674,9 @@ mod tests {
         assert!(err.to_string().contains("group name is empty"), "{err}");
         let err = validate_name("topic", "a b").unwrap_err();
         assert!(err.to_string().contains("contains ' '"), "{err}");
+        // A character outside ASCII is named whole, not by its first byte.
+        let err = validate_name("topic", "commandé").unwrap_err();
+        assert!(err.to_string().contains("contains 'é'"), "{err}");
         let long = "x".repeat(MAX_NAME_LEN + 1);
         let err = validate_name("topic", &long).unwrap_err();
         assert!(err.to_string().contains("limit is 200"), "{err}");
