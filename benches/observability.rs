@@ -1,8 +1,9 @@
 //! What metrics and traces cost: the whole bus on the memory transport (`publish_batch` of 100
 //! → handled, concurrency 8, 1 KiB events, no-op handler), with nothing installed, with a
-//! Prometheus recorder, and with the recorder plus an OpenTelemetry tracing layer that keeps
-//! every span (sampled always, through the SDK's batch processor, as a service exports them, to
-//! its in-memory exporter, emptied between rounds), and the same sampling one trace in ten.
+//! Prometheus recorder, and with the recorder plus an OpenTelemetry SDK tracer provider
+//! (busbar's consume spans through the SDK's batch processor, as a service exports them, to its
+//! in-memory exporter, emptied between rounds) keeping every trace, one in ten, one in a
+//! hundred.
 //!
 //! A recorder and a subscriber are process-wide and cannot be taken back, so each setting runs
 //! in its own process; without `BUSBAR_BENCH_OBSERVE` the bench runs itself once per setting:
@@ -19,13 +20,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use busbar::{Bus, Context, Envelope, Event, HandlerError, MemoryOptions, MemoryTransport};
-use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, Sampler, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::layer::SubscriberExt;
 
 const BATCH: usize = 100;
-const SETTINGS: [&str; 4] = ["off", "metrics", "metrics+traces", "metrics+traces-1/10"];
+const SETTINGS: [&str; 5] = [
+    "off",
+    "metrics",
+    "metrics+traces",
+    "metrics+traces-1/10",
+    "metrics+traces-1/100",
+];
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Blob {
@@ -101,19 +106,12 @@ fn measure(setting: &str) -> f64 {
     if setting.contains("traces") {
         let spans = InMemorySpanExporter::default();
         let mut provider = SdkTracerProvider::builder().with_batch_exporter(spans.clone());
-        if setting.ends_with("1/10") {
-            provider = provider.with_sampler(Sampler::TraceIdRatioBased(0.1));
+        if let Some((_, one_in)) = setting.split_once("1/") {
+            let one_in: f64 = one_in.parse().expect("a sampling ratio 1/N");
+            provider = provider.with_sampler(Sampler::TraceIdRatioBased(1.0 / one_in));
         }
         let provider = provider.build();
-        // The layer as the README recommends for busy consumers: no per-span thread, source
-        // location or busy/idle timing attributes.
-        let layer = tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("bench"))
-            .with_location(false)
-            .with_threads(false)
-            .with_tracked_inactivity(false);
-        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
-            .expect("the subscriber installs");
+        opentelemetry::global::set_tracer_provider(provider.clone());
         exporter = Some((spans, provider));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per message of the whole bus (benches/observability.rs) with nothing installed,
-# with a Prometheus recorder, and with the recorder plus an OpenTelemetry layer, counted by
-# callgrind: wall-clock rates of the bench move by ±20% on a busy 2-core machine; instruction
-# counts repeat. Each setting runs one round of N and of 2N messages; the difference over N is
-# the cost per message, without the set-up.
+# with a Prometheus recorder, and with the recorder plus an OpenTelemetry tracer provider (every
+# trace, one in ten, one in a hundred), counted by callgrind: wall-clock rates of the bench move
+# by ±20% on a busy 2-core machine; instruction counts repeat. Each setting runs one round of N
+# and of 2N messages; the difference over N is the cost per message, without the set-up.
 #
 #   benches/observability.sh          BUSBAR_BENCH_MESSAGES=N (default 5000)
 set -euo pipefail
@@ -22,7 +22,7 @@ total() { # total <setting> <messages>
 printf '| %-14s | %16s | %11s |\n' setting "instructions/msg" "against off"
 printf '|---|---|---|\n'
 off=0
-for setting in off metrics metrics+traces metrics+traces-1/10; do
+for setting in off metrics metrics+traces metrics+traces-1/10 metrics+traces-1/100; do
   per=$((($(total "$setting" $((2 * n))) - $(total "$setting" "$n")) / n))
   ((off)) || off=$per
   printf '| %-14s | %16d | %11s |\n' "$setting" "$per" "$(awk -v a="$off" -v b="$per" 'BEGIN { printf "%.3f", a / b }')"

@@ -67,6 +67,86 @@ async fn one_trace_across_two_hops_on_memory() {
     busbar_testkit::otel::one_trace_across_two_hops(Arc::new(MemoryTransport::new())).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_marks_its_consume_span_as_an_error() {
+    use busbar_testkit::conformance::{fast_retry, unique};
+    use opentelemetry::trace::Status;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    let exporter = busbar_testkit::otel::exporter();
+    let bus = Bus::builder(Arc::new(MemoryTransport::new()))
+        .retry(fast_retry(3))
+        .build();
+    let (topic, group) = (unique("otel-fail"), unique("g"));
+    bus.declare(&topic, &group).await.expect("declare");
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&attempts);
+    let subscription = bus
+        .subscribe::<Ping>(&topic, &group)
+        .start(move |_: Envelope<Ping>, _: Context| {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    return Err(HandlerError::transient("the stock service timed out"));
+                }
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    let id = bus.publish(&topic, Ping).await.expect("publish");
+    let name = format!("process {topic}");
+    let spans_of_topic = || {
+        let mut spans: Vec<_> = exporter
+            .get_finished_spans()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|span| span.name == name)
+            .collect();
+        spans.sort_by_key(|span| span.start_time);
+        spans
+    };
+    wait_until("both attempts' spans exported", || {
+        spans_of_topic().len() == 2
+    })
+    .await;
+    let spans = spans_of_topic();
+    let attribute = |span: &opentelemetry_sdk::trace::SpanData, key: &str| {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.clone())
+    };
+    match &spans[0].status {
+        Status::Error { description } => assert!(
+            description.contains("the stock service timed out"),
+            "{description}"
+        ),
+        other => panic!("the failed attempt's span is {other:?}, not an error"),
+    }
+    assert_eq!(spans[1].status, Status::Unset, "the retry succeeded");
+    for (attempt, span) in (1_i64..).zip(&spans) {
+        assert_eq!(attribute(span, "busbar.attempt"), Some(attempt.into()));
+        assert_eq!(
+            attribute(span, "messaging.message.id"),
+            Some(id.to_string().into())
+        );
+        assert_eq!(
+            attribute(span, "busbar.event_type"),
+            Some(Ping::TYPE.to_owned().into())
+        );
+        assert_eq!(
+            span.span_context.trace_id(),
+            spans[0].span_context.trace_id(),
+            "both attempts belong to the message's trace"
+        );
+    }
+    subscription
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
+
 #[derive(Serialize, Deserialize)]
 struct Ping;
 

@@ -599,12 +599,16 @@ pub fn validate_header(name: &str, value: &str) -> Result<()> {
 
 /// A new W3C `traceparent`: the trace id of `parent` (a new one when `None`) and a new span id.
 ///
-/// With the `otel` feature, inside a span with an OpenTelemetry context, that span's context
+/// With the `otel` feature, inside an OpenTelemetry context with a span, that span's context
 /// instead: the trace continues from the span the event is published in.
 pub(crate) fn new_traceparent(parent: Option<&str>) -> Text {
     #[cfg(feature = "otel")]
-    if let Some(current) = crate::otel::current_traceparent() {
-        return current.into();
+    if let Some((trace, span, flags)) = crate::otel::current_span() {
+        let mut traceparent = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        put_hex(&mut traceparent[3..35], trace);
+        put_hex(&mut traceparent[36..52], u128::from(span));
+        put_hex(&mut traceparent[53..55], u128::from(flags));
+        return Text::new(std::str::from_utf8(&traceparent).unwrap_or_default());
     }
     let parent_trace = parent.and_then(|p| {
         let mut parts = p.split('-');

@@ -1,11 +1,12 @@
 //! One trace across two hops, read from the OpenTelemetry SDK's in-memory exporter (feature
 //! `otel`).
 //!
-//! [`one_trace_across_two_hops`] installs a `tracing` subscriber with the OpenTelemetry layer
-//! as the process's default (once; keep such tests in their own test binary), then publishes
-//! inside a root span; the first subscription's handler publishes again, and the second
-//! handles that. Every span of the chain must share the root's trace id, each `busbar.process`
-//! span the child of the span the message was published in.
+//! [`one_trace_across_two_hops`] installs an SDK tracer provider as the process's global one
+//! and a `tracing` subscriber bridging `tracing` spans to it (once; keep such tests in their
+//! own test binary), then publishes inside a root `tracing` span; the first subscription's
+//! handler publishes again, and the second handles that. Every span of the chain must share
+//! the root's trace id, each consume span (`process <topic>`) the child of the span the
+//! message was published in.
 //!
 //! ```no_run
 //! # async fn run(transport: std::sync::Arc<dyn busbar_core::Transport>) {
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use busbar_core::Text;
 use busbar_core::{Bus, Context, Envelope, Event, Transport};
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,8 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use crate::conformance::{fast_retry, unique, wait_for, wait_limit};
 
-/// The exporter every span of this process ends in, installing the subscriber on first use.
+/// The exporter every span of this process ends in, installing the tracer provider and the
+/// subscriber on first use.
 ///
 /// # Panics
 ///
@@ -40,6 +42,7 @@ pub fn exporter() -> &'static InMemorySpanExporter {
             .with_simple_exporter(exporter.clone())
             .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("busbar-testkit"));
+        opentelemetry::global::set_tracer_provider(provider);
         let subscriber = tracing_subscriber::registry().with(layer);
         tracing::subscriber::set_global_default(subscriber)
             .expect("no other tracing subscriber is installed in this test binary");
@@ -58,15 +61,18 @@ impl Event for Hop {
     const TYPE: &'static str = "busbar.test.hop.v1";
 }
 
-fn finished() -> Vec<SpanData> {
+/// The spans exported so far.
+pub fn finished() -> Vec<SpanData> {
     exporter().get_finished_spans().unwrap_or_default()
 }
 
-fn process_span_of(spans: &[SpanData], topic: &str) -> Option<SpanData> {
+/// The consume span of the first delivery on `topic`.
+pub fn process_span_of(spans: &[SpanData], topic: &str) -> Option<SpanData> {
     spans
         .iter()
         .find(|span| {
-            span.name == "busbar.process"
+            span.name == format!("process {topic}")
+                && span.span_kind == SpanKind::Consumer
                 && span.attributes.iter().any(|kv| {
                     kv.key.as_str() == "messaging.destination.name"
                         && kv.value == Value::from(topic.to_owned())

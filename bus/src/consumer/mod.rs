@@ -228,6 +228,8 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
                 .unwrap_or_else(|| self.bus.default_retry().clone()),
             system: transport.name(),
             max_message_bytes: transport.capabilities().max_message_bytes,
+            #[cfg(feature = "otel")]
+            spans: crate::otel::ConsumeSpans::new(transport.name(), &origin.topic, &origin.group),
             metrics: ConsumerMetrics::new(
                 transport.name(),
                 &origin.topic,

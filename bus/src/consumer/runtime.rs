@@ -39,6 +39,9 @@ pub(crate) struct Shared<E> {
     pub(crate) system: &'static str,
     /// The transport's publish limit: larger received messages are not handled.
     pub(crate) max_message_bytes: Option<usize>,
+    /// The subscription's OpenTelemetry consume spans.
+    #[cfg(feature = "otel")]
+    pub(crate) spans: crate::otel::ConsumeSpans,
 }
 
 impl<E> Shared<E> {
@@ -380,18 +383,12 @@ enum Outcome {
 async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) {
     let message = delivery.shared_message();
     let attempt = shared.attempt(&message.id, delivery.attempt());
-    // With an OpenTelemetry layer, the span below is the child of the message's trace: the
-    // layer takes a new span's parent from the current context (cheaper than re-parenting the
-    // span once made). Skipped when no subscriber wants INFO spans.
+    // The consume span, the child of the message's trace; current while the `tracing` span
+    // below is made, so that a `tracing-opentelemetry` bridge makes that one its child.
     #[cfg(feature = "otel")]
-    let parent = tracing::level_enabled!(tracing::Level::INFO)
-        .then(|| {
-            crate::otel::enter_remote_parent(
-                message.header(attr::TRACEPARENT),
-                message.header(attr::TRACESTATE),
-            )
-        })
-        .flatten();
+    let trace = shared.spans.start(&message, attempt);
+    #[cfg(feature = "otel")]
+    let current = trace.as_ref().map(|context| context.clone().attach());
     // Every field is known here (a structured-mode event's, below, once decoded): recording
     // one later costs a subscriber's look-up each.
     let span = tracing::info_span!(
@@ -410,12 +407,19 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         busbar.attempt = attempt,
     );
     #[cfg(feature = "otel")]
-    drop(parent);
-    async move {
+    drop(current);
+    let handling = async move {
         let _in_flight = InFlight::start(&shared.metrics.in_flight);
         if let Some(error) = oversize(&shared, &message) {
             tracing::warn!(%error, "oversize message; dead-lettering it");
-            dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error).await;
+            dead_letter(
+                &shared,
+                delivery,
+                attempt,
+                DeadLetterReason::Undecodable,
+                error,
+            )
+            .await;
             return;
         }
         // A structured-mode CloudEvent is read into the binary form once, here, so the
@@ -432,7 +436,14 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             Ok(decoded) => decoded,
             Err(Undecoded::Invalid(error)) => {
                 tracing::warn!(%error, "undecodable message; dead-lettering it");
-                dead_letter(&shared, delivery, attempt, DeadLetterReason::Undecodable, error.to_string()).await;
+                dead_letter(
+                    &shared,
+                    delivery,
+                    attempt,
+                    DeadLetterReason::Undecodable,
+                    error.to_string(),
+                )
+                .await;
                 return;
             }
             Err(Undecoded::UnknownType(event_type)) => {
@@ -443,7 +454,10 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         if structured {
             // Its attributes were in its body: the span learns them now.
             let span = tracing::Span::current();
-            span.record("messaging.message.conversation_id", envelope.conversation_id());
+            span.record(
+                "messaging.message.conversation_id",
+                envelope.conversation_id(),
+            );
             span.record("busbar.causation_id", envelope.causation_id.as_deref());
         }
 
@@ -455,7 +469,11 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
                 .key
                 .as_ref()
                 .map_or_else(|| envelope.id.to_string(), |key| key(&envelope));
-            match idempotency.store.claim(&shared.origin.group, &key, idempotency.lease).await {
+            match idempotency
+                .store
+                .claim(&shared.origin.group, &key, idempotency.lease)
+                .await
+            {
                 Ok(Claim::Acquired(granted)) => lease = Some((key, granted)),
                 Ok(Claim::Done) => {
                     tracing::debug!(idempotency_key = %key, "already handled; skipping duplicate");
@@ -468,7 +486,11 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
                     // Another consumer is handling it right now; not a failure of ours, so it
                     // is never dead-lettered for it. Look again on the retry schedule (the holder
                     // usually finishes long before its lease expires), at the latest at expiry.
-                    let wait = shared.retry.backoff(attempt).min(retry_after).max(Duration::from_millis(1));
+                    let wait = shared
+                        .retry
+                        .backoff(attempt)
+                        .min(retry_after)
+                        .max(Duration::from_millis(1));
                     tracing::debug!(idempotency_key = %key, ?wait, "claimed elsewhere; looking again later");
                     shared.waited_busy(&message.id);
                     settle("nack", delivery.nack(wait).await);
@@ -485,11 +507,20 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             }
         }
 
-        let intercepted = shared
-            .bus
-            .interceptor()
-            .and_then(|i| i.before_handle(&shared.origin.topic, &shared.origin.group, &message, attempt));
-        let context = Context::new(shared.bus.clone(), &shared.origin, Arc::clone(&message), attempt);
+        let intercepted = shared.bus.interceptor().and_then(|i| {
+            i.before_handle(
+                &shared.origin.topic,
+                &shared.origin.group,
+                &message,
+                attempt,
+            )
+        });
+        let context = Context::new(
+            shared.bus.clone(),
+            &shared.origin,
+            Arc::clone(&message),
+            attempt,
+        );
         let outcome = match intercepted {
             Some(error) => Outcome::Failed {
                 permanent: error.is_permanent(),
@@ -507,9 +538,18 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             release_or_complete(idempotency, &shared.origin.group, key, granted, &outcome).await;
         }
         conclude(&shared, delivery, attempt, outcome, of).await;
+    };
+    // The consume span's context is current inside the `tracing` span's: what the handler
+    // publishes is its child, and a failure is marked on it.
+    #[cfg(feature = "otel")]
+    if let Some(trace) = trace {
+        use opentelemetry::context::FutureExt as _;
+        use opentelemetry::trace::TraceContextExt as _;
+        handling.with_context(trace.clone()).instrument(span).await;
+        trace.span().end();
+        return;
     }
-    .instrument(span)
-    .await;
+    handling.instrument(span).await;
 }
 
 /// A message of a type the subscription does not handle: dead-lettered or skipped, as the
@@ -598,6 +638,8 @@ async fn conclude<E>(
             settle("ack", delivery.ack().await);
         }
         Outcome::Failed { permanent, error } => {
+            #[cfg(feature = "otel")]
+            crate::otel::failed(&error);
             shared.tally_as(Tally::FailedAttempt, of);
             if permanent {
                 tracing::warn!(%error, "permanent failure; dead-lettering");
@@ -636,6 +678,8 @@ async fn dead_letter<E>(
     reason: DeadLetterReason,
     error: String,
 ) {
+    #[cfg(feature = "otel")]
+    crate::otel::failed(&error);
     shared.forget_waits(&delivery.message().id);
     let message = delivery.shared_message();
     let info = DeadLetterInfo::new(
