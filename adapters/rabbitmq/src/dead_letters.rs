@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use lapin::Channel;
 use tokio::time::Instant;
 
-use crate::mapping::{death_count, from_amqp, to_amqp};
+use crate::mapping::{death_count, from_amqp};
 use crate::publisher::{send_confirmed, Outgoing};
 use crate::Inner;
 
@@ -156,13 +156,7 @@ pub(crate) async fn settle(
             }
             let message = &h.dead.message;
             if action == Settle::Redrive {
-                let out = Outgoing {
-                    id: message.id.clone(),
-                    exchange: String::new(),
-                    routing_key: Text::new(&queue),
-                    properties: to_amqp(message, None)?,
-                    payload: message.payload.clone(),
-                };
+                let out = Outgoing::new(message.clone(), None, String::new(), Text::new(&queue))?;
                 send_confirmed(connector, vec![out], operation).await?;
             }
             h.acker.ack(BasicAckOptions::default()).await.map_err(|e| {

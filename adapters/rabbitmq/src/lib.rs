@@ -129,13 +129,13 @@ impl Transport for RabbitTransport {
         let mut batch = Vec::with_capacity(messages.len());
         for message in messages {
             message.check_publishable(max, "RabbitMQ")?;
-            batch.push(Outgoing {
-                properties: mapping::to_amqp(&message, None)?,
-                id: message.id,
-                exchange: connector.config.exchange.clone(),
-                routing_key: message.topic,
-                payload: message.payload,
-            });
+            let topic = message.topic.clone();
+            batch.push(Outgoing::new(
+                message,
+                None,
+                connector.config.exchange.clone(),
+                topic,
+            )?);
         }
         if batch.is_empty() {
             return Ok(());

@@ -47,7 +47,13 @@ pub fn to_amqp(message: &Message, attempt: Option<u32>) -> Result<BasicPropertie
             continue;
         }
         let amqp_name = match name.strip_prefix(attr::CE_PREFIX) {
-            Some(attribute) => format!("{CE_PREFIX}{attribute}"),
+            // Not `format!`: this runs for every attribute of every message.
+            Some(attribute) => {
+                let mut amqp_name = String::with_capacity(CE_PREFIX.len() + attribute.len());
+                amqp_name.push_str(CE_PREFIX);
+                amqp_name.push_str(attribute);
+                amqp_name
+            }
             None if name.starts_with(CE_PREFIX) || name.starts_with(CE_PREFIX_ALT) => {
                 return Err(Error::new(
                     ErrorKind::InvalidHeader,
@@ -127,6 +133,9 @@ pub fn from_amqp(
     redelivered: bool,
 ) -> (Message, u32) {
     let mut received = ReceivedHeaders::default();
+    // busbar's name of a CloudEvents attribute, written here for each one (a known name is
+    // then stored without allocating).
+    let mut attribute_name = String::new();
     let mut attempt = 1u32;
     let mut delivery_count = None;
     if let Some(table) = properties.headers() {
@@ -143,11 +152,10 @@ pub fn from_amqp(
                 .strip_prefix(CE_PREFIX)
                 .or_else(|| name.strip_prefix(CE_PREFIX_ALT))
             {
-                insert_attribute(
-                    &mut received,
-                    &format!("{}{attribute}", attr::CE_PREFIX),
-                    value,
-                );
+                attribute_name.clear();
+                attribute_name.push_str(attr::CE_PREFIX);
+                attribute_name.push_str(attribute);
+                insert_attribute(&mut received, &attribute_name, value);
             } else {
                 insert_value(&mut received, name, value);
             }

@@ -2,8 +2,7 @@
 //! together; what the broker did not confirm because the connection dropped is sent again on
 //! the next connection, until the publish deadline. `Ok` means every message was confirmed.
 
-use busbar_core::{Error, ErrorKind, Result, Text};
-use bytes::Bytes;
+use busbar_core::{Error, ErrorKind, Message, Result, Text};
 use futures::future::join_all;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Confirmation};
@@ -14,11 +13,45 @@ use crate::connection::{is_connection_loss, Connector};
 /// One AMQP publish.
 #[derive(Clone)]
 pub(crate) struct Outgoing {
-    pub(crate) id: Text,
-    pub(crate) exchange: String,
-    pub(crate) routing_key: Text,
-    pub(crate) properties: BasicProperties,
-    pub(crate) payload: Bytes,
+    message: Message,
+    /// busbar's attempt count, for a delayed retry.
+    attempt: Option<u32>,
+    exchange: String,
+    routing_key: Text,
+    /// The AMQP properties of the first send, taken by it (lapin takes them by value): a
+    /// message sent again after a lost connection has them made again from `message`, instead
+    /// of every message paying a copy kept for that rare case.
+    properties: Option<BasicProperties>,
+}
+
+impl Outgoing {
+    /// `message`, to `routing_key` on `exchange`; an error when its headers cannot travel as
+    /// AMQP properties.
+    pub(crate) fn new(
+        message: Message,
+        attempt: Option<u32>,
+        exchange: String,
+        routing_key: Text,
+    ) -> Result<Self> {
+        Ok(Outgoing {
+            properties: Some(crate::mapping::to_amqp(&message, attempt)?),
+            message,
+            attempt,
+            exchange,
+            routing_key,
+        })
+    }
+
+    fn id(&self) -> &str {
+        &self.message.id
+    }
+
+    fn take_properties(&mut self) -> Result<BasicProperties> {
+        match self.properties.take() {
+            Some(properties) => Ok(properties),
+            None => crate::mapping::to_amqp(&self.message, self.attempt),
+        }
+    }
 }
 
 /// `error` stopped `pending` (of `total`) before RabbitMQ confirmed them: say which.
@@ -29,7 +62,7 @@ pub(crate) fn not_published(
     total: usize,
     error: Error,
 ) -> Error {
-    let ids: Vec<&str> = pending.iter().map(|o| o.id.as_str()).collect();
+    let ids: Vec<&str> = pending.iter().map(|o| o.id()).collect();
     Error::new(
         error.kind(),
         operation,
@@ -61,14 +94,15 @@ pub(crate) async fn send_confirmed(
         };
         let mut confirms = Vec::with_capacity(pending.len());
         let mut lost: Option<lapin::Error> = None;
-        for out in &pending {
+        for out in &mut pending {
+            let properties = out.take_properties()?;
             let sent = channel
                 .basic_publish(
                     out.exchange.as_str().into(),
                     out.routing_key.as_str().into(),
                     BasicPublishOptions::default(),
-                    &out.payload,
-                    out.properties.clone(),
+                    &out.message.payload,
+                    properties,
                 )
                 .await;
             match sent {
@@ -80,7 +114,7 @@ pub(crate) async fn send_confirmed(
                 Err(e) => {
                     return Err(connector.broker_error(
                         operation,
-                        format!("cannot publish message {}", out.id),
+                        format!("cannot publish message {}", out.id()),
                         e,
                     ))
                 }
@@ -90,7 +124,7 @@ pub(crate) async fn send_confirmed(
         let mut retry = Vec::new();
         let mut nacked = Vec::new();
         let Ok(results) = tokio::time::timeout_at(deadline, join_all(confirms)).await else {
-            let ids: Vec<&str> = pending.iter().map(|o| o.id.as_str()).collect();
+            let ids: Vec<&str> = pending.iter().map(|o| o.id()).collect();
             return Err(Error::new(
                 ErrorKind::Timeout,
                 operation,
@@ -107,7 +141,7 @@ pub(crate) async fn send_confirmed(
         for (out, result) in pending.iter().zip(results) {
             match result {
                 Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {}
-                Ok(Confirmation::Nack(_)) => nacked.push(out.id.clone()),
+                Ok(Confirmation::Nack(_)) => nacked.push(out.message.id.clone()),
                 Err(e) if is_connection_loss(&e) => {
                     lost.get_or_insert(e);
                     retry.push(out.clone());
@@ -115,7 +149,7 @@ pub(crate) async fn send_confirmed(
                 Err(e) => {
                     return Err(connector.broker_error(
                         operation,
-                        format!("no confirm for message {}", out.id),
+                        format!("no confirm for message {}", out.id()),
                         e,
                     ))
                 }
@@ -139,7 +173,7 @@ pub(crate) async fn send_confirmed(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            let ids: Vec<&str> = retry.iter().map(|o| o.id.as_str()).collect();
+            let ids: Vec<&str> = retry.iter().map(|o| o.id()).collect();
             let mut error = Error::new(
                 ErrorKind::Connection,
                 operation,
@@ -161,5 +195,40 @@ pub(crate) async fn send_confirmed(
             "connection lost while publishing; sending again after reconnecting"
         );
         pending = retry;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_sent_again_has_the_properties_of_its_first_send() {
+        let mut message = Message::new("m-1", "orders", "{}");
+        message.headers.insert("ce_type", "order.placed.v1");
+        message.headers.insert(
+            "ce_traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        message.headers.insert("tenant", "acme");
+        message.key = Some("customer-7".into());
+        let mut out =
+            Outgoing::new(message, Some(3), "busbar".into(), "orders".into()).expect("publishable");
+        let pending_copy = out.clone();
+        let first = out.take_properties().expect("first send");
+        // Lost before its confirm: the copy kept for sending again, and the one that was sent.
+        for mut again in [pending_copy, out] {
+            assert_eq!(again.take_properties().expect("sent again"), first);
+        }
+        let headers = first.headers().as_ref().expect("headers");
+        for name in [
+            "cloudEvents:type",
+            "cloudEvents:traceparent",
+            "cloudEvents:partitionkey",
+            "tenant",
+            "busbar.attempt",
+        ] {
+            assert!(headers.inner().contains_key(name), "{name} in {headers:?}");
+        }
     }
 }

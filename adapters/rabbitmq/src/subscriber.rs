@@ -18,7 +18,7 @@ use lapin::{Acker, Channel, Consumer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::mapping::{from_amqp, to_amqp};
+use crate::mapping::from_amqp;
 use crate::publisher::{send_confirmed, Outgoing};
 use crate::topology::{declare_group, declare_retry};
 use crate::Inner;
@@ -325,14 +325,7 @@ impl RabbitAck {
         attempt: Option<u32>,
         operation: &'static str,
     ) -> Result<()> {
-        let properties = to_amqp(message, attempt)?;
-        let out = Outgoing {
-            id: message.id.clone(),
-            exchange: String::new(),
-            routing_key: queue.into(),
-            properties,
-            payload: message.payload.clone(),
-        };
+        let out = Outgoing::new(message.clone(), attempt, String::new(), queue.into())?;
         send_confirmed(&self.inner.connector, vec![out], operation).await
     }
 }
