@@ -10,19 +10,31 @@
 //! dead-letter and per-key bookkeeping; mq-bridge gives each message an id and nothing else
 //! here; omniqueue and the bare channel move only the JSON bytes.
 //!
+//! With `BUSBAR_BENCH_BROKER=rabbitmq`, the same on RabbitMQ (127.0.0.1:5672, or
+//! `BUSBAR_RABBITMQ_URL`): busbar's RabbitMQ transport against mq-bridge's AMQP endpoint, with
+//! the same guarantees on both sides: a durable classic queue, persistent messages, a batch's
+//! publisher confirms awaited together, prefetch 100, an ack per message. busbar goes through
+//! its topic exchange (the queue bound to it), mq-bridge through the default exchange.
+//! (omniqueue's RabbitMQ backend is left out: its producer sends without publisher confirms,
+//! so a message the broker never took goes unnoticed; not the same guarantee.)
+//!
 //! ```text
 //! cargo run --release --manifest-path benches/peers/Cargo.toml
+//! BUSBAR_BENCH_BROKER=rabbitmq cargo run --release --manifest-path benches/peers/Cargo.toml
 //! ```
-//! `BUSBAR_BENCH_MESSAGES` (default 100,000) and `BUSBAR_BENCH_ROUNDS` (default 5) size it;
-//! `BUSBAR_BENCH_BYTES` (default 1,000) is the length of each event's string.
+//! `BUSBAR_BENCH_MESSAGES` (default 100,000 in memory, 20,000 on RabbitMQ) and
+//! `BUSBAR_BENCH_ROUNDS` (default 5) size it; `BUSBAR_BENCH_BYTES` (default 1,000) is the
+//! length of each event's string; `BUSBAR_BENCH_ONLY` (a prefix of the names in the table)
+//! runs those alone, e.g. under a profiler.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use busbar_core::{Bus, Context, Envelope, Event, HandlerError, MemoryOptions, MemoryTransport};
+use mq_bridge::endpoints::amqp::{AmqpConsumer, AmqpPublisher};
 use mq_bridge::endpoints::memory::{MemoryConsumer, MemoryPublisher};
-use mq_bridge::models::MemoryConfig;
+use mq_bridge::models::{AmqpConfig, MemoryConfig};
 use mq_bridge::traits::{MessageConsumer, MessageDisposition, MessagePublisher};
 use mq_bridge::CanonicalMessage;
 use omniqueue::backends::InMemoryBackend;
@@ -244,39 +256,151 @@ async fn channel(n: usize) -> Run {
     run
 }
 
+const PREFETCH: u16 = 100;
+
+fn rabbitmq_url() -> String {
+    std::env::var("BUSBAR_RABBITMQ_URL").unwrap_or_else(|_| "amqp://127.0.0.1:5672/%2f".into())
+}
+
+/// busbar on RabbitMQ: a classic queue (as mq-bridge declares), the subscription's prefetch
+/// that of mq-bridge's consumer.
+async fn busbar_rabbitmq(n: usize, round: usize, concurrency: usize) -> Run {
+    let run = format!("{round}-{concurrency}-{}", std::process::id());
+    let transport = busbar_rabbitmq::RabbitTransport::connect(
+        &format!(
+            "{}?exchange=bb-peers-{run}&queue_type=classic&queue_expires_ms=600000",
+            rabbitmq_url()
+        )
+        .parse()
+        .expect("url"),
+    )
+    .await
+    .expect("connect");
+    let bus = Bus::new(transport);
+    let group = format!("g-{run}");
+    bus.declare("peers", &group).await.expect("declare");
+    let done = Done::new(n);
+    let handled = done.clone();
+    let sub = bus
+        .subscribe::<Blob>("peers", &group)
+        .concurrency(concurrency)
+        .max_in_flight(usize::from(PREFETCH))
+        .start(move |_e: Envelope<Blob>, _c: Context| {
+            handled.handled(1);
+            async { Ok::<_, HandlerError>(()) }
+        })
+        .await
+        .expect("subscribe");
+    let batches: Vec<Vec<Blob>> = events(n).chunks(BATCH).map(<[Blob]>::to_vec).collect();
+    let publish = async {
+        for batch in batches {
+            bus.publish_batch("peers", batch).await.expect("publish");
+        }
+    };
+    let result = timed(n, publish, &done).await;
+    sub.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    bus.close().await.expect("close");
+    result
+}
+
+/// mq-bridge's AMQP endpoint: publisher confirms awaited per batch, persistent messages, a
+/// durable queue, and its consumer acking each message of a batch.
+async fn mq_bridge_rabbitmq(n: usize, round: usize) -> Run {
+    let config = AmqpConfig {
+        url: rabbitmq_url(),
+        queue: Some(format!("mqb-peers-{round}-{}", std::process::id())),
+        prefetch_count: Some(PREFETCH),
+        ..AmqpConfig::default()
+    };
+    let publisher = AmqpPublisher::new(&config).await.expect("publisher");
+    let mut consumer = AmqpConsumer::new(&config).await.expect("consumer");
+    let done = Done::new(n);
+    let handled = done.clone();
+    let consuming = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < n {
+            let batch = consumer.receive_batch(BATCH).await.expect("receive");
+            for message in &batch.messages {
+                let _event: Blob = serde_json::from_slice(&message.payload).expect("decode");
+            }
+            let count = batch.messages.len();
+            (batch.commit)(vec![MessageDisposition::Ack; count])
+                .await
+                .expect("commit");
+            seen += count;
+            handled.handled(count);
+        }
+    });
+    let events = events(n);
+    let publish = async {
+        for batch in events.chunks(BATCH) {
+            let messages = batch
+                .iter()
+                .map(|e| CanonicalMessage::new(serde_json::to_vec(e).expect("encode"), None))
+                .collect();
+            publisher.send_batch(messages).await.expect("publish");
+        }
+    };
+    let result = timed(n, publish, &done).await;
+    consuming.await.expect("consumer");
+    result
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
 fn main() {
+    let rabbitmq = std::env::var("BUSBAR_BENCH_BROKER").is_ok_and(|broker| broker == "rabbitmq");
     let (n, rounds) = (
-        env("BUSBAR_BENCH_MESSAGES", 100_000),
+        env(
+            "BUSBAR_BENCH_MESSAGES",
+            if rabbitmq { 20_000 } else { 100_000 },
+        ),
         env("BUSBAR_BENCH_ROUNDS", 5),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let names = [
-        "busbar, concurrency 1",
-        "busbar, concurrency 8",
-        "mq-bridge memory endpoint",
-        "omniqueue in-memory",
-        "tokio channel + serde_json",
-    ];
+    let names: &[&str] = if rabbitmq {
+        &[
+            "busbar on RabbitMQ, concurrency 1",
+            "busbar on RabbitMQ, concurrency 8",
+            "mq-bridge AMQP endpoint",
+        ]
+    } else {
+        &[
+            "busbar, concurrency 1",
+            "busbar, concurrency 8",
+            "mq-bridge memory endpoint",
+            "omniqueue in-memory",
+            "tokio channel + serde_json",
+        ]
+    };
+    // `BUSBAR_BENCH_ONLY=<name prefix>`: runs those alone, e.g. under a profiler.
+    let only = std::env::var("BUSBAR_BENCH_ONLY").ok();
     let mut runs: Vec<Vec<Run>> = names.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         // Each round starts with the next one, so none always runs on a cold or warm machine.
         for turn in 0..names.len() {
             let which = (turn + round) % names.len();
+            if only.as_ref().is_some_and(|only| !names[which].starts_with(only.as_str())) {
+                continue;
+            }
             let run = runtime.block_on(async {
-                match which {
-                    0 => busbar(n, 1).await,
-                    1 => busbar(n, 8).await,
-                    2 => mq_bridge(n, round).await,
-                    3 => omniqueue(n).await,
-                    _ => channel(n).await,
+                match (rabbitmq, which) {
+                    (true, 0) => busbar_rabbitmq(n, round, 1).await,
+                    (true, 1) => busbar_rabbitmq(n, round, 8).await,
+                    (true, _) => mq_bridge_rabbitmq(n, round).await,
+                    (false, 0) => busbar(n, 1).await,
+                    (false, 1) => busbar(n, 8).await,
+                    (false, 2) => mq_bridge(n, round).await,
+                    (false, 3) => omniqueue(n).await,
+                    (false, _) => channel(n).await,
                 }
             });
             runs[which].push(run);
@@ -286,7 +410,7 @@ fn main() {
     println!("{n} events of {bytes} bytes, publish → handled, medians of {rounds} rounds\n");
     println!("| | msg/s | CPU µs/msg |");
     println!("|---|---|---|");
-    for (name, runs) in names.iter().zip(runs) {
+    for (name, runs) in names.iter().zip(runs).filter(|(_, runs)| !runs.is_empty()) {
         let rate = median(runs.iter().map(|r| r.rate).collect());
         let cpu_us = median(runs.iter().map(|r| r.cpu_us).collect());
         println!("| {name} | {rate:.0} | {cpu_us:.2} |");
