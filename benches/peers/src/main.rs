@@ -135,11 +135,27 @@ async fn busbar(n: usize, concurrency: usize) -> Run {
         queue_capacity: n + BATCH,
         ..MemoryOptions::default()
     }));
+    busbar_run(&bus, "g", n, concurrency, None).await
+}
+
+/// busbar: batches of 100 through `publish_batch`, a subscription of `group` with a no-op
+/// handler (its prefetch `max_in_flight` when given).
+async fn busbar_run(
+    bus: &Bus,
+    group: &str,
+    n: usize,
+    concurrency: usize,
+    max_in_flight: Option<usize>,
+) -> Run {
     let done = Done::new(n);
     let handled = done.clone();
-    let sub = bus
-        .subscribe::<Blob>("peers", "g")
-        .concurrency(concurrency)
+    let mut subscription = bus
+        .subscribe::<Blob>("peers", group)
+        .concurrency(concurrency);
+    if let Some(max) = max_in_flight {
+        subscription = subscription.max_in_flight(max);
+    }
+    let sub = subscription
         .start(move |_e: Envelope<Blob>, _c: Context| {
             handled.handled(1);
             async { Ok::<_, HandlerError>(()) }
@@ -155,7 +171,7 @@ async fn busbar(n: usize, concurrency: usize) -> Run {
         }
     };
     let run = timed(n, publish, &done).await;
-    sub.shutdown(Duration::from_secs(5))
+    sub.shutdown(Duration::from_secs(10))
         .await
         .expect("shutdown");
     run
@@ -169,7 +185,16 @@ async fn mq_bridge(n: usize, round: usize) -> Run {
         ..MemoryConfig::default()
     };
     let publisher = MemoryPublisher::new(&config).expect("publisher");
-    let mut consumer = MemoryConsumer::new(&config).expect("consumer");
+    let consumer = MemoryConsumer::new(&config).expect("consumer");
+    mq_bridge_run(n, publisher, consumer).await
+}
+
+/// mq-bridge, through its leanest API: batches of 100 sent, received, decoded and acked.
+async fn mq_bridge_run(
+    n: usize,
+    publisher: impl MessagePublisher,
+    mut consumer: impl MessageConsumer + 'static,
+) -> Run {
     let done = Done::new(n);
     let handled = done.clone();
     let consuming = tokio::spawn(async move {
@@ -279,30 +304,9 @@ async fn busbar_rabbitmq(n: usize, round: usize, concurrency: usize) -> Run {
     let bus = Bus::new(transport);
     let group = format!("g-{run}");
     bus.declare("peers", &group).await.expect("declare");
-    let done = Done::new(n);
-    let handled = done.clone();
-    let sub = bus
-        .subscribe::<Blob>("peers", &group)
-        .concurrency(concurrency)
-        .max_in_flight(usize::from(PREFETCH))
-        .start(move |_e: Envelope<Blob>, _c: Context| {
-            handled.handled(1);
-            async { Ok::<_, HandlerError>(()) }
-        })
-        .await
-        .expect("subscribe");
-    let batches: Vec<Vec<Blob>> = events(n).chunks(BATCH).map(<[Blob]>::to_vec).collect();
-    let publish = async {
-        for batch in batches {
-            bus.publish_batch("peers", batch).await.expect("publish");
-        }
-    };
-    let result = timed(n, publish, &done).await;
-    sub.shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
+    let run = busbar_run(&bus, &group, n, concurrency, Some(usize::from(PREFETCH))).await;
     bus.close().await.expect("close");
-    result
+    run
 }
 
 /// mq-bridge's AMQP endpoint: publisher confirms awaited per batch, persistent messages, a
@@ -315,37 +319,8 @@ async fn mq_bridge_rabbitmq(n: usize, round: usize) -> Run {
         ..AmqpConfig::default()
     };
     let publisher = AmqpPublisher::new(&config).await.expect("publisher");
-    let mut consumer = AmqpConsumer::new(&config).await.expect("consumer");
-    let done = Done::new(n);
-    let handled = done.clone();
-    let consuming = tokio::spawn(async move {
-        let mut seen = 0;
-        while seen < n {
-            let batch = consumer.receive_batch(BATCH).await.expect("receive");
-            for message in &batch.messages {
-                let _event: Blob = serde_json::from_slice(&message.payload).expect("decode");
-            }
-            let count = batch.messages.len();
-            (batch.commit)(vec![MessageDisposition::Ack; count])
-                .await
-                .expect("commit");
-            seen += count;
-            handled.handled(count);
-        }
-    });
-    let events = events(n);
-    let publish = async {
-        for batch in events.chunks(BATCH) {
-            let messages = batch
-                .iter()
-                .map(|e| CanonicalMessage::new(serde_json::to_vec(e).expect("encode"), None))
-                .collect();
-            publisher.send_batch(messages).await.expect("publish");
-        }
-    };
-    let result = timed(n, publish, &done).await;
-    consuming.await.expect("consumer");
-    result
+    let consumer = AmqpConsumer::new(&config).await.expect("consumer");
+    mq_bridge_run(n, publisher, consumer).await
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -388,7 +363,10 @@ fn main() {
         // Each round starts with the next one, so none always runs on a cold or warm machine.
         for turn in 0..names.len() {
             let which = (turn + round) % names.len();
-            if only.as_ref().is_some_and(|only| !names[which].starts_with(only.as_str())) {
+            if only
+                .as_ref()
+                .is_some_and(|only| !names[which].starts_with(only.as_str()))
+            {
                 continue;
             }
             let run = runtime.block_on(async {
