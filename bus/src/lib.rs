@@ -30,6 +30,7 @@ pub mod envelope;
 pub mod error;
 pub mod health;
 pub mod idempotency;
+mod json;
 pub mod memory;
 pub mod message;
 pub mod metrics;
