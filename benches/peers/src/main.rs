@@ -41,6 +41,13 @@ use omniqueue::backends::InMemoryBackend;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+/// With `--features mimalloc`, every client allocates through mimalloc: with the system
+/// allocator, memory allocated on one thread and freed on another makes the threads wait on
+/// its arena locks.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 100;
 
 #[derive(Clone, Serialize, Deserialize)]
