@@ -5,8 +5,9 @@
 //! largest single cost of publishing (about 9,000 of 31,000 instructions for an event with a
 //! 1 KiB string).
 //!
-//! Map keys that are not strings (numbers, booleans, …) are rare and written by serde_json
-//! itself, so that their quoting and errors stay serde_json's.
+//! Map keys are written as serde_json writes them: strings escaped, numbers and booleans
+//! quoted; the rare rest (bytes, `Option`, …) by serde_json itself, so that its quoting and
+//! errors stay serde_json's.
 
 use serde::ser::{self, Impossible, Serialize};
 use serde_json::ser::{CharEscape, CompactFormatter, Formatter};
@@ -103,7 +104,7 @@ enum State {
 struct Compound<'a, 'b> {
     writer: &'b mut Writer<'a>,
     state: State,
-    /// Closing bytes of the enclosing variant object, when this compound is a variant's value.
+    /// Whether this compound is the value of a variant: the variant's object closes after it.
     variant: bool,
     /// Set when the struct is serde_json's `RawValue` or `Number`: its one field is written as
     /// it is.
@@ -471,10 +472,18 @@ fn key_must_be_a_string() -> Error {
     ser::Error::custom("key must be a string")
 }
 
-macro_rules! keys_like_serde_json {
-    ($($method:ident($type:ty);)*) => {$(
+/// Numbers and booleans as keys: quoted, as serde_json writes them (a float only when finite;
+/// serde_json refuses the others, and says so through [`MapKey::like_serde_json`]).
+macro_rules! quoted_keys {
+    ($($method:ident($type:ty) => $write:ident $(if $finite:ident)?;)*) => {$(
         fn $method(self, value: $type) -> Result<(), Error> {
-            self.like_serde_json(&value)
+            $(if !value.$finite() {
+                return self.like_serde_json(&value);
+            })?
+            self.out.push(b'"');
+            io(CompactFormatter.$write(self.out, value))?;
+            self.out.push(b'"');
+            Ok(())
         }
     )*};
 }
@@ -490,20 +499,20 @@ impl ser::Serializer for MapKey<'_> {
     type SerializeStruct = Impossible<(), Error>;
     type SerializeStructVariant = Impossible<(), Error>;
 
-    keys_like_serde_json! {
-        serialize_bool(bool);
-        serialize_i8(i8);
-        serialize_i16(i16);
-        serialize_i32(i32);
-        serialize_i64(i64);
-        serialize_i128(i128);
-        serialize_u8(u8);
-        serialize_u16(u16);
-        serialize_u32(u32);
-        serialize_u64(u64);
-        serialize_u128(u128);
-        serialize_f32(f32);
-        serialize_f64(f64);
+    quoted_keys! {
+        serialize_bool(bool) => write_bool;
+        serialize_i8(i8) => write_i8;
+        serialize_i16(i16) => write_i16;
+        serialize_i32(i32) => write_i32;
+        serialize_i64(i64) => write_i64;
+        serialize_i128(i128) => write_i128;
+        serialize_u8(u8) => write_u8;
+        serialize_u16(u16) => write_u16;
+        serialize_u32(u32) => write_u32;
+        serialize_u64(u64) => write_u64;
+        serialize_u128(u128) => write_u128;
+        serialize_f32(f32) => write_f32 if is_finite;
+        serialize_f64(f64) => write_f64 if is_finite;
     }
 
     fn serialize_char(self, value: char) -> Result<(), Error> {
@@ -751,6 +760,42 @@ mod tests {
             ours(&[Number("3.14159265358979323846264338327950288")]).as_deref(),
             Ok("[3.14159265358979323846264338327950288]")
         );
+    }
+
+    /// A map of any keys, in the given order.
+    struct Pairs<K, V>(Vec<(K, V)>);
+
+    impl<K: Serialize, V: Serialize> Serialize for Pairs<K, V> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        }
+    }
+
+    /// A key that serializes as a float.
+    struct Float(f64);
+
+    impl Serialize for Float {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_f64(self.0)
+        }
+    }
+
+    #[test]
+    fn keys_of_every_kind_are_written_or_refused_as_serde_json_does() {
+        same_as_serde_json(&Pairs(vec![
+            (Float(1.5), 1),
+            (Float(-0.0), 2),
+            (Float(1e300), 3),
+        ]));
+        same_as_serde_json(&Pairs(vec![(Float(f64::NAN), 1)]));
+        same_as_serde_json(&Pairs(vec![(Some(1.25f32), 1)]));
+        same_as_serde_json(&Pairs(vec![(None::<u8>, 1)]));
+        same_as_serde_json(&Pairs(vec![((), 1)]));
+        same_as_serde_json(&Pairs(vec![(u128::MAX, 1), (0, 2)]));
+        same_as_serde_json(&Pairs(vec![(i8::MIN, true)]));
+        same_as_serde_json(&Pairs(vec![(Kind::Plain, 1)]));
+        same_as_serde_json(&Pairs(vec![(Kind::Newtype(1), 1)]));
+        same_as_serde_json(&Pairs(vec![(Wrapper("w/\u{1}".into()), 1)]));
     }
 
     #[test]
