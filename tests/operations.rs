@@ -145,6 +145,41 @@ async fn a_failed_attempt_marks_its_consume_span_as_an_error() {
         .shutdown(Duration::from_secs(5))
         .await
         .expect("shutdown");
+
+    // A permanent failure dead-letters at once: its one span is an error too.
+    let refused = unique("otel-refused");
+    bus.declare(&refused, &group).await.expect("declare");
+    let subscription = bus
+        .subscribe::<Ping>(&refused, &group)
+        .start(|_: Envelope<Ping>, _: Context| async {
+            Err(HandlerError::permanent("the order is malformed"))
+        })
+        .await
+        .expect("subscribe");
+    bus.publish(&refused, Ping).await.expect("publish");
+    let name = format!("process {refused}");
+    let dead_lettered = || {
+        exporter
+            .get_finished_spans()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|span| span.name == name)
+    };
+    wait_until("the dead-lettered message's span exported", || {
+        dead_lettered().is_some()
+    })
+    .await;
+    match dead_lettered().map(|span| span.status) {
+        Some(Status::Error { description }) => assert!(
+            description.contains("the order is malformed"),
+            "{description}"
+        ),
+        other => panic!("the dead-lettered message's span is {other:?}, not an error"),
+    }
+    subscription
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 }
 
 #[derive(Serialize, Deserialize)]

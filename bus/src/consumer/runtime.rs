@@ -638,8 +638,6 @@ async fn conclude<E>(
             settle("ack", delivery.ack().await);
         }
         Outcome::Failed { permanent, error } => {
-            #[cfg(feature = "otel")]
-            crate::otel::failed(&error);
             shared.tally_as(Tally::FailedAttempt, of);
             if permanent {
                 tracing::warn!(%error, "permanent failure; dead-lettering");
@@ -654,6 +652,9 @@ async fn conclude<E>(
             } else if shared.retry.should_retry(attempt) {
                 let wait = shared.retry.backoff(attempt);
                 tracing::info!(%error, ?wait, "handler failed; will retry");
+                // (A failure that dead-letters is marked by `dead_letter`.)
+                #[cfg(feature = "otel")]
+                crate::otel::failed(&error);
                 shared.tally_as(Tally::Retried, of);
                 settle("nack", delivery.nack(wait).await);
             } else {
