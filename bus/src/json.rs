@@ -35,8 +35,8 @@ fn io(result: std::io::Result<()>) -> Result<(), Error> {
     result.map_err(Error::io)
 }
 
-/// Whether any of the eight bytes of `chunk` is a control character, `"` or `\`.
-fn needs_escape(chunk: u64) -> bool {
+/// Nonzero when any of the eight bytes of `chunk` is a control character, `"` or `\`.
+fn escapes(chunk: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
@@ -44,7 +44,6 @@ fn needs_escape(chunk: u64) -> bool {
     below_space
         | has_zero(chunk ^ (ONES * u64::from(b'"')))
         | has_zero(chunk ^ (ONES * u64::from(b'\\')))
-        != 0
 }
 
 /// The escape serde_json writes for `byte`, if it needs one.
@@ -68,11 +67,21 @@ fn write_str(out: &mut Vec<u8>, text: &str) -> Result<(), Error> {
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let (mut start, mut at) = (0, 0);
+    let word = |chunk: &[u8]| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        u64::from_le_bytes(word)
+    };
     while at < bytes.len() {
+        // 32 bytes and one branch at a time while there is nothing to escape (most text).
+        if let Some(block) = bytes.get(at..at + 32) {
+            if block.chunks_exact(8).fold(0, |any, chunk| any | escapes(word(chunk))) == 0 {
+                at += 32;
+                continue;
+            }
+        }
         if let Some(chunk) = bytes.get(at..at + 8) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            if !needs_escape(u64::from_le_bytes(word)) {
+            if escapes(word(chunk)) == 0 {
                 at += 8;
                 continue;
             }
@@ -614,8 +623,9 @@ mod tests {
             .chain(['"', '\\', '/', '\u{7f}', 'é', '€', '𝄞'])
             .collect();
         for special in specials {
-            for at in 0..20 {
-                for len in [at + 1, at + 9, 24, 33] {
+            // Positions in and across the 32-byte blocks and 8-byte words the scan reads.
+            for at in 0..70 {
+                for len in [at + 1, at + 9, 24, 33, 64, 71, 100] {
                     let text: String = (0..len.max(at + 1))
                         .map(|i| if i == at { special } else { 'a' })
                         .collect();
