@@ -522,31 +522,33 @@ impl<T> Envelope<T> {
             .with_resource(format!("message {}", self.id)));
         }
         let payload = codec.encode(&self.event_type, &self.payload)?;
-        let mut headers = self.headers;
-        // The attributes below, so the vector grows once.
-        headers.reserve(10);
-        let mut set = |name: &'static str, value: Text| {
-            headers.insert(HeaderName::from_static(name), value);
-        };
-        set(attr::SPECVERSION, Text::from_static(attr::SPECVERSION_1_0));
-        set(attr::ID, self.id.clone());
-        set(attr::TYPE, self.event_type);
-        set(attr::SOURCE, self.source);
-        set(attr::CONTENT_TYPE, self.content_type);
-        let optional = [
-            (attr::CORRELATION_ID, self.correlation_id),
+        // The attributes in the order of their names, after the envelope's own headers (which
+        // cannot share a name with them): with no headers of its own, the message's need no
+        // sorting, and none of the inserts that cost about 230 instructions each.
+        let attributes = [
             (attr::CAUSATION_ID, self.causation_id),
+            (attr::CORRELATION_ID, self.correlation_id),
+            (attr::ID, Some(self.id.clone())),
+            (attr::SOURCE, Some(self.source)),
+            (
+                attr::SPECVERSION,
+                Some(Text::from_static(attr::SPECVERSION_1_0)),
+            ),
+            (attr::TIME, self.time.as_ref().map(rfc3339)),
             (attr::TRACEPARENT, self.traceparent),
             (attr::TRACESTATE, self.tracestate),
+            (attr::TYPE, Some(self.event_type)),
+            (attr::CONTENT_TYPE, Some(self.content_type)),
         ];
-        for (name, value) in optional {
-            if let Some(value) = value {
-                set(name, value);
-            }
-        }
-        if let Some(time) = &self.time {
-            set(attr::TIME, rfc3339(time));
-        }
+        debug_assert!(attributes.windows(2).all(|pair| pair[0].0 < pair[1].0));
+        let mut entries = Vec::with_capacity(self.headers.len() + attributes.len());
+        entries.extend(self.headers);
+        entries.extend(
+            attributes
+                .into_iter()
+                .filter_map(|(name, value)| Some((HeaderName::from_static(name), value?))),
+        );
+        let headers = Headers::from_unsorted(entries);
         Ok(Message {
             id: self.id,
             topic: Text::new(topic),

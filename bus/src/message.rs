@@ -138,7 +138,7 @@ impl Headers {
     }
 
     /// Sorts entries pushed in any order by name; of equal names the last pushed stays.
-    fn from_unsorted(mut entries: Vec<(HeaderName, Text)>) -> Self {
+    pub(crate) fn from_unsorted(mut entries: Vec<(HeaderName, Text)>) -> Self {
         if !entries.windows(2).all(|pair| pair[0].0 < pair[1].0) {
             // Stable, so equal names keep their order; the later value moves into the one kept.
             entries.sort_by(|a, b| a.0.cmp(&b.0));
