@@ -47,41 +47,42 @@ pub fn to_headers(message: &Message) -> OwnedHeaders {
 /// A received record as a busbar message of `topic` (the busbar topic, which differs from the
 /// record's for redriven messages).
 pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
-    let mut headers = match record.headers() {
+    let record_key = record.key();
+    let (mut own_id, mut key_header) = (None, None);
+    let headers = match record.headers() {
         Some(h) => {
             let mut received = ReceivedHeaders::with_capacity(h.count() + 1);
             for header in h.iter() {
-                received.bytes(header.key, header.value.unwrap_or_default());
+                let value = header.value.unwrap_or_default();
+                match header.key {
+                    ID => own_id = Some(value),
+                    // The attribute that only repeats the record key is the key, not a header.
+                    PARTITION_KEY if record_key.is_none_or(|key| key == value) => {
+                        key_header = Some(value);
+                    }
+                    name => received.bytes(name, value),
+                }
             }
             received.finish()
         }
         None => Headers::new(),
     };
-    let own_id = headers.remove(ID);
     // An empty id (a foreign producer's null `ce_id`) is no id: the record's place is.
-    let id = headers
-        .get(attr::ID)
-        .filter(|id| !id.is_empty())
-        .map(Text::new)
-        .or(own_id.filter(|id| !id.is_empty()))
-        .unwrap_or_else(|| {
-            Text::from_display(&format_args!(
+    let id = match headers.get(attr::ID).filter(|id| !id.is_empty()) {
+        Some(id) => Text::new(id),
+        None => match own_id.filter(|id| !id.is_empty()) {
+            Some(id) => lossy(id),
+            None => Text::from_display(&format_args!(
                 "{}/{}/{}",
                 record.topic(),
                 record.partition(),
                 record.offset()
-            ))
-        });
-    let key = match record.key() {
-        Some(key) => {
-            let key = Text::from(String::from_utf8_lossy(key));
-            // The attribute that only repeats the record key is the key, not a header.
-            if headers.get(PARTITION_KEY) == Some(key.as_str()) {
-                headers.remove(PARTITION_KEY);
-            }
-            Some(key)
-        }
-        None => headers.remove(PARTITION_KEY),
+            )),
+        },
+    };
+    let key = match (record_key, key_header) {
+        (Some(key), _) | (None, Some(key)) => Some(lossy(key)),
+        (None, None) => None,
     };
     Message {
         id,
@@ -90,4 +91,9 @@ pub fn from_record<M: rdkafka::Message>(topic: &str, record: &M) -> Message {
         headers,
         payload: bytes::Bytes::copy_from_slice(record.payload().unwrap_or_default()),
     }
+}
+
+/// Bytes as text, lossily when they are not UTF-8.
+fn lossy(bytes: &[u8]) -> Text {
+    Text::from(String::from_utf8_lossy(bytes))
 }
