@@ -23,6 +23,7 @@ use busbar_core::{
     Acknowledger, ConsumeOptions, ConsumerHold, ConsumerStatus, DeadLetter, DeadLetterInfo,
     Delivery, DeliveryStream, Error, ErrorKind, Message, Result, Text,
 };
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -37,7 +38,7 @@ type Partition = (Arc<str>, i32);
 
 #[derive(Default)]
 struct PartitionState {
-    in_flight: BTreeSet<i64>,
+    in_flight: Held,
     parked: BTreeSet<i64>,
     next: i64,
     committed: i64,
@@ -59,6 +60,65 @@ impl PartitionState {
 
     fn under_half(&self, limit: &HeldLimit) -> bool {
         self.in_flight.len() < limit.messages / 2 && self.held_bytes < limit.bytes / 2
+    }
+}
+
+/// The offsets of one partition's messages that are held (received, not finished), in order.
+///
+/// A partition's records arrive in offset order, so a received offset goes at the back and
+/// finishing marks it in place; finished offsets leave from the front. Cheaper, per record,
+/// than a `BTreeSet` (an allocation per node, a rebalancing walk per insert and removal). An
+/// offset that arrives out of order (not expected from librdkafka) still takes its place.
+#[derive(Default)]
+struct Held {
+    /// Offsets from the oldest unfinished one on, each with whether it finished.
+    offsets: VecDeque<(i64, bool)>,
+    unfinished: usize,
+}
+
+impl Held {
+    fn insert(&mut self, offset: i64) {
+        match self.offsets.back() {
+            Some(&(last, _)) if offset <= last => {
+                match self.offsets.binary_search_by_key(&offset, |&(o, _)| o) {
+                    Ok(i) if self.offsets[i].1 => self.offsets[i].1 = false,
+                    Ok(_) => return,
+                    Err(i) => self.offsets.insert(i, (offset, false)),
+                }
+            }
+            _ => self.offsets.push_back((offset, false)),
+        }
+        self.unfinished += 1;
+    }
+
+    /// Marks `offset` finished; returns whether it was held.
+    fn remove(&mut self, offset: i64) -> bool {
+        let Ok(i) = self.offsets.binary_search_by_key(&offset, |&(o, _)| o) else {
+            return false;
+        };
+        if std::mem::replace(&mut self.offsets[i].1, true) {
+            return false;
+        }
+        self.unfinished -= 1;
+        while self.offsets.front().is_some_and(|&(_, finished)| finished) {
+            self.offsets.pop_front();
+        }
+        true
+    }
+
+    fn contains(&self, offset: i64) -> bool {
+        self.offsets
+            .binary_search_by_key(&offset, |&(o, _)| o)
+            .is_ok_and(|i| !self.offsets[i].1)
+    }
+
+    /// The oldest unfinished offset.
+    fn first(&self) -> Option<i64> {
+        self.offsets.front().map(|&(offset, _)| offset)
+    }
+
+    fn len(&self) -> usize {
+        self.unfinished
     }
 }
 
@@ -142,7 +202,7 @@ impl Tracker {
         let Some(state) = self.partitions.get_mut(partition) else {
             return Finished::default();
         };
-        if state.in_flight.remove(&offset) {
+        if state.in_flight.remove(offset) {
             state.held_bytes = state.held_bytes.saturating_sub(message.payload.len());
         }
         state.parked.remove(&offset);
@@ -173,7 +233,7 @@ impl Tracker {
     fn owns(&self, partition: &Partition, offset: i64) -> bool {
         self.partitions
             .get(partition)
-            .is_some_and(|s| s.in_flight.contains(&offset))
+            .is_some_and(|s| s.in_flight.contains(offset))
     }
 
     /// Deliveries being handled (not finished, not parked for a delayed redelivery).
@@ -192,7 +252,7 @@ impl Tracker {
             if only.is_some_and(|only| !only.contains(partition)) {
                 continue;
             }
-            let position = state.in_flight.first().copied().unwrap_or(state.next);
+            let position = state.in_flight.first().unwrap_or(state.next);
             if position > state.committed
                 && list
                     .add_partition_offset(&partition.0, partition.1, Offset::Offset(position))
@@ -454,7 +514,7 @@ pub(crate) fn consume(
     consumer
         .subscribe(&[topic, redrive.as_str()])
         .map_err(|e| inner.kafka_error("consume", format!("cannot subscribe to {topic:?}"), e))?;
-    let (tx, rx) = mpsc::channel(max_in_flight.max(1));
+    let (tx, mut rx) = mpsc::channel(max_in_flight.max(1));
     status.joining();
     let member = Member {
         hold: status.hold(),
@@ -470,8 +530,8 @@ pub(crate) fn consume(
     tokio::spawn(run(
         inner, consumer, tracker, route, member, tx, retry_tx, retry_rx,
     ));
-    Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+    Ok(Box::pin(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
     })))
 }
 
@@ -542,6 +602,10 @@ impl TopicNames {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How many ready records the reader takes in a row before it looks at its other duties
+/// (redeliveries, the commit tick, a closed subscription) again.
+const BURST: usize = 64;
+
 async fn run(
     inner: Arc<Inner>,
     consumer: StreamConsumer<RebalanceContext>,
@@ -572,7 +636,8 @@ async fn run(
             }),
         )
     };
-    loop {
+    let mut records = consumer.stream();
+    'reading: loop {
         if inner.is_closed() {
             break;
         }
@@ -617,39 +682,50 @@ async fn run(
                     }
                 }
             }
-            record = consumer.recv() => match record {
-                Ok(record) => {
-                    use rdkafka::Message as _;
-                    let partition = (topics.name(record.topic()), record.partition());
-                    let offset = record.offset();
-                    let message = Arc::new(from_record(&route.topic, &record));
-                    drop(record);
-                    let (now, pause) = {
-                        let mut tracker = lock(&tracker);
-                        let now = tracker.received(&partition, &message, offset);
-                        (now, tracker.should_pause(&partition))
-                    };
-                    if pause {
-                        // Bounded memory: a partition whose messages wait behind a retrying
-                        // key stops fetching until most of them are done.
-                        fetch(&consumer, &partition, Fetch::Pause);
+            record = records.next() => {
+                // A backlog is read in bursts: the records librdkafka holds ready are taken
+                // one after another, without a select (about 2,000 instructions) for each.
+                let mut record = record;
+                let mut burst = 0;
+                while let Some(received) = record.take() {
+                    match received {
+                        Ok(received) => {
+                            use rdkafka::Message as _;
+                            let partition = (topics.name(received.topic()), received.partition());
+                            let offset = received.offset();
+                            let message = Arc::new(from_record(&route.topic, &received));
+                            drop(received);
+                            let (now, pause) = {
+                                let mut tracker = lock(&tracker);
+                                let now = tracker.received(&partition, &message, offset);
+                                (now, tracker.should_pause(&partition))
+                            };
+                            if pause {
+                                // Bounded memory: a partition whose messages wait behind a
+                                // retrying key stops fetching until most of them are done.
+                                fetch(&consumer, &partition, Fetch::Pause);
+                            }
+                            // Else it waits behind an earlier message of its key.
+                            if now && tx.send(Ok(make(message, 1, partition, offset))).await.is_err() {
+                                break 'reading;
+                            }
+                        }
+                        Err(e) => {
+                            let error = inner.kafka_error("consume", format!("consumer of {:?} reported an error", route.topic), e);
+                            if tx.send(Err(error)).await.is_err() {
+                                break 'reading;
+                            }
+                        }
                     }
-                    if !now {
-                        continue; // waits behind an earlier message of its key
-                    }
-                    if tx.send(Ok(make(message, 1, partition, offset))).await.is_err() {
-                        break;
+                    burst += 1;
+                    if burst < BURST {
+                        record = records.next().now_or_never().flatten();
                     }
                 }
-                Err(e) => {
-                    let error = inner.kafka_error("consume", format!("consumer of {:?} reported an error", route.topic), e);
-                    if tx.send(Err(error)).await.is_err() {
-                        break;
-                    }
-                }
-            },
+            }
         }
     }
+    drop(records);
     // Stay in the group until the handlers still running have settled, then commit and leave.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while lock(&tracker).busy() > 0 && tokio::time::Instant::now() < deadline && !inner.is_closed()
@@ -923,6 +999,32 @@ mod tests {
         );
         tokio::time::advance(limit).await;
         assert_eq!(unassigned.overdue(false), Some(limit));
+    }
+
+    #[test]
+    fn held_offsets_behave_as_a_set_in_any_arrival_order() {
+        let mut held = Held::default();
+        for offset in [5, 6, 7, 9] {
+            held.insert(offset);
+        }
+        held.insert(6); // a repeat counts once
+        held.insert(8); // out of order, takes its place
+        assert_eq!((held.len(), held.first()), (5, Some(5)));
+        assert!(held.remove(7) && !held.remove(7) && !held.remove(4));
+        assert!(!held.contains(7) && held.contains(8));
+        assert_eq!((held.len(), held.first()), (4, Some(5)));
+        assert!(held.remove(5) && held.remove(6));
+        assert_eq!(
+            (held.len(), held.first()),
+            (2, Some(8)),
+            "finished ones leave the front"
+        );
+        held.insert(7); // again after it finished
+        assert_eq!((held.len(), held.first()), (3, Some(7)));
+        for offset in [7, 8, 9] {
+            assert!(held.remove(offset));
+        }
+        assert_eq!((held.len(), held.first()), (0, None));
     }
 
     #[test]
