@@ -64,7 +64,7 @@ pub(crate) fn consume(
     options: ConsumeOptions,
 ) -> DeliveryStream {
     let prefetch = options.max_in_flight;
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, mut rx) = mpsc::channel(1);
     let route = Arc::new(Route {
         topic: topic.to_string(),
         group: group.to_string(),
@@ -78,9 +78,7 @@ pub(crate) fn consume(
         consume_loop(inner, route, prefetch, options.status, tx).await;
         drop(looping);
     });
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 async fn open(

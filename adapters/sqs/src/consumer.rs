@@ -118,7 +118,7 @@ pub(crate) fn consume(
     options: ConsumeOptions,
 ) -> DeliveryStream {
     let limit = options.max_in_flight.max(1);
-    let (tx, rx) = mpsc::channel(limit);
+    let (tx, mut rx) = mpsc::channel(limit);
     let permits = Arc::new(Semaphore::new(limit));
     let queues = Arc::new(queues);
     // One per consumer, shared by its receive loops and every message they receive.
@@ -151,9 +151,7 @@ pub(crate) fn consume(
             gate.clone(),
         ));
     }
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
 /// What a received message is settled through: the batchers of deletes and of give-backs.

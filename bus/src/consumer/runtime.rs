@@ -282,6 +282,17 @@ pub(crate) async fn run<E: Send + 'static>(
     let mut stream = Some(stream);
 
     loop {
+        // What is ready is taken without a select each (about 1,000 instructions): finished
+        // workers, then deliveries while there is room.
+        while let Ok(index) = done.try_recv() {
+            dispatch.finished(workers.finished(index));
+        }
+        while fetching && dispatch.held < limits.max_in_flight {
+            let Some(item) = stream.as_mut().and_then(|s| s.next().now_or_never()) else {
+                break;
+            };
+            fetching = received(&shared, &mut dispatch, item, limits.key_ordered);
+        }
         while workers.busy() < limits.concurrency {
             let Some((delivery, key)) = dispatch.runnable.pop_front() else {
                 break;
@@ -313,23 +324,7 @@ pub(crate) async fn run<E: Send + 'static>(
                 dispatch.finished(workers.finished(index));
             }
             item = next_delivery(&mut stream), if fetching && dispatch.held < limits.max_in_flight => {
-                match item {
-                    Some(Ok(delivery)) => {
-                        Counters::bump(&shared.counters.received);
-                        shared.counters.pulse.delivered();
-                        shared.metrics.consumed.increment(1);
-                        dispatch.receive(delivery, limits.key_ordered);
-                    }
-                    Some(Err(e)) => {
-                        Counters::bump(&shared.counters.transport_errors);
-                        shared.counters.pulse.failed(&e);
-                        tracing::warn!(topic = %shared.origin.topic, group = %shared.origin.group, error = %e, "transport reported a consume error");
-                    }
-                    None => {
-                        tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, "delivery stream ended");
-                        fetching = false;
-                    }
-                }
+                fetching = received(&shared, &mut dispatch, item, limits.key_ordered);
             }
             () = sleep_until_deadline(deadline), if deadline.is_some() => {
                 report.abandoned = workers.busy();
@@ -345,6 +340,33 @@ pub(crate) async fn run<E: Send + 'static>(
     while workers.tasks.join_next().await.is_some() {}
     drop(stream);
     report
+}
+
+/// Takes what the transport's stream gave; returns whether to go on fetching.
+fn received<E>(
+    shared: &Shared<E>,
+    dispatch: &mut Dispatch,
+    item: Option<crate::Result<Delivery>>,
+    key_ordered: bool,
+) -> bool {
+    match item {
+        Some(Ok(delivery)) => {
+            Counters::bump(&shared.counters.received);
+            shared.counters.pulse.delivered();
+            shared.metrics.consumed.increment(1);
+            dispatch.receive(delivery, key_ordered);
+        }
+        Some(Err(e)) => {
+            Counters::bump(&shared.counters.transport_errors);
+            shared.counters.pulse.failed(&e);
+            tracing::warn!(topic = %shared.origin.topic, group = %shared.origin.group, error = %e, "transport reported a consume error");
+        }
+        None => {
+            tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, "delivery stream ended");
+            return false;
+        }
+    }
+    true
 }
 
 async fn next_delivery(stream: &mut Option<DeliveryStream>) -> Option<crate::Result<Delivery>> {
