@@ -10,7 +10,7 @@
 //!
 //! Nothing survives the process: [`Capabilities::persistent`] is false.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -332,24 +332,36 @@ impl MemoryTransport {
     fn try_enqueue(&self, messages: &[Arc<Message>]) -> std::result::Result<(), (String, String)> {
         let topics = lock(&self.inner.topics);
         let capacity = self.inner.options.queue_capacity;
-        let mut wanted: HashMap<*const GroupQueue, (usize, &Arc<GroupQueue>)> = HashMap::new();
+        // The queues the batch goes to, each with how many of its messages: a list searched in
+        // turn (a batch reaches a few queues; two hash maps per publish cost more than that).
+        let mut wanted: Vec<(&Arc<GroupQueue>, usize)> = Vec::new();
         for message in messages {
             for queue in topics.get(message.topic.as_str()).into_iter().flatten() {
-                wanted.entry(Arc::as_ptr(queue)).or_insert((0, queue)).0 += 1;
+                match wanted
+                    .iter_mut()
+                    .find(|(known, _)| Arc::ptr_eq(known, queue))
+                {
+                    Some((_, count)) => *count += 1,
+                    None => wanted.push((queue, 1)),
+                }
             }
         }
+        // Every queue locked (under the topics' lock, so in no competing order) and checked
+        // before any message goes in: the batch is enqueued whole or not at all.
         let mut states = Vec::with_capacity(wanted.len());
-        for (count, queue) in wanted.values() {
+        for (queue, count) in &wanted {
             let state = lock(&queue.state);
             if state.len + count > capacity {
                 return Err((queue.topic.clone(), queue.group.clone()));
             }
-            states.push((Arc::as_ptr(queue), state));
+            states.push(state);
         }
-        let mut states: HashMap<_, _> = states.into_iter().collect();
         for message in messages {
             for queue in topics.get(message.topic.as_str()).into_iter().flatten() {
-                if let Some(state) = states.get_mut(&Arc::as_ptr(queue)) {
+                let at = wanted
+                    .iter()
+                    .position(|(known, _)| Arc::ptr_eq(known, queue));
+                if let Some(state) = at.and_then(|at| states.get_mut(at)) {
                     state.push(Entry {
                         message: Arc::clone(message),
                         deliveries: 0,
@@ -358,7 +370,7 @@ impl MemoryTransport {
             }
         }
         drop(states);
-        for (_, queue) in wanted.values() {
+        for (queue, _) in &wanted {
             queue.ready.notify_waiters();
         }
         Ok(())

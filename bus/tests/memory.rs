@@ -277,6 +277,42 @@ async fn a_full_queue_makes_publishers_wait_then_fail_with_a_timeout_naming_the_
     assert_eq!(t.pending(&topic, "slow"), 2);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_batch_goes_to_every_group_or_to_none() {
+    let t = MemoryTransport::with_options(MemoryOptions {
+        queue_capacity: 3,
+        publish_timeout: Duration::from_secs(1),
+        ..MemoryOptions::default()
+    });
+    let topic = unique("t");
+    t.declare(&topic, "fast").await.unwrap();
+    t.declare(&topic, "slow").await.unwrap();
+    t.publish(vec![msg(&topic, "1", None), msg(&topic, "2", None)])
+        .await
+        .unwrap();
+    let mut fast = t
+        .consume(&topic, "fast", ConsumeOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        next(&mut fast).await.ack().await.unwrap();
+    }
+    // Room for two more in `fast`, for one in `slow`.
+    let err = t
+        .publish(vec![msg(&topic, "3", None), msg(&topic, "4", None)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(err.to_string().contains("group slow"), "{err}");
+    assert_eq!(t.pending(&topic, "fast"), 0, "half a batch went to `fast`");
+    assert_eq!(t.pending(&topic, "slow"), 2);
+    t.publish(vec![msg(&topic, "3", None)]).await.unwrap();
+    assert_eq!(
+        (t.pending(&topic, "fast"), t.pending(&topic, "slow")),
+        (1, 3)
+    );
+}
+
 #[tokio::test]
 async fn oversize_messages_and_bad_topic_names_are_clear_errors() {
     let t = MemoryTransport::with_options(MemoryOptions {
