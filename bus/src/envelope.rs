@@ -365,8 +365,9 @@ impl<T> Envelope<T> {
         let source = required(message, read.source, attr::SOURCE)?.clone();
         let time = match read.time {
             None => None,
-            Some(text) => Some(
-                DateTime::parse_from_rfc3339(text)
+            Some(text) => Some(match utc_time(text) {
+                Some(time) => time,
+                None => DateTime::parse_from_rfc3339(text)
                     .map_err(|e| {
                         decode_error(
                             message,
@@ -377,7 +378,7 @@ impl<T> Envelope<T> {
                         )
                     })?
                     .with_timezone(&Utc),
-            ),
+            }),
         };
         let content_type = read
             .content_type
@@ -692,6 +693,38 @@ pub(crate) fn rfc3339(time: &DateTime<Utc>) -> Text {
     Text::new(std::str::from_utf8(&buf[..=end]).unwrap_or_default())
 }
 
+/// Reads a time in the form busbar writes (UTC, `Z`, no fraction or one of 3, 6 or 9 digits)
+/// at fixed offsets; `None` for any other form (chrono's parser reads those), including a leap
+/// second. About 100 instructions where chrono's parser takes about 800.
+fn utc_time(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    let fraction = match b.len() {
+        20 => 0,
+        24 | 27 | 30 if b[19] == b'.' => b.len() - 21,
+        _ => return None,
+    };
+    let separators = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if b[b.len() - 1] != b'Z' || separators.iter().any(|&(at, byte)| b[at] != byte) {
+        return None;
+    }
+    let number = |digits: &[u8]| {
+        digits.iter().try_fold(0u32, |value, &digit| {
+            digit
+                .is_ascii_digit()
+                .then(|| value * 10 + u32::from(digit - b'0'))
+        })
+    };
+    let second = number(&b[17..19])?;
+    if second > 59 {
+        return None;
+    }
+    let nanos = number(&b[20..20 + fraction])? * 10u32.pow((9 - fraction) as u32);
+    let year = i32::try_from(number(&b[0..4])?).ok()?;
+    chrono::NaiveDate::from_ymd_opt(year, number(&b[5..7])?, number(&b[8..10])?)?
+        .and_hms_nano_opt(number(&b[11..13])?, number(&b[14..16])?, second, nanos)
+        .map(|time| time.and_utc())
+}
+
 /// Writes `value`'s lowest decimal digits into `out`, zero-padded to its length.
 fn put_digits(out: &mut [u8], mut value: u32) {
     for byte in out.iter_mut().rev() {
@@ -751,12 +784,54 @@ mod tests {
                 .map(|t| t.and_utc()),
         );
         for time in times {
+            let written = rfc3339(&time);
             assert_eq!(
-                rfc3339(&time),
+                written,
                 time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
                 "{time:?}"
             );
+            // Read back, by the fast reader where it takes the form, as chrono reads it.
+            let chrono = DateTime::parse_from_rfc3339(&written).map(|t| t.with_timezone(&Utc));
+            match utc_time(&written) {
+                Some(read) => assert_eq!(Ok(read), chrono, "{written}"),
+                None => assert!(
+                    time.timestamp_subsec_nanos() >= 1_000_000_000
+                        || !(0..=9999).contains(&chrono::Datelike::year(&time)),
+                    "{written} left to chrono"
+                ),
+            }
         }
+    }
+
+    #[test]
+    fn the_fast_time_reader_reads_as_chrono_or_leaves_it_to_chrono() {
+        let good = "2026-12-07T07:01:48.123456Z";
+        let mut texts = vec![
+            good.to_string(),
+            "2026-12-07T07:01:48Z".into(),
+            "2026-12-07T07:01:48.1Z".into(),
+            "2026-12-07T07:01:48.123+01:00".into(),
+            "2026-12-07t07:01:48Z".into(),
+            "2026-02-30T07:01:48Z".into(),
+            "2026-12-07T24:00:00Z".into(),
+            "2016-12-31T23:59:60Z".into(),
+            "+2026-12-07T07:01:48Z".into(),
+        ];
+        // Every single-byte change of a good time.
+        for at in 0..good.len() {
+            for byte in [b'0', b'9', b'-', b':', b'.', b'T', b'Z', b'a', b' '] {
+                let mut text = good.as_bytes().to_vec();
+                text[at] = byte;
+                texts.extend(String::from_utf8(text).ok());
+            }
+        }
+        for text in texts {
+            let chrono = DateTime::parse_from_rfc3339(&text).map(|t| t.with_timezone(&Utc));
+            if let Some(read) = utc_time(&text) {
+                assert_eq!(Ok(read), chrono, "{text}");
+            }
+        }
+        assert!(utc_time(good).is_some() && utc_time("2016-12-31T23:59:60Z").is_none());
     }
 
     #[test]

@@ -75,7 +75,11 @@ fn write_str(out: &mut Vec<u8>, text: &str) -> Result<(), Error> {
     while at < bytes.len() {
         // 32 bytes and one branch at a time while there is nothing to escape (most text).
         if let Some(block) = bytes.get(at..at + 32) {
-            if block.chunks_exact(8).fold(0, |any, chunk| any | escapes(word(chunk))) == 0 {
+            if block
+                .chunks_exact(8)
+                .fold(0, |any, chunk| any | escapes(word(chunk)))
+                == 0
+            {
                 at += 32;
                 continue;
             }
