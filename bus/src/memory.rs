@@ -467,6 +467,16 @@ impl Transport for MemoryTransport {
             |(queue, permits, closed)| async move {
                 let permit = Arc::clone(&permits).acquire_owned().await.ok()?;
                 let mut entry = loop {
+                    if closed.load(Ordering::Acquire) {
+                        return None;
+                    }
+                    let next = lock(&queue.state).ready.pop_front();
+                    if let Some(entry) = next {
+                        break entry;
+                    }
+                    // Nothing ready: wait for a publish, registered before looking again so
+                    // that one made meanwhile is not missed. (Registering costs a lock of the
+                    // waiters' list each way: not for a message already there.)
                     let ready = queue.ready.notified();
                     tokio::pin!(ready);
                     ready.as_mut().enable();
