@@ -601,11 +601,11 @@ impl TopicNames {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// How many ready records the reader takes in a row before it looks at its other duties
 /// (redeliveries, the commit tick, a closed subscription) again.
 const BURST: usize = 64;
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     inner: Arc<Inner>,
     consumer: StreamConsumer<RebalanceContext>,
