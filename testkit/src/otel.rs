@@ -129,9 +129,17 @@ pub async fn one_trace_across_two_hops(transport: Arc<dyn Transport>) {
         .await
         .expect("publish");
     drop(root);
+    // busbar's `tracing` span, bridged by tracing-opentelemetry, is the consume span's child.
+    let bridged = |spans: &[SpanData], hop: &SpanData| {
+        spans.iter().any(|span| {
+            span.name == "busbar.process" && span.parent_span_id == hop.span_context.span_id()
+        })
+    };
     wait_for("both hops handled and their spans exported", || {
         let spans = finished();
-        process_span_of(&spans, &first).is_some() && process_span_of(&spans, &second).is_some()
+        [&first, &second]
+            .iter()
+            .all(|topic| process_span_of(&spans, topic).is_some_and(|hop| bridged(&spans, &hop)))
     })
     .await;
 

@@ -419,11 +419,15 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
     let message = delivery.shared_message();
     let attempt = shared.attempt(&message.id, delivery.attempt());
     // The consume span, the child of the message's trace; current while the `tracing` span
-    // below is made, so that a `tracing-opentelemetry` bridge makes that one its child.
+    // below is made (when a subscriber takes spans at all), so that a `tracing-opentelemetry`
+    // bridge makes that one its child.
     #[cfg(feature = "otel")]
     let trace = shared.spans.start(&message, attempt);
     #[cfg(feature = "otel")]
-    let current = trace.as_ref().map(|context| context.clone().attach());
+    let current = trace
+        .as_ref()
+        .filter(|_| tracing::enabled!(kind: tracing::metadata::Kind::SPAN, tracing::Level::INFO))
+        .map(|context| context.clone().attach());
     // Every field is known here (a structured-mode event's, below, once decoded): recording
     // one later costs a subscriber's look-up each.
     let span = tracing::info_span!(
