@@ -4,12 +4,12 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -156,72 +156,83 @@ impl Dispatch {
     }
 }
 
-/// The handler tasks of one subscription: up to `concurrency` long-lived workers, each handling
-/// one delivery at a time, started as they are first needed. A delivery is handed to an idle
-/// worker through its own inbox, instead of spawning a task per delivery (about 3,000
-/// instructions and an allocation each, measured), and still runs on any of the runtime's
-/// threads, so CPU-bound handlers keep their parallelism.
-struct Workers {
-    tasks: JoinSet<()>,
-    /// Each worker's inbox; a worker is idle when its index is in `idle`.
-    inboxes: Vec<mpsc::Sender<Delivery>>,
+/// What the subscription's loop and its workers share: the deliveries not yet finished and
+/// which workers wait for one.
+#[derive(Default)]
+struct Pool {
+    dispatch: Dispatch,
+    /// Workers waiting in their inbox.
     idle: Vec<usize>,
-    /// The hash of the ordering key each busy worker holds (`None` when unkeyed or idle).
-    keys: Vec<Option<u64>>,
-    done: mpsc::UnboundedSender<usize>,
+    /// Workers started (each is busy or idle).
+    started: usize,
 }
 
-impl Workers {
-    fn new(done: mpsc::UnboundedSender<usize>) -> Self {
-        Workers {
-            tasks: JoinSet::new(),
-            inboxes: Vec::new(),
-            idle: Vec::new(),
-            keys: Vec::new(),
-            done,
-        }
-    }
-
-    /// Hands `delivery` to an idle worker, starting one if none is idle.
-    fn start<E: Send + 'static>(
-        &mut self,
-        shared: &Arc<Shared<E>>,
-        delivery: Delivery,
-        key: Option<u64>,
-    ) {
-        let index = match self.idle.pop() {
-            Some(index) => index,
-            None => {
-                let index = self.inboxes.len();
-                let inbox = self.spawn(shared, index);
-                self.inboxes.push(inbox);
-                self.keys.push(None);
-                index
-            }
-        };
-        // The worker is idle, so its inbox is empty and takes the delivery. A worker never ends
-        // while this loop runs (it catches what `process` throws); should one have, a new one
-        // takes its place rather than the delivery and its key being lost.
-        if let Err(error) = self.inboxes[index].try_send(delivery) {
-            let delivery = match error {
-                mpsc::error::TrySendError::Full(delivery)
-                | mpsc::error::TrySendError::Closed(delivery) => delivery,
-            };
-            tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, "a handler worker was gone; starting another");
-            let inbox = self.spawn(shared, index);
-            self.inboxes[index] = inbox;
-            if self.inboxes[index].try_send(delivery).is_err() {
-                // Unreachable (a new inbox has room); the delivery returns unacked.
-                self.idle.push(index);
-                return;
-            }
-        }
-        self.keys[index] = key;
-    }
-
-    /// How many workers are handling a delivery (every worker is busy or idle).
+impl Pool {
     fn busy(&self) -> usize {
-        self.inboxes.len() - self.idle.len()
+        self.started - self.idle.len()
+    }
+}
+
+fn lock(pool: &Mutex<Pool>) -> MutexGuard<'_, Pool> {
+    pool.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A delivery to handle, with its key's hash when ordered by key.
+type Job = (Delivery, Option<u64>);
+
+/// The handler tasks of one subscription: up to `concurrency` long-lived workers, started as
+/// they are first needed, each handling one delivery at a time and still running on any of the
+/// runtime's threads, so CPU-bound handlers keep their parallelism. A worker that finishes
+/// takes the next runnable delivery itself, under the pool's lock; only an idle one is handed
+/// a delivery, through its own inbox. Handing every delivery to a worker and hearing back from
+/// it cost two channel messages and two task wake-ups per delivery; a task per delivery cost
+/// about 3,000 instructions and an allocation.
+struct Crew {
+    tasks: JoinSet<()>,
+    inboxes: Vec<mpsc::Sender<Job>>,
+    pool: Arc<Mutex<Pool>>,
+    /// Rung by a worker going idle, or taking the pool down to its refill mark.
+    wake: Arc<Notify>,
+    refill_at: usize,
+}
+
+impl Crew {
+    /// Hands the runnable deliveries to idle workers, starting workers up to `concurrency`.
+    fn start<E: Send + 'static>(&mut self, shared: &Arc<Shared<E>>, concurrency: usize) {
+        let shared_pool = Arc::clone(&self.pool);
+        let mut pool = lock(&shared_pool);
+        while !pool.dispatch.runnable.is_empty() {
+            let index = match pool.idle.pop() {
+                Some(index) => index,
+                None if pool.started < concurrency => {
+                    let index = self.inboxes.len();
+                    let inbox = self.spawn(shared, index);
+                    self.inboxes.push(inbox);
+                    pool.started += 1;
+                    index
+                }
+                None => break,
+            };
+            let Some(job) = pool.dispatch.runnable.pop_front() else {
+                pool.idle.push(index);
+                break;
+            };
+            // The worker is idle, so its inbox is empty and takes the job. A worker never ends
+            // while this loop runs (it catches what `process` throws); should one have, a new
+            // one takes its place rather than the delivery and its key being lost.
+            if let Err(error) = self.inboxes[index].try_send(job) {
+                tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, "a handler worker was gone; starting another");
+                let inbox = self.spawn(shared, index);
+                self.inboxes[index] = inbox;
+                if let Err(error) = self.inboxes[index].try_send(error.into_inner()) {
+                    // Unreachable (a new inbox has room); the delivery returns unacked, and
+                    // its key is free for the next.
+                    let (_, key) = error.into_inner();
+                    pool.dispatch.finished(key);
+                    pool.idle.push(index);
+                }
+            }
+        }
     }
 
     /// Starts worker `index`; returns its inbox.
@@ -229,40 +240,57 @@ impl Workers {
         &mut self,
         shared: &Arc<Shared<E>>,
         index: usize,
-    ) -> mpsc::Sender<Delivery> {
-        let (inbox, deliveries) = mpsc::channel(1);
+    ) -> mpsc::Sender<Job> {
+        let (inbox, jobs) = mpsc::channel(1);
         self.tasks.spawn(worker(
             index,
             Arc::clone(shared),
-            deliveries,
-            self.done.clone(),
+            jobs,
+            Arc::clone(&self.pool),
+            Arc::clone(&self.wake),
+            self.refill_at,
         ));
         inbox
     }
-
-    /// Worker `index` finished its delivery; returns the key it held.
-    fn finished(&mut self, index: usize) -> Option<u64> {
-        self.idle.push(index);
-        self.keys.get_mut(index).and_then(Option::take)
-    }
 }
 
-/// One worker: handles the deliveries its inbox brings, one at a time, and says when each is
-/// done. A panic outside the handler (which `process` catches itself) is a bug in busbar: it
-/// is logged, and the message returns unacked, as a failed task's would.
+/// One worker: handles what its inbox brings, then the runnable deliveries it finds in the
+/// pool, one at a time, until none is left; then waits in its inbox again. A panic outside
+/// the handler (which `process` catches itself) is a bug in busbar: it is logged, and the
+/// message returns unacked, as a failed task's would.
 async fn worker<E: Send + 'static>(
     index: usize,
     shared: Arc<Shared<E>>,
-    mut deliveries: mpsc::Receiver<Delivery>,
-    done: mpsc::UnboundedSender<usize>,
+    mut jobs: mpsc::Receiver<Job>,
+    pool: Arc<Mutex<Pool>>,
+    wake: Arc<Notify>,
+    refill_at: usize,
 ) {
-    while let Some(delivery) = deliveries.recv().await {
-        let handling = std::pin::pin!(process(Arc::clone(&shared), delivery));
-        if let Err(panic) = caught(handling).await {
-            tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, panic = panic_text(panic.as_ref()), "handling failed; its message returns unacked");
-        }
-        if done.send(index).is_err() {
-            return;
+    while let Some(mut job) = jobs.recv().await {
+        loop {
+            let (delivery, key) = job;
+            let handling = std::pin::pin!(process(Arc::clone(&shared), delivery));
+            if let Err(panic) = caught(handling).await {
+                tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, panic = panic_text(panic.as_ref()), "handling failed; its message returns unacked");
+            }
+            let (next, ring) = {
+                let mut pool = lock(&pool);
+                pool.dispatch.finished(key);
+                let next = pool.dispatch.runnable.pop_front();
+                if next.is_none() {
+                    pool.idle.push(index);
+                }
+                // The loop fetches more once the pool is down to its refill mark, not for
+                // every delivery finished.
+                (next, pool.dispatch.held == refill_at)
+            };
+            if next.is_none() || ring {
+                wake.notify_one();
+            }
+            match next {
+                Some(next) => job = next,
+                None => break,
+            }
         }
     }
 }
@@ -286,33 +314,41 @@ pub(crate) async fn run<E: Send + 'static>(
     mut stop: watch::Receiver<Option<Instant>>,
     limits: Limits,
 ) -> ShutdownReport {
-    let (done_tx, mut done) = mpsc::unbounded_channel();
-    let mut workers = Workers::new(done_tx);
-    let mut dispatch = Dispatch::default();
+    let pool = Arc::new(Mutex::new(Pool::default()));
+    let wake = Arc::new(Notify::new());
+    let mut crew = Crew {
+        tasks: JoinSet::new(),
+        inboxes: Vec::new(),
+        pool: Arc::clone(&pool),
+        wake: Arc::clone(&wake),
+        // A quarter of the in-flight limit below it: the loop tops the pool up in a batch.
+        refill_at: limits
+            .max_in_flight
+            .saturating_sub(1 + limits.max_in_flight / 4),
+    };
     let mut fetching = true;
     let mut deadline: Option<Instant> = None;
     let mut report = ShutdownReport::default();
     let mut stream = Some(stream);
 
     loop {
-        // What is ready is taken without a select each (about 1,000 instructions): finished
-        // workers, then deliveries while there is room.
-        while let Ok(index) = done.try_recv() {
-            dispatch.finished(workers.finished(index));
-        }
-        while fetching && dispatch.held < limits.max_in_flight {
+        // What is ready is taken without a select each (about 1,000 instructions).
+        while fetching && lock(&pool).dispatch.held < limits.max_in_flight {
             let Some(item) = stream.as_mut().and_then(|s| s.next().now_or_never()) else {
                 break;
             };
-            fetching = received(&shared, &mut dispatch, item, limits.key_ordered);
+            fetching = received(&shared, &mut lock(&pool).dispatch, item, limits.key_ordered);
         }
-        while workers.busy() < limits.concurrency {
-            let Some((delivery, key)) = dispatch.runnable.pop_front() else {
-                break;
-            };
-            workers.start(&shared, delivery, key);
-        }
-        if !fetching && workers.busy() == 0 && dispatch.held == 0 {
+        crew.start(&shared, limits.concurrency);
+        let (room, busy, held) = {
+            let pool = lock(&pool);
+            (
+                pool.dispatch.held < limits.max_in_flight,
+                pool.busy(),
+                pool.dispatch.held,
+            )
+        };
+        if !fetching && busy == 0 && held == 0 {
             break;
         }
         tokio::select! {
@@ -328,29 +364,29 @@ pub(crate) async fn run<E: Send + 'static>(
                 // Stop the transport's consumer before giving back what was not started: a
                 // consumer still running would fetch what is given back again.
                 drop(stream.take());
-                report.returned = dispatch.return_unstarted();
-                dispatch.held = workers.busy();
-                report.drained = workers.busy();
-                tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, running = workers.busy(), "subscription shutting down");
+                let mut pool = lock(&pool);
+                report.returned = pool.dispatch.return_unstarted();
+                pool.dispatch.held = pool.busy();
+                report.drained = pool.busy();
+                tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, running = pool.busy(), "subscription shutting down");
             }
-            Some(index) = done.recv(), if workers.busy() > 0 => {
-                dispatch.finished(workers.finished(index));
-            }
-            item = next_delivery(&mut stream), if fetching && dispatch.held < limits.max_in_flight => {
-                fetching = received(&shared, &mut dispatch, item, limits.key_ordered);
+            () = wake.notified() => {}
+            item = next_delivery(&mut stream), if fetching && room => {
+                fetching = received(&shared, &mut lock(&pool).dispatch, item, limits.key_ordered);
             }
             () = sleep_until_deadline(deadline), if deadline.is_some() => {
-                report.abandoned = workers.busy();
-                report.drained = report.drained.saturating_sub(report.abandoned);
+                let busy = lock(&pool).busy();
+                report.abandoned = busy;
+                report.drained = report.drained.saturating_sub(busy);
                 break;
             }
         }
     }
     // Idle workers end when their inboxes close; busy ones (past the deadline) are aborted,
     // which drops their deliveries unacked.
-    workers.inboxes.clear();
-    workers.tasks.abort_all();
-    while workers.tasks.join_next().await.is_some() {}
+    crew.inboxes.clear();
+    crew.tasks.abort_all();
+    while crew.tasks.join_next().await.is_some() {}
     drop(stream);
     report
 }
