@@ -65,60 +65,46 @@ impl PartitionState {
 
 /// The offsets of one partition's messages that are held (received, not finished), in order.
 ///
-/// A partition's records arrive in offset order, so a received offset goes at the back and
-/// finishing marks it in place; finished offsets leave from the front. Cheaper, per record,
-/// than a `BTreeSet` (an allocation per node, a rebalancing walk per insert and removal). An
-/// offset that arrives out of order (not expected from librdkafka) still takes its place.
+/// A partition's records arrive in offset order, so a received offset goes at the back, and
+/// the handlers finish them roughly in order, so a finished one leaves near the front (or,
+/// behind an offset held back by retries, near the back): cheaper per record than a `BTreeSet`
+/// (an allocation per node, a rebalancing walk per insert and removal). Only held offsets are
+/// kept, so memory stays bounded by the held limit whatever finishes first. An offset that
+/// arrives out of order (not expected from librdkafka) still takes its place.
 #[derive(Default)]
-struct Held {
-    /// Offsets from the oldest unfinished one on, each with whether it finished.
-    offsets: VecDeque<(i64, bool)>,
-    unfinished: usize,
-}
+struct Held(VecDeque<i64>);
 
 impl Held {
     fn insert(&mut self, offset: i64) {
-        match self.offsets.back() {
-            Some(&(last, _)) if offset <= last => {
-                match self.offsets.binary_search_by_key(&offset, |&(o, _)| o) {
-                    Ok(i) if self.offsets[i].1 => self.offsets[i].1 = false,
-                    Ok(_) => return,
-                    Err(i) => self.offsets.insert(i, (offset, false)),
+        match self.0.back() {
+            Some(&last) if offset <= last => {
+                if let Err(i) = self.0.binary_search(&offset) {
+                    self.0.insert(i, offset);
                 }
             }
-            _ => self.offsets.push_back((offset, false)),
+            _ => self.0.push_back(offset),
         }
-        self.unfinished += 1;
     }
 
-    /// Marks `offset` finished; returns whether it was held.
+    /// Forgets `offset`; returns whether it was held.
     fn remove(&mut self, offset: i64) -> bool {
-        let Ok(i) = self.offsets.binary_search_by_key(&offset, |&(o, _)| o) else {
-            return false;
-        };
-        if std::mem::replace(&mut self.offsets[i].1, true) {
-            return false;
+        match self.0.binary_search(&offset) {
+            Ok(i) => self.0.remove(i).is_some(),
+            Err(_) => false,
         }
-        self.unfinished -= 1;
-        while self.offsets.front().is_some_and(|&(_, finished)| finished) {
-            self.offsets.pop_front();
-        }
-        true
     }
 
     fn contains(&self, offset: i64) -> bool {
-        self.offsets
-            .binary_search_by_key(&offset, |&(o, _)| o)
-            .is_ok_and(|i| !self.offsets[i].1)
+        self.0.binary_search(&offset).is_ok()
     }
 
-    /// The oldest unfinished offset.
+    /// The oldest held offset.
     fn first(&self) -> Option<i64> {
-        self.offsets.front().map(|&(offset, _)| offset)
+        self.0.front().copied()
     }
 
     fn len(&self) -> usize {
-        self.unfinished
+        self.0.len()
     }
 }
 
@@ -1025,6 +1011,15 @@ mod tests {
             assert!(held.remove(offset));
         }
         assert_eq!((held.len(), held.first()), (0, None));
+        // Behind an offset held back (a retrying message), what finishes leaves: nothing
+        // accumulates however long it stays.
+        for offset in 100..10_000 {
+            held.insert(offset);
+        }
+        for offset in 101..10_000 {
+            assert!(held.remove(offset));
+        }
+        assert_eq!((held.0.len(), held.first()), (1, Some(100)));
     }
 
     #[test]
