@@ -625,6 +625,56 @@ async fn shutdown_drains_finished_handlers_and_acks_nothing_unfinished() {
     sub.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
+/// At concurrency 1 the subscription's loop runs the handler itself: shutting down still waits
+/// for it, gives back what it had not started, and (past the deadline) leaves it unacked.
+#[tokio::test(start_paused = true)]
+async fn at_concurrency_one_shutdown_drains_or_abandons_the_running_handler() {
+    for finishes in [true, false] {
+        let transport = MemoryTransport::new();
+        let bus = Bus::new(transport.clone());
+        let (topic, group) = (unique("t"), unique("g"));
+        let started = Arc::new(AtomicUsize::new(0));
+        let s = Arc::clone(&started);
+        let sub = bus
+            .subscribe::<Numbered>(&topic, &group)
+            .concurrency(1)
+            .start(move |_e: Envelope<Numbered>, _c: Context| {
+                let s = Arc::clone(&s);
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    if finishes {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        let events: Vec<Numbered> = (0..40).map(|i| numbered("", i)).collect();
+        bus.publish_batch(&topic, events).await.unwrap();
+        eventually(WAIT, "the first handler running", || async {
+            started.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let report = sub.shutdown(Duration::from_secs(1)).await.unwrap();
+        // The default prefetch at concurrency 1 is 32: one running, 31 given back unstarted.
+        let (drained, abandoned) = if finishes { (1, 0) } else { (0, 1) };
+        assert_eq!(
+            report,
+            ShutdownReport {
+                drained,
+                abandoned,
+                returned: 31
+            },
+            "handler finishes: {finishes}"
+        );
+        assert_eq!(started.load(Ordering::SeqCst), 1, "nothing else started");
+        assert_eq!(transport.pending(&topic, &group), 40 - drained);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn redriven_dead_letters_return_to_their_group_and_are_handled() {
     let transport = MemoryTransport::new();

@@ -121,7 +121,8 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
     }
 
     /// Deliveries held at once, running or waiting behind their key (prefetch). Default: twice
-    /// the concurrency. Never below the concurrency.
+    /// the concurrency, at least 32 (a prefetch of 2 at concurrency 1 would fetch again after
+    /// every message, and on a broker wait a round trip for it). Never below the concurrency.
     pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
         self.max_in_flight = Some(max_in_flight.max(1));
         self
@@ -211,7 +212,7 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
             .max(1);
         let max_in_flight = self
             .max_in_flight
-            .unwrap_or(concurrency * 2)
+            .unwrap_or((concurrency * 2).max(32))
             .max(concurrency);
         let transport = Arc::clone(self.bus.transport());
         let options = ConsumeOptions::new(max_in_flight);

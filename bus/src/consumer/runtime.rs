@@ -255,9 +255,7 @@ impl Crew {
 }
 
 /// One worker: handles what its inbox brings, then the runnable deliveries it finds in the
-/// pool, one at a time, until none is left; then waits in its inbox again. A panic outside
-/// the handler (which `process` catches itself) is a bug in busbar: it is logged, and the
-/// message returns unacked, as a failed task's would.
+/// pool, one at a time, until none is left; then waits in its inbox again.
 async fn worker<E: Send + 'static>(
     index: usize,
     shared: Arc<Shared<E>>,
@@ -268,11 +266,7 @@ async fn worker<E: Send + 'static>(
 ) {
     while let Some(mut job) = jobs.recv().await {
         loop {
-            let (delivery, key) = job;
-            let handling = std::pin::pin!(process(Arc::clone(&shared), delivery));
-            if let Err(panic) = caught(handling).await {
-                tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, panic = panic_text(panic.as_ref()), "handling failed; its message returns unacked");
-            }
+            let key = handle(&shared, job).await;
             let (next, ring) = {
                 let mut pool = lock(&pool);
                 pool.dispatch.finished(key);
@@ -293,6 +287,18 @@ async fn worker<E: Send + 'static>(
             }
         }
     }
+}
+
+/// Handles `job`; returns its key's hash, to free the key. A panic outside the handler (which
+/// `process` catches itself) is a bug in busbar: it is logged, and the message returns unacked,
+/// as a failed task's would.
+async fn handle<E: Send + 'static>(shared: &Arc<Shared<E>>, job: Job) -> Option<u64> {
+    let (delivery, key) = job;
+    let handling = std::pin::pin!(process(Arc::clone(shared), delivery));
+    if let Err(panic) = caught(handling).await {
+        tracing::error!(topic = %shared.origin.topic, group = %shared.origin.group, panic = panic_text(panic.as_ref()), "handling failed; its message returns unacked");
+    }
+    key
 }
 
 /// `future`'s output, or the panic it threw, polling it where it is: `catch_unwind` on a future
@@ -330,6 +336,11 @@ pub(crate) async fn run<E: Send + 'static>(
     let mut deadline: Option<Instant> = None;
     let mut report = ShutdownReport::default();
     let mut stream = Some(stream);
+    // At concurrency 1 the loop handles each delivery itself, between fetches: a worker task
+    // has no parallelism to add there, only two task wake-ups per delivery, often on the other
+    // thread.
+    let inline = limits.concurrency == 1;
+    let mut own = std::pin::pin!(None);
 
     loop {
         // What is ready is taken without a select each (about 1,000 instructions).
@@ -339,12 +350,31 @@ pub(crate) async fn run<E: Send + 'static>(
             };
             fetching = received(&shared, &mut lock(&pool).dispatch, item, limits.key_ordered);
         }
-        crew.start(&shared, limits.concurrency);
+        if inline {
+            if own.is_none() {
+                let job = lock(&pool).dispatch.runnable.pop_front();
+                if let Some(job) = job {
+                    own.set(Some(handle(&shared, job)));
+                }
+            }
+            // Polled here first: a handler that finishes without waiting costs no select.
+            if let Some(key) = step(own.as_mut()).await {
+                own.set(None);
+                lock(&pool).dispatch.finished(key);
+                // A stream that always has more, and handlers that never wait, would keep the
+                // loop from ever giving its thread back.
+                tokio::task::coop::consume_budget().await;
+                continue;
+            }
+        } else {
+            crew.start(&shared, limits.concurrency);
+        }
+        let own_busy = usize::from(own.is_some());
         let (room, busy, held) = {
             let pool = lock(&pool);
             (
                 pool.dispatch.held < limits.max_in_flight,
-                pool.busy(),
+                pool.busy() + own_busy,
                 pool.dispatch.held,
             )
         };
@@ -366,16 +396,22 @@ pub(crate) async fn run<E: Send + 'static>(
                 drop(stream.take());
                 let mut pool = lock(&pool);
                 report.returned = pool.dispatch.return_unstarted();
-                pool.dispatch.held = pool.busy();
-                report.drained = pool.busy();
-                tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, running = pool.busy(), "subscription shutting down");
+                // (Workers may have finished since `busy` was read.)
+                let running = pool.busy() + own_busy;
+                pool.dispatch.held = running;
+                report.drained = running;
+                tracing::debug!(topic = %shared.origin.topic, group = %shared.origin.group, running, "subscription shutting down");
+            }
+            key = finish(own.as_mut()), if own_busy == 1 => {
+                own.set(None);
+                lock(&pool).dispatch.finished(key);
             }
             () = wake.notified() => {}
             item = next_delivery(&mut stream), if fetching && room => {
                 fetching = received(&shared, &mut lock(&pool).dispatch, item, limits.key_ordered);
             }
             () = sleep_until_deadline(deadline), if deadline.is_some() => {
-                let busy = lock(&pool).busy();
+                let busy = lock(&pool).busy() + usize::from(own.is_some());
                 report.abandoned = busy;
                 report.drained = report.drained.saturating_sub(busy);
                 break;
@@ -383,12 +419,36 @@ pub(crate) async fn run<E: Send + 'static>(
         }
     }
     // Idle workers end when their inboxes close; busy ones (past the deadline) are aborted,
-    // which drops their deliveries unacked.
+    // which drops their deliveries unacked, as does the loop's own.
+    own.set(None);
     crew.inboxes.clear();
     crew.tasks.abort_all();
     while crew.tasks.join_next().await.is_some() {}
     drop(stream);
     report
+}
+
+/// Polls the loop's own handling, if there is one, once: its key's hash if it finished.
+async fn step<F: Future<Output = Option<u64>>>(
+    mut own: Pin<&mut Option<F>>,
+) -> Option<Option<u64>> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(
+            match own.as_mut().as_pin_mut().map(|handling| handling.poll(cx)) {
+                Some(Poll::Ready(key)) => Some(key),
+                _ => None,
+            },
+        )
+    })
+    .await
+}
+
+/// The loop's own handling, to its end: its key's hash.
+async fn finish<F: Future<Output = Option<u64>>>(own: Pin<&mut Option<F>>) -> Option<u64> {
+    match own.as_pin_mut() {
+        Some(handling) => handling.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Takes what the transport's stream gave; returns whether to go on fetching.
