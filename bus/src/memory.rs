@@ -11,7 +11,7 @@
 //! Nothing survives the process: [`Capabilities::persistent`] is false.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -118,8 +118,41 @@ pub struct MemoryTransport {
 struct Inner {
     options: MemoryOptions,
     topics: Mutex<foldhash::HashMap<String, Vec<Arc<GroupQueue>>>>,
-    /// Signalled whenever a queue frees space, for publishers waiting on a full queue.
-    space: Notify,
+    /// Publishers waiting on a full queue, signalled when a queue frees space.
+    space: Arc<Space>,
+}
+
+/// Publishers waiting for a full queue to free space. Settling a message looks at the count
+/// alone when none waits: signalling takes the waiters' lock, for every message settled.
+#[derive(Default)]
+struct Space {
+    waiting: AtomicUsize,
+    freed: Notify,
+}
+
+impl Space {
+    /// Counts a publisher as waiting for as long as the guard lives.
+    fn wait(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(self)
+    }
+
+    /// Wakes the publishers waiting for space, if any. Called after the space was freed
+    /// under the queue's lock, which a waiting publisher took after counting itself.
+    fn freed(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// A publisher counted as waiting for space.
+struct Waiting<'a>(&'a Space);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for MemoryTransport {
@@ -137,7 +170,7 @@ struct GroupQueue {
     state: Mutex<QueueState>,
     /// Signalled when a message becomes ready or the transport closes.
     ready: Notify,
-    transport: std::sync::Weak<Inner>,
+    space: Arc<Space>,
 }
 
 #[derive(Default)]
@@ -220,9 +253,7 @@ impl GroupQueue {
         if became_ready {
             self.ready.notify_waiters();
         }
-        if let Some(transport) = self.transport.upgrade() {
-            transport.space.notify_waiters();
-        }
+        self.space.freed();
     }
 
     fn requeue(self: &Arc<Self>, entry: Entry, delay: Duration) {
@@ -322,7 +353,7 @@ impl MemoryTransport {
             group: group.to_string(),
             state: Mutex::new(QueueState::default()),
             ready: Notify::new(),
-            transport: Arc::downgrade(&self.inner),
+            space: Arc::clone(&self.inner.space),
         });
         queues.push(Arc::clone(&queue));
         queue
@@ -418,15 +449,22 @@ impl Transport for MemoryTransport {
         }
         let deadline = Instant::now() + self.inner.options.publish_timeout;
         loop {
-            let space = self.inner.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
+            self.ensure_open("publish")?;
+            if self.try_enqueue(&messages).is_ok() {
+                return Ok(());
+            }
+            // Full: wait for space, counted and registered before looking again, so that
+            // space freed meanwhile is not missed.
+            let _waiting = self.inner.space.wait();
+            let freed = self.inner.space.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             self.ensure_open("publish")?;
             let full = match self.try_enqueue(&messages) {
                 Ok(()) => return Ok(()),
                 Err(full) => full,
             };
-            if tokio::time::timeout_at(deadline, space).await.is_err() {
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 let (topic, group) = full;
                 return Err(Error::new(
                     ErrorKind::Timeout,
@@ -579,7 +617,7 @@ impl Transport for MemoryTransport {
         }
         drop(topics);
         // Publishers waiting for room in the deleted queue go on.
-        self.inner.space.notify_waiters();
+        self.inner.space.freed.notify_waiters();
         Ok(())
     }
 
@@ -614,7 +652,7 @@ impl Transport for MemoryTransport {
         for queue in lock(&self.inner.topics).values().flatten() {
             queue.ready.notify_waiters();
         }
-        self.inner.space.notify_waiters();
+        self.inner.space.freed.notify_waiters();
         Ok(())
     }
 }
@@ -628,10 +666,11 @@ struct MemoryAck {
 #[async_trait]
 impl Acknowledger for MemoryAck {
     async fn ack(mut self: Box<Self>) -> Result<()> {
-        if let Some(entry) = self.entry.take() {
-            self.queue.settle_removed(&entry.message);
-        }
-        Ok(())
+        self.settle()
+    }
+
+    fn ack_at_once(&mut self) -> Option<Result<()>> {
+        Some(self.settle())
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
@@ -651,6 +690,16 @@ impl Acknowledger for MemoryAck {
                 message: message.clone(),
                 info: info.clone(),
             });
+            self.queue.settle_removed(&entry.message);
+        }
+        Ok(())
+    }
+}
+
+impl MemoryAck {
+    /// Removes the message for good.
+    fn settle(&mut self) -> Result<()> {
+        if let Some(entry) = self.entry.take() {
             self.queue.settle_removed(&entry.message);
         }
         Ok(())

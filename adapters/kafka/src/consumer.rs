@@ -888,6 +888,12 @@ impl Acknowledger for KafkaAck {
         Ok(())
     }
 
+    /// An ack only marks the offset done; commits go out on the consumer's tick.
+    fn ack_at_once(&mut self) -> Option<Result<()>> {
+        self.finish();
+        Some(Ok(()))
+    }
+
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
         self.again(delay);
         Ok(())
