@@ -17,7 +17,7 @@ use super::context::Origin;
 use super::{Context, Counters, Decoder, Handler, Idempotency, ShutdownReport};
 use crate::bus::Bus;
 use crate::dead_letter::{DeadLetterInfo, DeadLetterReason};
-use crate::envelope::{attr, unknown_type_error, Envelope, Undecoded};
+use crate::envelope::{attr, unknown_type_error, Undecoded};
 use crate::idempotency::{Claim, Lease};
 use crate::metrics::{ConsumerMetrics, InFlight, TypeMetrics};
 use crate::retry::RetryPolicy;
@@ -558,17 +558,28 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             return;
         }
         // A structured-mode CloudEvent is read into the binary form once, here, so the
-        // decoder and the handler's context see the same attributes.
-        let decoded = crate::structured::from_structured(&message)
-            .map_err(Undecoded::Invalid)
-            .and_then(|binary| {
-                let structured = binary.is_some();
-                let message = binary.map_or(message, Arc::new);
-                let envelope = shared.decoder.decode(&message)?;
-                Ok((message, envelope, structured))
-            });
-        let (message, envelope, structured) = match decoded {
-            Ok(decoded) => decoded,
+        // decoder and the handler's context see the same attributes. (The envelope is not
+        // passed through a tuple or a closure's result: each move of it is a copy of ~650
+        // bytes.)
+        let (message, structured) = match crate::structured::from_structured(&message) {
+            Ok(Some(binary)) => (Arc::new(binary), true),
+            Ok(None) => (message, false),
+            Err(error) => {
+                tracing::warn!(%error, "undecodable message; dead-lettering it");
+                let error = error.to_string();
+                dead_letter(
+                    &shared,
+                    delivery,
+                    attempt,
+                    DeadLetterReason::Undecodable,
+                    error,
+                )
+                .await;
+                return;
+            }
+        };
+        let envelope = match shared.decoder.decode(&message) {
+            Ok(envelope) => envelope,
             Err(Undecoded::Invalid(error)) => {
                 tracing::warn!(%error, "undecodable message; dead-lettering it");
                 dead_letter(
@@ -663,7 +674,10 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
             },
             None => {
                 let started = std::time::Instant::now();
-                let outcome = run_handler(&shared, envelope, context).await;
+                // Called here, not in an `async fn` taking the envelope: its future would
+                // hold a copy of it, moved again into this one's state.
+                let handling = AssertUnwindSafe(shared.handler.handle(envelope, context));
+                let outcome = outcome(&shared, handling.catch_unwind().await);
                 of.duration.record(started.elapsed().as_secs_f64());
                 outcome
             }
@@ -718,15 +732,12 @@ async fn unknown_type<E>(shared: &Shared<E>, delivery: Delivery, attempt: u32, e
     }
 }
 
-async fn run_handler<E: Send + 'static>(
+/// What the handler's result (or its panic) means for the delivery.
+fn outcome<E>(
     shared: &Shared<E>,
-    envelope: Envelope<E>,
-    context: Context,
+    handled: std::thread::Result<Result<(), super::HandlerError>>,
 ) -> Outcome {
-    match AssertUnwindSafe(shared.handler.handle(envelope, context))
-        .catch_unwind()
-        .await
-    {
+    match handled {
         Ok(Ok(())) => Outcome::Handled,
         Ok(Err(error)) => Outcome::Failed {
             permanent: error.is_permanent(),
