@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::capabilities::Capabilities;
@@ -119,39 +119,95 @@ struct Inner {
     options: MemoryOptions,
     topics: Mutex<foldhash::HashMap<String, Vec<Arc<GroupQueue>>>>,
     /// Publishers waiting on a full queue, signalled when a queue frees space.
-    space: Arc<Space>,
+    space: Arc<Signal>,
 }
 
-/// Publishers waiting for a full queue to free space. Settling a message looks at the count
-/// alone when none waits: signalling takes the waiters' lock, for every message settled.
+/// Tasks waiting for something (space in a queue, a free in-flight slot), woken when it comes.
+/// The one making it looks at a count alone when none waits: a `Notify` takes its waiters'
+/// lock on every signal, that is for every message settled.
+///
+/// A waiter counts itself, registers with `notify`, and only then looks again for what it
+/// waits for; the signaller makes it available first and then reads the count (both in
+/// sequentially consistent order), so one of the two sees the other's change.
 #[derive(Default)]
-struct Space {
+struct Signal {
     waiting: AtomicUsize,
-    freed: Notify,
+    notify: Notify,
 }
 
-impl Space {
-    /// Counts a publisher as waiting for as long as the guard lives.
+impl Signal {
+    /// Counts a task as waiting for as long as the guard lives.
     fn wait(&self) -> Waiting<'_> {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         Waiting(self)
     }
 
-    /// Wakes the publishers waiting for space, if any. Called after the space was freed
-    /// under the queue's lock, which a waiting publisher took after counting itself.
-    fn freed(&self) {
+    /// Wakes the waiting tasks, if any.
+    fn signal(&self) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
-            self.freed.notify_waiters();
+            self.notify.notify_waiters();
         }
     }
 }
 
-/// A publisher counted as waiting for space.
-struct Waiting<'a>(&'a Space);
+/// A task counted as waiting.
+struct Waiting<'a>(&'a Signal);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A consumer's free in-flight slots: a delivery holds one until it is settled or dropped.
+/// (A tokio `Semaphore` takes its waiters' lock for every permit given back.)
+struct Slots {
+    free: AtomicUsize,
+    returned: Signal,
+}
+
+impl Slots {
+    fn new(slots: usize) -> Arc<Self> {
+        Arc::new(Slots {
+            free: AtomicUsize::new(slots),
+            returned: Signal::default(),
+        })
+    }
+
+    fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        self.free
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
+                free.checked_sub(1)
+            })
+            .ok()
+            .map(|_| Slot(Arc::clone(self)))
+    }
+
+    /// A free slot, once there is one.
+    async fn take(self: &Arc<Self>) -> Slot {
+        loop {
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            let _waiting = self.returned.wait();
+            let returned = self.returned.notify.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            returned.await;
+        }
+    }
+}
+
+/// One taken in-flight slot, given back when dropped.
+struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.free.fetch_add(1, Ordering::SeqCst);
+        self.0.returned.signal();
     }
 }
 
@@ -170,7 +226,7 @@ struct GroupQueue {
     state: Mutex<QueueState>,
     /// Signalled when a message becomes ready or the transport closes.
     ready: Notify,
-    space: Arc<Space>,
+    space: Arc<Signal>,
 }
 
 #[derive(Default)]
@@ -253,7 +309,7 @@ impl GroupQueue {
         if became_ready {
             self.ready.notify_waiters();
         }
-        self.space.freed();
+        self.space.signal();
     }
 
     fn requeue(self: &Arc<Self>, entry: Entry, delay: Duration) {
@@ -456,7 +512,7 @@ impl Transport for MemoryTransport {
             // Full: wait for space, counted and registered before looking again, so that
             // space freed meanwhile is not missed.
             let _waiting = self.inner.space.wait();
-            let freed = self.inner.space.freed.notified();
+            let freed = self.inner.space.notify.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             self.ensure_open("publish")?;
@@ -498,12 +554,12 @@ impl Transport for MemoryTransport {
         }
         self.declare(topic, group).await?;
         let queue = self.queue(topic, group);
-        let permits = Arc::new(Semaphore::new(options.max_in_flight.max(1)));
+        let slots = Slots::new(options.max_in_flight.max(1));
         let closed = Arc::clone(&self.closed);
         let stream = futures::stream::unfold(
-            (queue, permits, closed),
-            |(queue, permits, closed)| async move {
-                let permit = Arc::clone(&permits).acquire_owned().await.ok()?;
+            (queue, slots, closed),
+            |(queue, slots, closed)| async move {
+                let slot = slots.take().await;
                 let mut entry = loop {
                     if closed.load(Ordering::Acquire) {
                         return None;
@@ -534,10 +590,10 @@ impl Transport for MemoryTransport {
                     Box::new(MemoryAck {
                         queue: Arc::clone(&queue),
                         entry: Some(entry),
-                        _permit: permit,
+                        _slot: slot,
                     }),
                 );
-                Some((Ok(delivery), (queue, permits, closed)))
+                Some((Ok(delivery), (queue, slots, closed)))
             },
         );
         Ok(Box::pin(stream))
@@ -617,7 +673,7 @@ impl Transport for MemoryTransport {
         }
         drop(topics);
         // Publishers waiting for room in the deleted queue go on.
-        self.inner.space.freed.notify_waiters();
+        self.inner.space.notify.notify_waiters();
         Ok(())
     }
 
@@ -652,7 +708,7 @@ impl Transport for MemoryTransport {
         for queue in lock(&self.inner.topics).values().flatten() {
             queue.ready.notify_waiters();
         }
-        self.inner.space.freed.notify_waiters();
+        self.inner.space.notify.notify_waiters();
         Ok(())
     }
 }
@@ -660,7 +716,7 @@ impl Transport for MemoryTransport {
 struct MemoryAck {
     queue: Arc<GroupQueue>,
     entry: Option<Entry>,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 #[async_trait]
