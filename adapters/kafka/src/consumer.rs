@@ -605,15 +605,18 @@ async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut topics = TopicNames::default();
     let mut unassigned = Unassigned::new(UNASSIGNED_SESSIONS * inner.config.session_timeout);
+    let settling = Arc::new(Settling {
+        inner: Arc::clone(&inner),
+        tracker: Arc::clone(&tracker),
+        retry: retry_tx,
+        route: Arc::clone(&route),
+    });
     let make = |message: Arc<Message>, attempt: u32, partition: Partition, offset: i64| {
         Delivery::new(
             Arc::clone(&message),
             attempt,
             Box::new(KafkaAck {
-                inner: Arc::clone(&inner),
-                tracker: Arc::clone(&tracker),
-                retry: retry_tx.clone(),
-                route: Arc::clone(&route),
+                settling: Arc::clone(&settling),
                 message,
                 attempt,
                 partition,
@@ -826,11 +829,17 @@ fn commit(consumer: &StreamConsumer<RebalanceContext>, tracker: &Mutex<Tracker>,
     }
 }
 
-struct KafkaAck {
+/// What the acks of one consumer's deliveries share: one reference each, not four (each
+/// taken on the reader's thread and given back on a handler's).
+struct Settling {
     inner: Arc<Inner>,
     tracker: Arc<Mutex<Tracker>>,
     retry: mpsc::UnboundedSender<Wake>,
     route: Arc<Route>,
+}
+
+struct KafkaAck {
+    settling: Arc<Settling>,
     message: Arc<Message>,
     attempt: u32,
     partition: Partition,
@@ -841,14 +850,18 @@ struct KafkaAck {
 impl KafkaAck {
     fn finish(&mut self) {
         self.settled = true;
-        let finished = lock(&self.tracker).finished(&self.partition, &self.message, self.offset);
+        let settling = &*self.settling;
+        let finished =
+            lock(&settling.tracker).finished(&self.partition, &self.message, self.offset);
         if let Some(from) = finished.resume_from {
             // Under half its limit: fetch again now, not at the next tick.
-            let _ = self.retry.send(Wake::Resume(self.partition.clone(), from));
+            let _ = settling
+                .retry
+                .send(Wake::Resume(self.partition.clone(), from));
         }
         if let Some((message, offset)) = finished.next {
             // The next message of this key gets its turn.
-            let _ = self.retry.send(Wake::Redeliver(Redelivery {
+            let _ = settling.retry.send(Wake::Redeliver(Redelivery {
                 message,
                 attempt: 1,
                 partition: self.partition.clone(),
@@ -859,14 +872,14 @@ impl KafkaAck {
 
     fn again(&mut self, delay: Duration) {
         self.settled = true;
-        lock(&self.tracker).park(&self.partition, self.offset, true);
+        lock(&self.settling.tracker).park(&self.partition, self.offset, true);
         let redelivery = Redelivery {
             message: Arc::clone(&self.message),
             attempt: self.attempt.saturating_add(1),
             partition: self.partition.clone(),
             offset: self.offset,
         };
-        let retry = self.retry.clone();
+        let retry = self.settling.retry.clone();
         let redelivery = Wake::Redeliver(redelivery);
         if delay.is_zero() {
             let _ = retry.send(redelivery);
@@ -909,8 +922,8 @@ impl Acknowledger for KafkaAck {
             info: info.clone(),
         }
         .to_message();
-        dead.topic = Text::new(&self.route.dlq);
-        match crate::producer::send(&self.inner, vec![dead], "dead-letter").await {
+        dead.topic = Text::new(&self.settling.route.dlq);
+        match crate::producer::send(&self.settling.inner, vec![dead], "dead-letter").await {
             Ok(()) => {
                 self.finish();
                 Ok(())
