@@ -564,33 +564,12 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         let (message, structured) = match crate::structured::from_structured(&message) {
             Ok(Some(binary)) => (Arc::new(binary), true),
             Ok(None) => (message, false),
-            Err(error) => {
-                tracing::warn!(%error, "undecodable message; dead-lettering it");
-                let error = error.to_string();
-                dead_letter(
-                    &shared,
-                    delivery,
-                    attempt,
-                    DeadLetterReason::Undecodable,
-                    error,
-                )
-                .await;
-                return;
-            }
+            Err(error) => return undecodable(&shared, delivery, attempt, &error).await,
         };
         let envelope = match shared.decoder.decode(&message) {
             Ok(envelope) => envelope,
             Err(Undecoded::Invalid(error)) => {
-                tracing::warn!(%error, "undecodable message; dead-lettering it");
-                dead_letter(
-                    &shared,
-                    delivery,
-                    attempt,
-                    DeadLetterReason::Undecodable,
-                    error.to_string(),
-                )
-                .await;
-                return;
+                return undecodable(&shared, delivery, attempt, &error).await
             }
             Err(Undecoded::UnknownType(event_type)) => {
                 unknown_type(&shared, delivery, attempt, &event_type).await;
@@ -705,6 +684,19 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
         use opentelemetry::trace::TraceContextExt as _;
         trace.span().end();
     }
+}
+
+/// A message that is not a readable CloudEvent, or whose payload does not fit its type: to the
+/// dead-letter queue, saying why.
+async fn undecodable<E>(
+    shared: &Shared<E>,
+    delivery: Delivery,
+    attempt: u32,
+    error: &crate::Error,
+) {
+    tracing::warn!(%error, "undecodable message; dead-lettering it");
+    let reason = DeadLetterReason::Undecodable;
+    dead_letter(shared, delivery, attempt, reason, error.to_string()).await;
 }
 
 /// A message of a type the subscription does not handle: dead-lettered or skipped, as the
