@@ -675,6 +675,53 @@ async fn at_concurrency_one_shutdown_drains_or_abandons_the_running_handler() {
     }
 }
 
+/// At concurrency 1 the subscription's loop runs the handler between fetches, so it must give
+/// its thread back now and then: with handlers that never wait and a queue that is never
+/// empty (each handled message publishes the next), the other tasks of a one-thread runtime
+/// still run.
+#[test]
+fn at_concurrency_one_a_busy_subscription_lets_other_tasks_run() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let bus = Bus::new(MemoryTransport::new());
+            let (topic, group) = (unique("t"), unique("g"));
+            let handled = Arc::new(AtomicUsize::new(0));
+            let (h, next_topic) = (Arc::clone(&handled), topic.clone());
+            let sub = bus
+                .subscribe::<Numbered>(&topic, &group)
+                .concurrency(1)
+                .start(move |e: Envelope<Numbered>, c: Context| {
+                    let (h, topic) = (Arc::clone(&h), next_topic.clone());
+                    async move {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        c.publish(&topic, numbered("", e.payload.seq + 1)).await?;
+                        Ok(())
+                    }
+                })
+                .await
+                .unwrap();
+            bus.publish(&topic, numbered("", 0)).await.unwrap();
+            // This task runs again only when the subscription's loop yields.
+            tokio::task::yield_now().await;
+            eventually(WAIT, "messages handled", || async {
+                handled.load(Ordering::SeqCst) >= 1_000
+            })
+            .await;
+            sub.shutdown(Duration::from_secs(5)).await.unwrap();
+        });
+        let _ = done.send(());
+    });
+    assert!(
+        finished.recv_timeout(WAIT).is_ok(),
+        "the subscription kept its thread: the test's own task never ran again"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn redriven_dead_letters_return_to_their_group_and_are_handled() {
     let transport = MemoryTransport::new();

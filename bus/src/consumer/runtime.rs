@@ -362,9 +362,12 @@ pub(crate) async fn run<E: Send + 'static>(
                 own.set(None);
                 lock(&pool).dispatch.finished(key);
                 // A stream that always has more, and handlers that never wait, would keep the
-                // loop from ever giving its thread back.
+                // loop from ever giving its thread back, or reaching the select below that
+                // hears a shutdown.
                 tokio::task::coop::consume_budget().await;
-                continue;
+                if !stop.has_changed().unwrap_or(true) {
+                    continue;
+                }
             }
         } else {
             crew.start(&shared, limits.concurrency);
