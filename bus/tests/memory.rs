@@ -368,3 +368,26 @@ async fn closing_ends_streams_and_rejects_publishes() {
     assert_eq!(err.kind(), ErrorKind::Closed);
     assert!(err.to_string().contains("bus is closed"), "{err}");
 }
+
+#[tokio::test]
+async fn a_batch_with_one_bad_topic_name_is_refused_whole() {
+    let t = MemoryTransport::new();
+    let bus = Bus::new(t.clone());
+    let topic = unique("t");
+    t.declare(&topic, "g").await.unwrap();
+    // The bad name comes after two messages to a good one: each topic of the batch is checked.
+    let batch = vec![
+        msg(&topic, "1", None),
+        msg(&topic, "2", None),
+        msg("no spaces", "3", None),
+        msg(&topic, "4", None),
+    ];
+    let err = bus.publish_messages(batch).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("\"no spaces\""), "{err}");
+    assert_eq!(
+        t.pending(&topic, "g"),
+        0,
+        "nothing of the batch was published"
+    );
+}

@@ -114,7 +114,9 @@ impl<E: Send + 'static> SubscriptionBuilder<E> {
         }
     }
 
-    /// Handlers running at once (default: the bus's, 8).
+    /// Handlers running at once (default: the bus's, 8). At 1, the subscription's own task
+    /// runs the handler, between fetches; above, long-lived worker tasks do, on any of the
+    /// runtime's threads.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = Some(concurrency.max(1));
         self
