@@ -868,15 +868,8 @@ impl KafkaAck {
     fn finish(&mut self) {
         self.settled = true;
         let settling = &self.settling;
-        let finished = {
-            let mut tracker = lock(&settling.tracker);
-            let finished = tracker.finished(&self.partition, &self.message, self.offset);
-            if let Some((_, next)) = &finished.next {
-                // It is handled from now on (it was parked: not busy while it waited).
-                tracker.park(&self.partition, *next, false);
-            }
-            finished
-        };
+        let finished =
+            lock(&settling.tracker).finished(&self.partition, &self.message, self.offset);
         if let Some(from) = finished.resume_from {
             // Under half its limit: fetch again now, not at the next tick.
             let _ = settling
@@ -887,13 +880,21 @@ impl KafkaAck {
             // The next message of this key gets its turn: straight to the subscription when
             // its channel has room (a round trip through the reader's loop cost about 2,000
             // instructions per message held behind its key), else through the reader.
+            // It stays parked (not busy, so a stopping consumer does not wait for it) until it
+            // is handed out.
             let subscription = settling.deliveries.upgrade();
             let room = subscription
                 .as_ref()
                 .and_then(|sender| sender.try_reserve().ok());
             if let Some(room) = room {
-                let partition = self.partition.clone();
-                room.send(Ok(settling.delivery(message, 1, partition, offset)));
+                let mut tracker = lock(&settling.tracker);
+                // Not if its partition was revoked meanwhile: the new owner reads it again.
+                if tracker.owns(&self.partition, offset) {
+                    tracker.park(&self.partition, offset, false);
+                    drop(tracker);
+                    let partition = self.partition.clone();
+                    room.send(Ok(settling.delivery(message, 1, partition, offset)));
+                }
             } else {
                 let _ = settling.retry.send(Wake::Redeliver(Redelivery {
                     message,
