@@ -222,6 +222,16 @@ impl Tracker {
             .is_some_and(|s| s.in_flight.contains(offset))
     }
 
+    /// Takes a parked message out to be handled (busy again); false when its partition was
+    /// revoked meanwhile: the new owner reads it again.
+    fn unpark(&mut self, partition: &Partition, offset: i64) -> bool {
+        let owned = self.owns(partition, offset);
+        if owned {
+            self.park(partition, offset, false);
+        }
+        owned
+    }
+
     /// Deliveries being handled (not finished, not parked for a delayed redelivery).
     fn busy(&self) -> usize {
         self.partitions
@@ -631,10 +641,9 @@ async fn run(
                         continue;
                     }
                 };
-                if !lock(&tracker).owns(&again.partition, again.offset) {
-                    continue; // its partition was revoked: the new owner redelivers it
+                if !lock(&tracker).unpark(&again.partition, again.offset) {
+                    continue;
                 }
-                lock(&tracker).park(&again.partition, again.offset, false);
                 let delivery = make(again.message, again.attempt, again.partition, again.offset);
                 if tx.send(Ok(delivery)).await.is_err() {
                     break;
@@ -887,11 +896,7 @@ impl KafkaAck {
                 .as_ref()
                 .and_then(|sender| sender.try_reserve().ok());
             if let Some(room) = room {
-                let mut tracker = lock(&settling.tracker);
-                // Not if its partition was revoked meanwhile: the new owner reads it again.
-                if tracker.owns(&self.partition, offset) {
-                    tracker.park(&self.partition, offset, false);
-                    drop(tracker);
+                if lock(&settling.tracker).unpark(&self.partition, offset) {
                     let partition = self.partition.clone();
                     room.send(Ok(settling.delivery(message, 1, partition, offset)));
                 }
