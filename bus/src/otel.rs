@@ -96,28 +96,33 @@ impl ConsumeSpans {
                 return None;
             }
         }
-        let mut span = span;
-        if span.is_recording() {
-            span.update_name(self.name.clone());
-            let id = message.id.as_str();
-            let conversation = message
-                .header(attr::CORRELATION_ID)
-                .or_else(|| message.header(attr::ID))
-                .unwrap_or(id);
-            span.set_attributes([
-                KeyValue::new("messaging.system", self.system),
-                KeyValue::new("messaging.operation.type", "process"),
-                KeyValue::new("messaging.destination.name", self.topic.clone()),
-                KeyValue::new("messaging.consumer.group.name", self.group.clone()),
-                KeyValue::new("messaging.message.id", id.to_owned()),
-                KeyValue::new("messaging.message.conversation_id", conversation.to_owned()),
-                KeyValue::new(
-                    "busbar.event_type",
-                    message.header(attr::TYPE).unwrap_or_default().to_owned(),
-                ),
-                KeyValue::new("busbar.attempt", i64::from(attempt)),
-            ]);
+        if !span.is_recording() {
+            // A span the sampler left out records nothing: what the handler's spans and
+            // publishes need of it is its context (trace, id, not sampled), not the SDK's span
+            // object, which would be held in a lock until handling ends and then ended for
+            // nothing (a clock read and two dynamic calls).
+            return Some(Context::new().with_remote_span_context(span.span_context().clone()));
         }
+        let mut span = span;
+        span.update_name(self.name.clone());
+        let id = message.id.as_str();
+        let conversation = message
+            .header(attr::CORRELATION_ID)
+            .or_else(|| message.header(attr::ID))
+            .unwrap_or(id);
+        span.set_attributes([
+            KeyValue::new("messaging.system", self.system),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", self.topic.clone()),
+            KeyValue::new("messaging.consumer.group.name", self.group.clone()),
+            KeyValue::new("messaging.message.id", id.to_owned()),
+            KeyValue::new("messaging.message.conversation_id", conversation.to_owned()),
+            KeyValue::new(
+                "busbar.event_type",
+                message.header(attr::TYPE).unwrap_or_default().to_owned(),
+            ),
+            KeyValue::new("busbar.attempt", i64::from(attempt)),
+        ]);
         Some(parent.with_span(span))
     }
 }

@@ -685,7 +685,10 @@ async fn process<E: Send + 'static>(shared: Arc<Shared<E>>, delivery: Delivery) 
     #[cfg(feature = "otel")]
     if let Some(trace) = trace {
         use opentelemetry::trace::TraceContextExt as _;
-        trace.span().end();
+        let span = trace.span();
+        if span.is_recording() {
+            span.end();
+        }
     }
 }
 
