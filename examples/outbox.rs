@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use busbar::postgres::sqlx::{self, postgres::PgPoolOptions};
 use busbar::postgres::{PostgresIdempotencyStore, PostgresOutbox};
-use busbar::{Context, Envelope, Event, HandlerError};
+use busbar::{Context, Envelope, Event, HandlerError, Text};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,8 +25,8 @@ struct OrderPlaced {
 
 impl Event for OrderPlaced {
     const TYPE: &'static str = "shop.order_placed.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.order_id.to_string())
+    fn key(&self) -> Option<Text> {
+        Some(Text::from_display(&self.order_id))
     }
 }
 
@@ -37,8 +37,8 @@ struct ShipmentScheduled {
 
 impl Event for ShipmentScheduled {
     const TYPE: &'static str = "shop.shipment_scheduled.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.order_id.to_string())
+    fn key(&self) -> Option<Text> {
+        Some(Text::from_display(&self.order_id))
     }
 }
 

@@ -7,13 +7,13 @@
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use serde::{Deserialize, Serialize};
-//! use busbar::{Context, Envelope, Event, HandlerError};
+//! use busbar::{Context, Envelope, Event, HandlerError, Text};
 //!
 //! #[derive(Serialize, Deserialize)]
 //! struct OrderPlaced { order_id: String }
 //! impl Event for OrderPlaced {
 //!     const TYPE: &'static str = "orders.order_placed.v1";
-//!     fn key(&self) -> Option<String> { Some(self.order_id.clone()) }
+//!     fn key(&self) -> Option<Text> { Some(self.order_id.as_str().into()) }
 //! }
 //!
 //! let bus = busbar::connect("memory://").await?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use busbar::saga::{MemorySagaStore, MissingInstance, Saga, SagaFilter, SagaStatus, Step};
-use busbar::{Context, Envelope, Event, HandlerError, Message};
+use busbar::{Context, Envelope, Event, HandlerError, Message, Text};
 use busbar_testkit::TestBus;
 use serde::{Deserialize, Serialize};
 use shop::{
@@ -402,8 +402,8 @@ struct Opened {
 }
 impl Event for Opened {
     const TYPE: &'static str = "test.opened.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.account.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.account.as_str().into())
     }
 }
 
@@ -413,8 +413,8 @@ struct Rejected {
 }
 impl Event for Rejected {
     const TYPE: &'static str = "test.rejected.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.account.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.account.as_str().into())
     }
 }
 

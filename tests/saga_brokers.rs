@@ -29,7 +29,7 @@ use busbar::saga::{
     Committed, Fired, Loaded, RunningSaga, Saga, SagaCommit, SagaFilter, SagaRecord, SagaStatus,
     SagaStore, Step,
 };
-use busbar::{Bus, Envelope, Event, MemoryTransport, Message, RetryPolicy, Transport};
+use busbar::{Bus, Envelope, Event, MemoryTransport, Message, RetryPolicy, Text, Transport};
 use busbar_testkit::conformance::{brokers_required, unique, wait_limit};
 use busbar_testkit::faults::FaultyTransport;
 use serde::{Deserialize, Serialize};
@@ -661,8 +661,8 @@ struct Opened {
 }
 impl Event for Opened {
     const TYPE: &'static str = "test.saga_opened.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.id.as_str().into())
     }
 }
 
@@ -672,8 +672,8 @@ struct Closed {
 }
 impl Event for Closed {
     const TYPE: &'static str = "test.saga_closed.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.id.as_str().into())
     }
 }
 
@@ -683,8 +683,8 @@ struct Reminder {
 }
 impl Event for Reminder {
     const TYPE: &'static str = "test.saga_reminder.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.id.as_str().into())
     }
 }
 

@@ -21,13 +21,14 @@ use crate::text::Text;
 ///
 /// ```
 /// use serde::{Deserialize, Serialize};
+/// use busbar_core::Text;
 ///
 /// #[derive(Serialize, Deserialize)]
 /// struct OrderPlaced { order_id: String, total_cents: u64 }
 ///
 /// impl busbar_core::Event for OrderPlaced {
 ///     const TYPE: &'static str = "orders.order_placed.v1";
-///     fn key(&self) -> Option<String> { Some(self.order_id.clone()) }
+///     fn key(&self) -> Option<Text> { Some(self.order_id.as_str().into()) }
 /// }
 /// ```
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -44,7 +45,11 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
 
     /// The ordering/partition key: events with the same key are delivered in publish order
     /// where the transport can order (see [`crate::Capabilities::ordered_by_key`]).
-    fn key(&self) -> Option<String> {
+    ///
+    /// A [`Text`]: `Some(self.order_id.as_str().into())` copies a key of up to
+    /// [`INLINE_CAPACITY`](crate::text::INLINE_CAPACITY) bytes in place, without the allocation
+    /// (and the free on another thread) a `String` cost for every event published.
+    fn key(&self) -> Option<Text> {
         None
     }
 
@@ -194,7 +199,7 @@ impl<E: Event> Envelope<E> {
             traceparent: Some(new_traceparent(None)),
             tracestate: None,
             headers: Headers::new(),
-            key: payload.key().map(Text::from),
+            key: payload.key(),
             payload,
         }
     }
@@ -645,7 +650,11 @@ pub(crate) fn id_at(time: &DateTime<Utc>) -> Text {
     let seconds = u64::try_from(time.timestamp()).unwrap_or_default();
     let stamp = uuid::Timestamp::from_unix_time(seconds, time.timestamp_subsec_nanos(), 0, 0);
     let mut buf = uuid::Uuid::encode_buffer();
-    Text::new(uuid::Uuid::new_v7(stamp).hyphenated().encode_lower(&mut buf))
+    Text::new(
+        uuid::Uuid::new_v7(stamp)
+            .hyphenated()
+            .encode_lower(&mut buf),
+    )
 }
 
 /// Writes the lowest hex digits of `value` into `out`, lowercase, zero-padded to its length
@@ -869,8 +878,8 @@ mod tests {
     }
     impl Event for Note {
         const TYPE: &'static str = "test.note.v1";
-        fn key(&self) -> Option<String> {
-            Some(format!("k{}", self.n))
+        fn key(&self) -> Option<Text> {
+            Some(Text::from_display(&format_args!("k{}", self.n)))
         }
     }
 

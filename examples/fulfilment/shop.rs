@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use busbar::saga::{RunningSaga, Saga, SagaStore, Step};
-use busbar::{Bus, Context, Envelope, Event, HandlerError, Subscription};
+use busbar::{Bus, Context, Envelope, Event, HandlerError, Subscription, Text};
 use serde::{Deserialize, Serialize};
 
 /// The topics, with a suffix so every run (and test) has its own.
@@ -50,7 +50,7 @@ macro_rules! keyed_event {
         pub struct $name { pub order_id: String, $(pub $field: $ty),* }
         impl Event for $name {
             const TYPE: &'static str = $type;
-            fn key(&self) -> Option<String> { Some(self.order_id.clone()) }
+            fn key(&self) -> Option<Text> { Some(self.order_id.as_str().into()) }
         }
     };
 }

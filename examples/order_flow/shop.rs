@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use busbar::{
     BoxFuture, Bus, Context, Envelope, Event, Handler, HandlerError, MemoryIdempotencyStore,
-    Subscription,
+    Subscription, Text,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,8 +24,8 @@ pub struct OrderPlaced {
 
 impl Event for OrderPlaced {
     const TYPE: &'static str = "shop.order_placed.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.order_id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.order_id.as_str().into())
     }
 }
 
@@ -37,8 +37,8 @@ pub struct OrderCancelled {
 
 impl Event for OrderCancelled {
     const TYPE: &'static str = "shop.order_cancelled.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.order_id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.order_id.as_str().into())
     }
 }
 
@@ -51,8 +51,8 @@ pub struct InventoryReserved {
 
 impl Event for InventoryReserved {
     const TYPE: &'static str = "shop.inventory_reserved.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.order_id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.order_id.as_str().into())
     }
 }
 
@@ -64,8 +64,8 @@ pub struct PaymentCaptured {
 
 impl Event for PaymentCaptured {
     const TYPE: &'static str = "shop.payment_captured.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.order_id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.order_id.as_str().into())
     }
 }
 

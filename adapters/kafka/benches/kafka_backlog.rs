@@ -15,7 +15,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busbar_core::{Bus, Context, Envelope, Event, HandlerError};
+use busbar_core::{Bus, Context, Envelope, Event, HandlerError, Text};
 use busbar_kafka::KafkaTransport;
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -34,8 +34,8 @@ struct Blob {
 
 impl Event for Blob {
     const TYPE: &'static str = "bench.backlog.v1";
-    fn key(&self) -> Option<String> {
-        (!self.key.is_empty()).then(|| self.key.clone())
+    fn key(&self) -> Option<Text> {
+        (!self.key.is_empty()).then(|| self.key.as_str().into())
     }
 }
 

@@ -20,7 +20,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busbar_core::{Bus, Context, Envelope, Event, HandlerError};
+use busbar_core::{Bus, Context, Envelope, Event, HandlerError, Text};
 use busbar_kafka::KafkaTransport;
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -63,8 +63,8 @@ struct Blob {
 }
 impl Event for Blob {
     const TYPE: &'static str = "bench.blob.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.key.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.key.as_str().into())
     }
 }
 

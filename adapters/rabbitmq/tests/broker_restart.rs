@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use busbar_core::{Bus, ConnectionState, Context, Envelope, Event, HandlerError, RetryPolicy};
+use busbar_core::{
+    Bus, ConnectionState, Context, Envelope, Event, HandlerError, RetryPolicy, Text,
+};
 use busbar_rabbitmq::RabbitTransport;
 use busbar_testkit::conformance::unique;
 use busbar_testkit::restart::rabbitmqctl;
@@ -22,8 +24,8 @@ struct Tick {
 }
 impl Event for Tick {
     const TYPE: &'static str = "test.tick.v1";
-    fn key(&self) -> Option<String> {
-        Some(format!("k{}", self.seq % 8))
+    fn key(&self) -> Option<Text> {
+        Some(Text::from_display(&format_args!("k{}", self.seq % 8)))
     }
 }
 

@@ -39,20 +39,20 @@
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! use std::{sync::Arc, time::Duration};
 //! use serde::{Deserialize, Serialize};
-//! use busbar_core::{Bus, Envelope, Event};
+//! use busbar_core::{Bus, Envelope, Event, Text};
 //! use busbar_core::saga::{MemorySagaStore, Saga, SagaStatus, Step};
 //!
 //! #[derive(Clone, Serialize, Deserialize)]
 //! struct OrderPlaced { order_id: String }
 //! impl Event for OrderPlaced {
 //!     const TYPE: &'static str = "shop.order_placed.v1";
-//!     fn key(&self) -> Option<String> { Some(self.order_id.clone()) }
+//!     fn key(&self) -> Option<Text> { Some(self.order_id.as_str().into()) }
 //! }
 //! #[derive(Clone, Serialize, Deserialize)]
 //! struct PaymentCaptured { order_id: String }
 //! impl Event for PaymentCaptured {
 //!     const TYPE: &'static str = "shop.payment_captured.v1";
-//!     fn key(&self) -> Option<String> { Some(self.order_id.clone()) }
+//!     fn key(&self) -> Option<Text> { Some(self.order_id.as_str().into()) }
 //! }
 //! #[derive(Clone, Serialize, Deserialize)]
 //! struct ChargePayment { order_id: String }
@@ -405,8 +405,8 @@ pub struct SagaTimeout {
 
 impl Event for SagaTimeout {
     const TYPE: &'static str = "busbar.saga.timeout.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.instance_id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.instance_id.as_str().into())
     }
 }
 
@@ -433,8 +433,8 @@ pub struct SagaCompensation {
 
 impl Event for SagaCompensation {
     const TYPE: &'static str = "busbar.saga.compensation.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.instance_id.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.instance_id.as_str().into())
     }
 }
 

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use busbar_core::Event;
+use busbar_core::Text;
 use serde::{Deserialize, Serialize};
 
 /// A keyed test event with a sequence number.
@@ -16,8 +17,8 @@ pub struct Numbered {
 
 impl Event for Numbered {
     const TYPE: &'static str = "test.numbered.v1";
-    fn key(&self) -> Option<String> {
-        (!self.key.is_empty()).then(|| self.key.clone())
+    fn key(&self) -> Option<Text> {
+        (!self.key.is_empty()).then(|| self.key.as_str().into())
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use busbar_core::{Bus, Context, Envelope, Event, HandlerError, MemoryTransport, Transport};
+use busbar_core::{Bus, Context, Envelope, Event, HandlerError, MemoryTransport, Text, Transport};
 use busbar_postgres::sqlx::postgres::PgPoolOptions;
 use busbar_postgres::sqlx::PgPool;
 use busbar_postgres::PostgresOutbox;
@@ -29,8 +29,8 @@ struct Sized {
 
 impl Event for Sized {
     const TYPE: &'static str = "bench.sized.v1";
-    fn key(&self) -> Option<String> {
-        Some(format!("k{}", self.seq % 16))
+    fn key(&self) -> Option<Text> {
+        Some(Text::from_display(&format_args!("k{}", self.seq % 16)))
     }
 }
 

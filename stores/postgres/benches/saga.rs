@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use busbar_core::saga::{MemorySagaStore, Saga, SagaStore, Step};
-use busbar_core::{Bus, Context, Envelope, Event, HandlerError, MemoryTransport};
+use busbar_core::{Bus, Context, Envelope, Event, HandlerError, MemoryTransport, Text};
 use busbar_postgres::sqlx::postgres::PgPoolOptions;
 use busbar_postgres::sqlx::{self, PgPool};
 use busbar_postgres::{PostgresIdempotencyStore, PostgresOutbox, PostgresSagaStore};
@@ -34,8 +34,8 @@ struct Add {
 
 impl Event for Add {
     const TYPE: &'static str = "bench.add.v1";
-    fn key(&self) -> Option<String> {
-        Some(format!("c{}", self.counter))
+    fn key(&self) -> Option<Text> {
+        Some(Text::from_display(&format_args!("c{}", self.counter)))
     }
 }
 

@@ -174,8 +174,8 @@ pub struct Probe {
 
 impl Event for Probe {
     const TYPE: &'static str = "busbar.conformance.probe.v1";
-    fn key(&self) -> Option<String> {
-        (!self.key.is_empty()).then(|| self.key.clone())
+    fn key(&self) -> Option<Text> {
+        (!self.key.is_empty()).then(|| self.key.as_str().into())
     }
 }
 

@@ -49,22 +49,22 @@ pub struct AccountClosed {
 
 impl Event for AccountOpened {
     const TYPE: &'static str = "busbar.conformance.account_opened.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.account.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.account.as_str().into())
     }
 }
 
 impl Event for AccountCredited {
     const TYPE: &'static str = "busbar.conformance.account_credited.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.account.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.account.as_str().into())
     }
 }
 
 impl Event for AccountClosed {
     const TYPE: &'static str = "busbar.conformance.account_closed.v1";
-    fn key(&self) -> Option<String> {
-        Some(self.account.clone())
+    fn key(&self) -> Option<Text> {
+        Some(self.account.as_str().into())
     }
 }
 
