@@ -328,6 +328,24 @@ impl PublishMetrics {
         batch
     }
 
+    /// The handles of `count` messages all of `topic` and `event_type`.
+    pub(crate) fn uniform(
+        &self,
+        system: &'static str,
+        topic: &str,
+        event_type: &str,
+        count: usize,
+    ) -> PublishBatch {
+        let handles = self
+            .find(topic, event_type)
+            .unwrap_or_else(|| self.register(system, topic, event_type));
+        PublishBatch {
+            first: Some((handles, count as u64)),
+            more: Vec::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
     fn find(&self, topic: &str, event_type: &str) -> Option<Arc<PublishHandles>> {
         let pairs = self.pairs.read().ok()?;
         let full = self.full.load(Ordering::Relaxed);
