@@ -59,6 +59,10 @@ impl Codec for Json {
     }
 
     fn accepts(&self, content_type: &str) -> bool {
+        // What busbar writes, first: the split and trims below cost about 100 instructions.
+        if content_type == "application/json" {
+            return true;
+        }
         // `application/json; charset=utf-8`, `application/cloudevents+json`, `text/json`, in
         // any case, compared in place: this runs for every message received.
         let essence = content_type.split(';').next().unwrap_or_default().trim();
