@@ -15,6 +15,9 @@
 //! the same guarantees on both sides: a durable classic queue, persistent messages, a batch's
 //! publisher confirms awaited together, prefetch 100, an ack per message. busbar goes through
 //! its topic exchange (the queue bound to it), mq-bridge through the default exchange.
+//! mq-bridge runs twice there: as it sends (the JSON, a message id), and carrying the same
+//! CloudEvents attributes as AMQP headers that busbar carries (busbar's own messages, their
+//! attributes as mq-bridge's metadata), so the difference of work on the wire is seen.
 //! (omniqueue's RabbitMQ backend is left out: its producer sends without publisher confirms,
 //! so a message the broker never took goes unnoticed; not the same guarantee.)
 //!
@@ -199,14 +202,18 @@ async fn mq_bridge(n: usize, round: usize) -> Run {
     };
     let publisher = MemoryPublisher::new(&config).expect("publisher");
     let consumer = MemoryConsumer::new(&config).expect("consumer");
-    mq_bridge_run(n, publisher, consumer).await
+    mq_bridge_run(n, publisher, consumer, false).await
 }
 
-/// mq-bridge, through its leanest API: batches of 100 sent, received, decoded and acked.
+/// mq-bridge, through its leanest API: batches of 100 sent, received, decoded and acked. With
+/// `cloudevents`, each message is the one busbar would send (made by busbar's envelope: the
+/// same JSON and the same CloudEvents attributes), its attributes as mq-bridge's metadata,
+/// which its AMQP endpoint sends as headers: the same work on the wire as busbar's.
 async fn mq_bridge_run(
     n: usize,
     publisher: impl MessagePublisher,
     mut consumer: impl MessageConsumer + 'static,
+    cloudevents: bool,
 ) -> Run {
     let done = Done::new(n);
     let handled = done.clone();
@@ -225,19 +232,41 @@ async fn mq_bridge_run(
             handled.handled(count);
         }
     });
-    let events = events(n);
+    let mut events = events(n).into_iter();
     let publish = async {
-        for batch in events.chunks(BATCH) {
-            let messages = batch
-                .iter()
-                .map(|e| CanonicalMessage::new(serde_json::to_vec(e).expect("encode"), None))
+        loop {
+            let messages: Vec<CanonicalMessage> = events
+                .by_ref()
+                .take(BATCH)
+                .map(|event| canonical(event, cloudevents))
                 .collect();
+            if messages.is_empty() {
+                break;
+            }
             publisher.send_batch(messages).await.expect("publish");
         }
     };
     let run = timed(n, publish, &done).await;
     consuming.await.expect("consumer");
     run
+}
+
+/// `event` as mq-bridge's message: its JSON alone, or busbar's message for it (see
+/// [`mq_bridge_run`]).
+fn canonical(event: Blob, cloudevents: bool) -> CanonicalMessage {
+    if !cloudevents {
+        return CanonicalMessage::new(serde_json::to_vec(&event).expect("encode"), None);
+    }
+    let message = Envelope::new("/peers", event)
+        .into_message(&busbar_core::codec::Json, "peers")
+        .expect("encode");
+    let mut canonical = CanonicalMessage::new_bytes(message.payload, None);
+    canonical.metadata = message
+        .headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    canonical
 }
 
 async fn omniqueue(n: usize) -> Run {
@@ -323,8 +352,9 @@ async fn busbar_rabbitmq(n: usize, round: usize, concurrency: usize) -> Run {
 }
 
 /// mq-bridge's AMQP endpoint: publisher confirms awaited per batch, persistent messages, a
-/// durable queue, and its consumer acking each message of a batch.
-async fn mq_bridge_rabbitmq(n: usize, round: usize) -> Run {
+/// durable queue, and its consumer acking each message of a batch; with `cloudevents`, the
+/// messages busbar sends (see [`mq_bridge_run`]).
+async fn mq_bridge_rabbitmq(n: usize, round: usize, cloudevents: bool) -> Run {
     let config = AmqpConfig {
         url: rabbitmq_url(),
         queue: Some(format!("mqb-peers-{round}-{}", std::process::id())),
@@ -333,7 +363,7 @@ async fn mq_bridge_rabbitmq(n: usize, round: usize) -> Run {
     };
     let publisher = AmqpPublisher::new(&config).await.expect("publisher");
     let consumer = AmqpConsumer::new(&config).await.expect("consumer");
-    mq_bridge_run(n, publisher, consumer).await
+    mq_bridge_run(n, publisher, consumer, cloudevents).await
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -359,6 +389,7 @@ fn main() {
             "busbar on RabbitMQ, concurrency 1",
             "busbar on RabbitMQ, concurrency 8",
             "mq-bridge AMQP endpoint",
+            "mq-bridge AMQP endpoint, busbar's CloudEvents headers",
         ]
     } else {
         &[
@@ -386,7 +417,8 @@ fn main() {
                 match (rabbitmq, which) {
                     (true, 0) => busbar_rabbitmq(n, round, 1).await,
                     (true, 1) => busbar_rabbitmq(n, round, 8).await,
-                    (true, _) => mq_bridge_rabbitmq(n, round).await,
+                    (true, 2) => mq_bridge_rabbitmq(n, round, false).await,
+                    (true, _) => mq_bridge_rabbitmq(n, round, true).await,
                     (false, 0) => busbar(n, 1).await,
                     (false, 1) => busbar(n, 8).await,
                     (false, 2) => mq_bridge(n, round).await,
