@@ -232,14 +232,23 @@ async fn mq_bridge_run(
             handled.handled(count);
         }
     });
-    let mut events = events(n).into_iter();
+    let events = events(n);
     let publish = async {
+        if !cloudevents {
+            for batch in events.chunks(BATCH) {
+                let messages = batch
+                    .iter()
+                    .map(|e| CanonicalMessage::new(serde_json::to_vec(e).expect("encode"), None))
+                    .collect();
+                publisher.send_batch(messages).await.expect("publish");
+            }
+            return;
+        }
+        // busbar's envelope takes the event by value.
+        let mut events = events.into_iter();
         loop {
-            let messages: Vec<CanonicalMessage> = events
-                .by_ref()
-                .take(BATCH)
-                .map(|event| canonical(event, cloudevents))
-                .collect();
+            let messages: Vec<CanonicalMessage> =
+                events.by_ref().take(BATCH).map(cloudevents_message).collect();
             if messages.is_empty() {
                 break;
             }
@@ -251,12 +260,8 @@ async fn mq_bridge_run(
     run
 }
 
-/// `event` as mq-bridge's message: its JSON alone, or busbar's message for it (see
-/// [`mq_bridge_run`]).
-fn canonical(event: Blob, cloudevents: bool) -> CanonicalMessage {
-    if !cloudevents {
-        return CanonicalMessage::new(serde_json::to_vec(&event).expect("encode"), None);
-    }
+/// The message busbar sends for `event`, as mq-bridge's (see [`mq_bridge_run`]).
+fn cloudevents_message(event: Blob) -> CanonicalMessage {
     let message = Envelope::new("/peers", event)
         .into_message(&busbar_core::codec::Json, "peers")
         .expect("encode");
