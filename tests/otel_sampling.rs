@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use busbar::{Bus, Context, Envelope, Event, HandlerError, MemoryTransport, Text};
-use busbar_testkit::conformance::{unique, wait_for, wait_limit};
+use busbar_testkit::conformance::{lock, unique, wait_for, wait_limit};
 use opentelemetry::trace::{Span as _, Tracer as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, Sampler, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
@@ -35,12 +35,6 @@ type Carried = (String, Option<Text>);
 
 const LEFT_OUT: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const SAMPLED: &str = "5c3a2b1f9e8d7c6b5a4f3e2d1c0b0a09";
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sampled_out_message_keeps_its_handlers_work_in_its_trace() {

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,14 +17,12 @@ use busbar_core::{
 };
 use futures::StreamExt;
 
+use crate::conformance::lock;
+
 type Route = (String, String);
 
 fn route(topic: &str, group: &str) -> Route {
     (topic.to_string(), group.to_string())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How the deliveries of one (topic, group) were settled, as seen on the transport.

@@ -301,7 +301,9 @@ impl Ledger {
     }
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`, taking the value of a poisoned lock as it is (a test that panicked while holding
+/// it has failed already; the next assertion should still read what it recorded).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
