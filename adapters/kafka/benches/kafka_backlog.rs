@@ -8,7 +8,8 @@
 //! `BUSBAR_KAFKA_URL`; `BUSBAR_BENCH_MESSAGES`, default 20,000; `BUSBAR_BENCH_ROUNDS`,
 //! default 5: the broker shares the machine and its speed drifts, so each figure is the
 //! median of the rounds, and who drains first alternates; `BUSBAR_BENCH_ONLY=busbar` or `raw`
-//! drains with that client alone, e.g. under a profiler).
+//! drains with that client alone, e.g. under a profiler; `BUSBAR_BENCH_KEYED=keyed` or
+//! `unkeyed` runs that backlog alone).
 
 mod common;
 
@@ -101,8 +102,14 @@ async fn raw_drain(brokers: &str, topic: &str, n: usize) -> f64 {
 async fn busbar_drain(bus: &Bus, topic: &str, n: usize) -> f64 {
     let handled = Arc::new(tokio::sync::Semaphore::new(0));
     let done = Arc::clone(&handled);
-    let sub = bus
-        .subscribe::<Blob>(topic, &format!("{topic}-g"))
+    let mut subscription = bus.subscribe::<Blob>(topic, &format!("{topic}-g"));
+    if let Some(n) = std::env::var("BUSBAR_BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        subscription = subscription.concurrency(n);
+    }
+    let sub = subscription
         .start(move |_e: Envelope<Blob>, _c: Context| {
             done.add_permits(1);
             async { Ok::<_, HandlerError>(()) }
@@ -152,7 +159,11 @@ fn main() {
         let only = std::env::var("BUSBAR_BENCH_ONLY").ok();
         println!("| backlog of {n} x 1 KiB, median of {rounds} | busbar | hand-rolled rdkafka | busbar/raw |");
         println!("|---|---|---|---|");
+        let keyed_only = std::env::var("BUSBAR_BENCH_KEYED").ok();
         for keyed in [false, true] {
+            if keyed_only.as_deref().is_some_and(|only| only != label(keyed)) {
+                continue;
+            }
             let (mut busbar, mut raw) = (Vec::new(), Vec::new());
             for round in 0..rounds {
                 let run = format!("{:x}-{round}", std::process::id());

@@ -13,7 +13,11 @@
 //! `BUSBAR_BENCH_ONLY=busbar,hand-rolled` runs only those clients (of `bare`, `raw`,
 //! `hand-rolled`, `busbar`), e.g. one alone under a profiler; `BUSBAR_BENCH_MESSAGES`,
 //! default 50,000, per timed run: long enough that the last fetch, 2-240 ms, weighs little;
-//! `BUSBAR_BENCH_PUBLISHERS`, default 1: concurrent publishers, 8 for the throughput-bound regime).
+//! `BUSBAR_BENCH_PUBLISHERS`, default 1: concurrent publishers, 8 for the throughput-bound
+//! regime; `BUSBAR_BENCH_BYTES`, default 1,024: each record's value, e.g. 100 or 65536;
+//! `BUSBAR_BENCH_CONCURRENCY`, default 16: busbar's handlers at once, e.g. 1, 8 or 64).
+//! Prints the median rates and the process's CPU time per message (user + system, all
+//! threads; the broker runs in its own process).
 
 mod common;
 
@@ -41,6 +45,54 @@ fn n() -> usize {
     })
 }
 const BATCH: usize = 100;
+
+/// A whole number from the environment variable `name`, or `default`.
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The size of each record's value: `BUSBAR_BENCH_BYTES`, default 1 KiB.
+fn bytes() -> usize {
+    env("BUSBAR_BENCH_BYTES", 1024)
+}
+
+/// The process's CPU time so far, user and system, all threads.
+fn cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// A timed stage: how long it took and the CPU time it used.
+#[derive(Clone, Copy)]
+struct Stage {
+    took: Duration,
+    cpu: Duration,
+}
+
+impl Stage {
+    /// Times `stage`.
+    async fn of<F: std::future::Future>(stage: F) -> (Stage, F::Output) {
+        let (start, cpu_start) = (Instant::now(), cpu());
+        let output = stage.await;
+        let stage = Stage {
+            took: start.elapsed(),
+            cpu: cpu() - cpu_start,
+        };
+        (stage, output)
+    }
+
+    fn rate(self) -> f64 {
+        n() as f64 / self.took.as_secs_f64()
+    }
+
+    /// CPU µs per message.
+    fn cpu_us(self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / n() as f64
+    }
+}
 
 /// Concurrent publishers, each with one batch in flight: `BUSBAR_BENCH_PUBLISHERS`, default 1
 /// (latency-bound); 8 makes publishing throughput-bound.
@@ -78,10 +130,6 @@ fn brokers() -> String {
         .unwrap_or_else(|| "127.0.0.1:9092".into())
 }
 
-fn rate(d: Duration) -> f64 {
-    n() as f64 / d.as_secs_f64()
-}
-
 /// Headers like the ones busbar writes for one event (CloudEvents Kafka binding).
 fn cloudevents_headers(i: usize) -> rdkafka::message::OwnedHeaders {
     use rdkafka::message::{Header, OwnedHeaders};
@@ -109,7 +157,7 @@ fn cloudevents_headers(i: usize) -> rdkafka::message::OwnedHeaders {
 /// What a raw client does besides sending and reading records.
 #[derive(Clone, Copy, PartialEq)]
 enum Raw {
-    /// A 1 KiB value, nothing else.
+    /// A value of [`bytes`], nothing else.
     Bare,
     /// The value and busbar's CloudEvents headers.
     Headers,
@@ -117,7 +165,7 @@ enum Raw {
     HandRolled,
 }
 
-async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
+async fn raw(run: &str, mode: Raw) -> (Stage, Stage) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("acks", "all")
@@ -126,7 +174,7 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
         .create()
         .expect("producer");
     let topic = format!("raw-bench-{run}");
-    let payload = vec![b'x'; 1024];
+    let payload = vec![b'x'; bytes()];
     let (producer_ref, topic_ref, payload_ref) = (&producer, &topic, &payload);
     let publish_some = move |p: usize| async move {
         for b in batches_of(p) {
@@ -164,9 +212,7 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
         .await
         .map_err(|(e, _)| e)
         .expect("warm-up");
-    let start = Instant::now();
-    publish_all().await;
-    let publish = start.elapsed();
+    let (publish, _) = Stage::of(publish_all()).await;
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -182,7 +228,6 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
     for _ in 0..n() + 1 {
         stream.next().await.expect("stream").expect("record");
     }
-    let start = Instant::now();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let consuming = async {
         let mut received = 0;
@@ -202,20 +247,23 @@ async fn raw(run: &str, mode: Raw) -> (Duration, Duration) {
         }
         let _ = done_tx.send(());
     };
-    let (_, _published) = tokio::join!(consuming, publish_all());
-    done_rx.await.expect("done");
-    (publish, start.elapsed())
+    let (end_to_end, ()) = Stage::of(async {
+        let (_, _published) = tokio::join!(consuming, publish_all());
+        done_rx.await.expect("done");
+    })
+    .await;
+    (publish, end_to_end)
 }
 
-/// The event both busbar and the hand-rolled client send: 1 KiB of JSON.
+/// The event both busbar and the hand-rolled client send: [`bytes`] of JSON.
 fn blob(i: usize) -> Blob {
     Blob {
         key: format!("k{}", i % 64),
-        data: "x".repeat(1024 - 20),
+        data: "x".repeat(bytes().saturating_sub(20)),
     }
 }
 
-async fn busbar(run: &str) -> (Duration, Duration) {
+async fn busbar(run: &str) -> (Stage, Stage) {
     let transport = KafkaTransport::connect(
         &format!("kafka://{}?session_timeout_ms=6000", brokers())
             .parse()
@@ -238,15 +286,13 @@ async fn busbar(run: &str) -> (Duration, Duration) {
     };
     // Warm-up (topic creation, connections), not timed; consumed below.
     bus.publish(&topic, blob(0)).await.expect("warm-up");
-    let start = Instant::now();
-    publish_all().await;
-    let publish = start.elapsed();
+    let (publish, _) = Stage::of(publish_all()).await;
 
     let handled = Arc::new(tokio::sync::Semaphore::new(0));
     let done = Arc::clone(&handled);
     let sub = bus
         .subscribe::<Blob>(&topic, &format!("bb-bench-{run}"))
-        .concurrency(16)
+        .concurrency(env("BUSBAR_BENCH_CONCURRENCY", 16))
         .max_in_flight(256)
         .key_ordered(false)
         .start(move |_e: Envelope<Blob>, _c: Context| {
@@ -256,10 +302,11 @@ async fn busbar(run: &str) -> (Duration, Duration) {
         .await
         .expect("subscribe");
     let _drained = handled.acquire_many(n() as u32 + 1).await.expect("drain");
-    let start = Instant::now();
-    publish_all().await;
-    let _all = handled.acquire_many(n() as u32).await.expect("count");
-    let end_to_end = start.elapsed();
+    let (end_to_end, ()) = Stage::of(async {
+        publish_all().await;
+        let _all = handled.acquire_many(n() as u32).await.expect("count");
+    })
+    .await;
     sub.shutdown(Duration::from_secs(10))
         .await
         .expect("shutdown");
@@ -293,8 +340,8 @@ fn main() {
     });
     runtime.block_on(async {
         let pid = std::process::id();
-        // [bare, raw, hand-rolled, busbar] x [publish, end-to-end], msg/s per round.
-        let mut rates = vec![(Vec::new(), Vec::new()); 4];
+        // [bare, raw, hand-rolled, busbar] x [publish, end-to-end], per round.
+        let mut stages = vec![(Vec::new(), Vec::new()); 4];
         for round in 0..rounds {
             // Rotate who goes first, so drift does not favour one client.
             for turn in 0..4 {
@@ -309,30 +356,37 @@ fn main() {
                     2 => raw(&run, Raw::HandRolled).await,
                     _ => busbar(&run).await,
                 };
-                rates[client].0.push(rate(publish));
-                rates[client].1.push(rate(e2e));
+                stages[client].0.push(publish);
+                stages[client].1.push(e2e);
             }
         }
-        let [bare, raw, hand, bb] = [0, 1, 2, 3].map(|c| {
-            (
-                median(rates[c].0.clone()),
-                median(rates[c].1.clone()),
-            )
-        });
+        let of = |c: usize, e2e: bool, figure: fn(Stage) -> f64| {
+            let runs = if e2e { &stages[c].1 } else { &stages[c].0 };
+            median(runs.iter().copied().map(figure).collect())
+        };
         println!(
-            "Kafka ({}), {} x 1 KiB, acks=all + idempotence, batches of {BATCH}, {} publisher(s), median of {rounds} rounds",
+            "Kafka ({}), {} x {} B, acks=all + idempotence, batches of {BATCH}, {} publisher(s), busbar at concurrency {}, median of {rounds} rounds",
             brokers(),
             n(),
-            publishers()
+            bytes(),
+            publishers(),
+            env("BUSBAR_BENCH_CONCURRENCY", 16)
         );
         println!("| | bare | raw | hand-rolled | busbar | busbar/raw | busbar/hand-rolled | busbar/bare |");
         println!("|---|---|---|---|---|---|---|---|");
-        for (what, b, r, h, x) in [
-            ("publish", bare.0, raw.0, hand.0, bb.0),
-            ("end-to-end", bare.1, raw.1, hand.1, bb.1),
-        ] {
+        for (what, e2e) in [("publish", false), ("end-to-end", true)] {
+            let [b, r, h, x] = [0, 1, 2, 3].map(|c| of(c, e2e, Stage::rate));
             println!(
                 "| {what} | {b:.0} msg/s | {r:.0} msg/s | {h:.0} msg/s | {x:.0} msg/s | {:.2} | {:.2} | {:.2} |",
+                x / r,
+                x / h,
+                x / b
+            );
+        }
+        for (what, e2e) in [("publish", false), ("end-to-end", true)] {
+            let [b, r, h, x] = [0, 1, 2, 3].map(|c| of(c, e2e, Stage::cpu_us));
+            println!(
+                "| {what}, CPU µs/msg | {b:.1} | {r:.1} | {h:.1} | {x:.1} | {:.2} | {:.2} | {:.2} |",
                 x / r,
                 x / h,
                 x / b

@@ -1,6 +1,6 @@
 //! busbar on RabbitMQ against an expert raw lapin client, same broker, same settings:
-//! 1 KiB persistent messages to a quorum queue through a topic exchange, publisher confirms,
-//! consumers with prefetch 64 acking each message.
+//! persistent messages (1 KiB of JSON by default) to a quorum queue through a topic exchange,
+//! publisher confirms, consumers with prefetch 64 acking each message.
 //!
 //! The raw client does what a service written on lapin does with its events: it serializes
 //! the event to JSON, writes the same CloudEvents application properties and AMQP properties
@@ -13,9 +13,12 @@
 //! - **throughput-bound**: 8 publishers, so 8 batches are in flight at once.
 //!
 //! `cargo bench -p busbar-rabbitmq --bench rabbitmq_vs_lapin` (RabbitMQ on 127.0.0.1:5672, or
-//! `BUSBAR_RABBITMQ_URL`; `BUSBAR_BENCH_ROUNDS`, default 5; `BUSBAR_BENCH_PARAMS` adds
-//! parameters to busbar's URL, e.g. `&publish_channels=1`). Prints the median messages per
-//! second of the rounds (single runs drift by ±20 %) and the busbar/raw ratios.
+//! `BUSBAR_RABBITMQ_URL`; `BUSBAR_BENCH_ROUNDS`, default 5; `BUSBAR_BENCH_MESSAGES`, default
+//! 20,000 a run; `BUSBAR_BENCH_BYTES`, default 1,024: the event's JSON size, e.g. 100 or
+//! 65536; `BUSBAR_BENCH_CONCURRENCY`, default 16: busbar's handlers at once, e.g. 1, 8 or 64;
+//! `BUSBAR_BENCH_PARAMS` adds parameters to busbar's URL, e.g. `&publish_channels=1`). Prints
+//! the median messages per second of the rounds (single runs drift by ±20 %), the process's
+//! CPU time per message (user + system, all threads) and the busbar/raw ratios.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,8 +32,55 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::{Deserialize, Serialize};
 
-const N: usize = 20_000;
 const BATCH: usize = 100;
+
+/// A whole number from the environment variable `name`, or `default`.
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Messages per timed run: `BUSBAR_BENCH_MESSAGES`, default 20,000 (a multiple of 8 batches).
+fn n() -> usize {
+    env("BUSBAR_BENCH_MESSAGES", 20_000).max(8 * BATCH) / (8 * BATCH) * (8 * BATCH)
+}
+
+/// The process's CPU time so far, user and system, all threads.
+fn cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// A timed stage: how long it took and the CPU time it used.
+#[derive(Clone, Copy)]
+struct Stage {
+    took: Duration,
+    cpu: Duration,
+}
+
+impl Stage {
+    /// Times `stage`.
+    async fn of<F: std::future::Future>(stage: F) -> (Stage, F::Output) {
+        let (start, cpu_start) = (Instant::now(), cpu());
+        let output = stage.await;
+        let stage = Stage {
+            took: start.elapsed(),
+            cpu: cpu() - cpu_start,
+        };
+        (stage, output)
+    }
+
+    fn rate(self) -> f64 {
+        n() as f64 / self.took.as_secs_f64()
+    }
+
+    /// CPU µs per message.
+    fn cpu_us(self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / n() as f64
+    }
+}
 const PREFETCH: u16 = 64;
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -41,19 +91,16 @@ impl Event for Blob {
     const TYPE: &'static str = "bench.blob.v1";
 }
 
+/// The event: `BUSBAR_BENCH_BYTES` (default 1 KiB) of JSON.
 fn blob() -> Blob {
     Blob {
-        data: "x".repeat(1024 - 11), // 1 KiB of JSON
+        data: "x".repeat(env("BUSBAR_BENCH_BYTES", 1024).saturating_sub(11)),
     }
 }
 
 fn url() -> String {
     std::env::var("BUSBAR_RABBITMQ_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn rate(took: Duration) -> f64 {
-    N as f64 / took.as_secs_f64()
 }
 
 /// Publishers publishing at once: 1 (latency-bound) or 8 (throughput-bound).
@@ -127,7 +174,7 @@ async fn raw_publish(ch: &Channel, exchange: &str, first: usize, count: usize) {
 
 /// The expert raw client: publish N (timed), purge, then publish N while a consumer takes
 /// them (timed until all are consumed).
-async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
+async fn raw(run: &str, regime: Regime) -> (Stage, Stage) {
     let conn = Connection::connect(&url(), ConnectionProperties::default())
         .await
         .expect("connect");
@@ -181,7 +228,7 @@ async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
             .expect("confirms");
         channels.push(ch);
     }
-    let per_publisher = N / regime.publishers();
+    let per_publisher = n() / regime.publishers();
     let publish_all = || {
         futures::future::join_all(
             channels
@@ -190,9 +237,10 @@ async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
                 .map(|(p, ch)| raw_publish(ch, &exchange, p * per_publisher, per_publisher)),
         )
     };
-    let start = Instant::now();
-    publish_all().await;
-    let publish = start.elapsed();
+    let (publish, ()) = Stage::of(async {
+        publish_all().await;
+    })
+    .await;
     admin
         .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await
@@ -212,11 +260,11 @@ async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
         )
         .await
         .expect("consume");
-    let start = Instant::now();
-    let consuming = tokio::spawn(async move {
+    let n = n();
+    let consuming = async move {
         let mut acks = FuturesUnordered::new();
         let mut received = 0;
-        while received < N {
+        while received < n {
             tokio::select! {
                 Some(acked) = acks.next(), if !acks.is_empty() => {
                     let () = acked;
@@ -244,10 +292,13 @@ async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
             }
         }
         while acks.next().await.is_some() {}
-    });
-    publish_all().await;
-    consuming.await.expect("consumer");
-    let end_to_end = start.elapsed();
+    };
+    let consuming = tokio::spawn(consuming);
+    let (end_to_end, ()) = Stage::of(async {
+        publish_all().await;
+        consuming.await.expect("consumer");
+    })
+    .await;
     let _ = admin
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -260,7 +311,7 @@ async fn raw(run: &str, regime: Regime) -> (Duration, Duration) {
 
 /// busbar: the same through `Bus::publish_batch` (from as many tasks as the raw client has
 /// publishers) and a subscription with a no-op handler and the raw consumer's prefetch.
-async fn busbar(run: &str, regime: Regime) -> (Duration, Duration) {
+async fn busbar(run: &str, regime: Regime) -> (Stage, Stage) {
     let transport = RabbitTransport::connect(
         &format!(
             "{}?exchange=bb-bench-{run}&queue_expires_ms=600000{}",
@@ -277,7 +328,7 @@ async fn busbar(run: &str, regime: Regime) -> (Duration, Duration) {
     let topic = "bench";
     let group = format!("g-{run}");
     bus.declare(topic, &group).await.expect("declare");
-    let per_publisher = N / regime.publishers();
+    let per_publisher = n() / regime.publishers();
     let publish_all = || {
         futures::future::join_all((0..regime.publishers()).map(|_| {
             let bus = bus.clone();
@@ -290,16 +341,17 @@ async fn busbar(run: &str, regime: Regime) -> (Duration, Duration) {
             }
         }))
     };
-    let start = Instant::now();
-    publish_all().await;
-    let publish = start.elapsed();
+    let (publish, ()) = Stage::of(async {
+        publish_all().await;
+    })
+    .await;
 
     let handled = Arc::new(tokio::sync::Semaphore::new(0));
     let done = Arc::clone(&handled);
     // The N messages above are consumed first; then N more are published while consuming.
     let sub = bus
         .subscribe::<Blob>(topic, &group)
-        .concurrency(16)
+        .concurrency(env("BUSBAR_BENCH_CONCURRENCY", 16))
         .max_in_flight(usize::from(PREFETCH))
         .key_ordered(false)
         .start(move |_e: Envelope<Blob>, _c: Context| {
@@ -308,11 +360,13 @@ async fn busbar(run: &str, regime: Regime) -> (Duration, Duration) {
         })
         .await
         .expect("subscribe");
-    let _drained = handled.acquire_many(N as u32).await.expect("drain");
-    let start = Instant::now();
-    publish_all().await;
-    let _all = handled.acquire_many(N as u32).await.expect("count");
-    let end_to_end = start.elapsed();
+    let n = n() as u32;
+    let _drained = handled.acquire_many(n).await.expect("drain");
+    let (end_to_end, ()) = Stage::of(async {
+        publish_all().await;
+        let _all = handled.acquire_many(n).await.expect("count");
+    })
+    .await;
     sub.shutdown(Duration::from_secs(10))
         .await
         .expect("shutdown");
@@ -335,15 +389,20 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
     runtime.block_on(async {
-        println!("RabbitMQ, {N} x 1 KiB persistent, quorum queue, confirms per batch of {BATCH}, prefetch {PREFETCH}, median of {rounds} rounds\n");
-        println!("| regime | | expert raw lapin | busbar | busbar/raw |");
-        println!("|---|---|---|---|---|");
+        println!(
+            "RabbitMQ, {} x {} B of JSON, persistent, quorum queue, confirms per batch of {BATCH}, prefetch {PREFETCH}, busbar at concurrency {}, median of {rounds} rounds\n",
+            n(),
+            env("BUSBAR_BENCH_BYTES", 1024),
+            env("BUSBAR_BENCH_CONCURRENCY", 16)
+        );
+        println!("| regime | | expert raw lapin | busbar | busbar/raw | raw CPU µs/msg | busbar CPU µs/msg | busbar/raw CPU |");
+        println!("|---|---|---|---|---|---|---|---|");
         for (name, regime) in [
             ("latency-bound (1 batch in flight)", Regime::Latency),
             ("throughput-bound (8 batches in flight)", Regime::Throughput),
         ] {
-            // [raw, busbar] x [publish, end-to-end], msg/s per round; who goes first alternates.
-            let mut rates = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+            // [raw, busbar] x [publish, end-to-end], per round; who goes first alternates.
+            let mut stages = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
             for round in 0..rounds {
                 let run = format!("{:x}-{}-{round}", std::process::id(), regime.publishers());
                 let (raw_run, bb_run) = if round % 2 == 0 {
@@ -354,16 +413,20 @@ fn main() {
                     (raw(&run, regime).await, bb_run)
                 };
                 for (client, (publish, e2e)) in [raw_run, bb_run].into_iter().enumerate() {
-                    rates[client][0].push(rate(publish));
-                    rates[client][1].push(rate(e2e));
+                    stages[client][0].push(publish);
+                    stages[client][1].push(e2e);
                 }
             }
             for (stage, what) in ["publish", "end-to-end"].into_iter().enumerate() {
-                let raw = median(rates[0][stage].clone());
-                let bb = median(rates[1][stage].clone());
+                let of = |client: usize, figure: fn(Stage) -> f64| {
+                    median(stages[client][stage].iter().copied().map(figure).collect())
+                };
+                let (raw, bb) = (of(0, Stage::rate), of(1, Stage::rate));
+                let (raw_cpu, bb_cpu) = (of(0, Stage::cpu_us), of(1, Stage::cpu_us));
                 println!(
-                    "| {name} | {what} | {raw:.0} msg/s | {bb:.0} msg/s | {:.2} |",
-                    bb / raw
+                    "| {name} | {what} | {raw:.0} msg/s | {bb:.0} msg/s | {:.2} | {raw_cpu:.1} | {bb_cpu:.1} | {:.2} |",
+                    bb / raw,
+                    bb_cpu / raw_cpu
                 );
             }
         }
