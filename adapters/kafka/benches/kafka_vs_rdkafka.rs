@@ -20,9 +20,11 @@
 //! threads; the broker runs in its own process).
 
 mod common;
+#[path = "../../../benches/common/stage.rs"]
+mod stage;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use busbar_core::{Bus, Context, Envelope, Event, HandlerError, Text};
 use busbar_kafka::KafkaTransport;
@@ -33,6 +35,7 @@ use rdkafka::{ClientConfig, Message};
 use serde::{Deserialize, Serialize};
 
 use common::hand_rolled_read;
+use stage::{env, Stage};
 
 /// Messages per timed run: `BUSBAR_BENCH_MESSAGES`, default 50,000 (a multiple of [`BATCH`]).
 fn n() -> usize {
@@ -46,52 +49,9 @@ fn n() -> usize {
 }
 const BATCH: usize = 100;
 
-/// A whole number from the environment variable `name`, or `default`.
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// The size of each record's value: `BUSBAR_BENCH_BYTES`, default 1 KiB.
 fn bytes() -> usize {
     env("BUSBAR_BENCH_BYTES", 1024)
-}
-
-/// The process's CPU time so far, user and system, all threads.
-fn cpu() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
-
-/// A timed stage: how long it took and the CPU time it used.
-#[derive(Clone, Copy)]
-struct Stage {
-    took: Duration,
-    cpu: Duration,
-}
-
-impl Stage {
-    /// Times `stage`.
-    async fn of<F: std::future::Future>(stage: F) -> (Stage, F::Output) {
-        let (start, cpu_start) = (Instant::now(), cpu());
-        let output = stage.await;
-        let stage = Stage {
-            took: start.elapsed(),
-            cpu: cpu() - cpu_start,
-        };
-        (stage, output)
-    }
-
-    fn rate(self) -> f64 {
-        n() as f64 / self.took.as_secs_f64()
-    }
-
-    /// CPU µs per message.
-    fn cpu_us(self) -> f64 {
-        self.cpu.as_secs_f64() * 1e6 / n() as f64
-    }
 }
 
 /// Concurrent publishers, each with one batch in flight: `BUSBAR_BENCH_PUBLISHERS`, default 1
@@ -212,7 +172,7 @@ async fn raw(run: &str, mode: Raw) -> (Stage, Stage) {
         .await
         .map_err(|(e, _)| e)
         .expect("warm-up");
-    let (publish, _) = Stage::of(publish_all()).await;
+    let (publish, _) = Stage::of(n(), publish_all()).await;
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -247,7 +207,7 @@ async fn raw(run: &str, mode: Raw) -> (Stage, Stage) {
         }
         let _ = done_tx.send(());
     };
-    let (end_to_end, ()) = Stage::of(async {
+    let (end_to_end, ()) = Stage::of(n(), async {
         let (_, _published) = tokio::join!(consuming, publish_all());
         done_rx.await.expect("done");
     })
@@ -286,7 +246,7 @@ async fn busbar(run: &str) -> (Stage, Stage) {
     };
     // Warm-up (topic creation, connections), not timed; consumed below.
     bus.publish(&topic, blob(0)).await.expect("warm-up");
-    let (publish, _) = Stage::of(publish_all()).await;
+    let (publish, _) = Stage::of(n(), publish_all()).await;
 
     let handled = Arc::new(tokio::sync::Semaphore::new(0));
     let done = Arc::clone(&handled);
@@ -302,7 +262,7 @@ async fn busbar(run: &str) -> (Stage, Stage) {
         .await
         .expect("subscribe");
     let _drained = handled.acquire_many(n() as u32 + 1).await.expect("drain");
-    let (end_to_end, ()) = Stage::of(async {
+    let (end_to_end, ()) = Stage::of(n(), async {
         publish_all().await;
         let _all = handled.acquire_many(n() as u32).await.expect("count");
     })

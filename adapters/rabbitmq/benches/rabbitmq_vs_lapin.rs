@@ -21,7 +21,7 @@
 //! CPU time per message (user + system, all threads) and the busbar/raw ratios.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use busbar_core::{Bus, Context, Envelope, Event, HandlerError};
 use busbar_rabbitmq::RabbitTransport;
@@ -32,54 +32,15 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::{Deserialize, Serialize};
 
-const BATCH: usize = 100;
+#[path = "../../../benches/common/stage.rs"]
+mod stage;
+use stage::{env, Stage};
 
-/// A whole number from the environment variable `name`, or `default`.
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+const BATCH: usize = 100;
 
 /// Messages per timed run: `BUSBAR_BENCH_MESSAGES`, default 20,000 (a multiple of 8 batches).
 fn n() -> usize {
     env("BUSBAR_BENCH_MESSAGES", 20_000).max(8 * BATCH) / (8 * BATCH) * (8 * BATCH)
-}
-
-/// The process's CPU time so far, user and system, all threads.
-fn cpu() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-}
-
-/// A timed stage: how long it took and the CPU time it used.
-#[derive(Clone, Copy)]
-struct Stage {
-    took: Duration,
-    cpu: Duration,
-}
-
-impl Stage {
-    /// Times `stage`.
-    async fn of<F: std::future::Future>(stage: F) -> (Stage, F::Output) {
-        let (start, cpu_start) = (Instant::now(), cpu());
-        let output = stage.await;
-        let stage = Stage {
-            took: start.elapsed(),
-            cpu: cpu() - cpu_start,
-        };
-        (stage, output)
-    }
-
-    fn rate(self) -> f64 {
-        n() as f64 / self.took.as_secs_f64()
-    }
-
-    /// CPU µs per message.
-    fn cpu_us(self) -> f64 {
-        self.cpu.as_secs_f64() * 1e6 / n() as f64
-    }
 }
 const PREFETCH: u16 = 64;
 
@@ -237,7 +198,7 @@ async fn raw(run: &str, regime: Regime) -> (Stage, Stage) {
                 .map(|(p, ch)| raw_publish(ch, &exchange, p * per_publisher, per_publisher)),
         )
     };
-    let (publish, ()) = Stage::of(async {
+    let (publish, ()) = Stage::of(n(), async {
         publish_all().await;
     })
     .await;
@@ -260,11 +221,11 @@ async fn raw(run: &str, regime: Regime) -> (Stage, Stage) {
         )
         .await
         .expect("consume");
-    let n = n();
+    let count = n();
     let consuming = async move {
         let mut acks = FuturesUnordered::new();
         let mut received = 0;
-        while received < n {
+        while received < count {
             tokio::select! {
                 Some(acked) = acks.next(), if !acks.is_empty() => {
                     let () = acked;
@@ -294,7 +255,7 @@ async fn raw(run: &str, regime: Regime) -> (Stage, Stage) {
         while acks.next().await.is_some() {}
     };
     let consuming = tokio::spawn(consuming);
-    let (end_to_end, ()) = Stage::of(async {
+    let (end_to_end, ()) = Stage::of(n(), async {
         publish_all().await;
         consuming.await.expect("consumer");
     })
@@ -341,7 +302,7 @@ async fn busbar(run: &str, regime: Regime) -> (Stage, Stage) {
             }
         }))
     };
-    let (publish, ()) = Stage::of(async {
+    let (publish, ()) = Stage::of(n(), async {
         publish_all().await;
     })
     .await;
@@ -360,11 +321,11 @@ async fn busbar(run: &str, regime: Regime) -> (Stage, Stage) {
         })
         .await
         .expect("subscribe");
-    let n = n() as u32;
-    let _drained = handled.acquire_many(n).await.expect("drain");
-    let (end_to_end, ()) = Stage::of(async {
+    let count = n() as u32;
+    let _drained = handled.acquire_many(count).await.expect("drain");
+    let (end_to_end, ()) = Stage::of(n(), async {
         publish_all().await;
-        let _all = handled.acquire_many(n).await.expect("count");
+        let _all = handled.acquire_many(count).await.expect("count");
     })
     .await;
     sub.shutdown(Duration::from_secs(10))
