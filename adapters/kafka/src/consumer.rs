@@ -140,16 +140,48 @@ struct Finished {
     resume_from: Option<i64>,
 }
 
+/// Hashes a [`Partition`] by its number and its topic name's length, not the name's bytes:
+/// a consumer reads two topics, its own and its redrive topic (longer by its suffix), so
+/// those tell its partitions apart, and equal keys still hash alike (keys are compared in
+/// full). Hashing the name cost about 100 instructions a look-up, several per record.
+#[derive(Default)]
+struct PartitionHasher(u64);
+
+impl std::hash::Hasher for PartitionHasher {
+    fn finish(&self) -> u64 {
+        // Spread the bits over the whole word: the table takes its buckets from the low bits
+        // and its tags from the high ones.
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = self.0.rotate_left(17) ^ bytes.len() as u64;
+    }
+
+    /// The end mark `str` writes after its bytes: no news.
+    fn write_u8(&mut self, _: u8) {}
+
+    fn write_i32(&mut self, partition: i32) {
+        self.0 = self.0.rotate_left(17) ^ u64::from(partition as u32);
+    }
+}
+
+type Partitions = std::collections::HashMap<
+    Partition,
+    PartitionState,
+    std::hash::BuildHasherDefault<PartitionHasher>,
+>;
+
 /// In-flight offsets per partition, and what may be committed.
 pub(crate) struct Tracker {
-    partitions: foldhash::HashMap<Partition, PartitionState>,
+    partitions: Partitions,
     limit: HeldLimit,
 }
 
 impl Tracker {
     pub(crate) fn new(limit: HeldLimit) -> Self {
         Tracker {
-            partitions: foldhash::HashMap::default(),
+            partitions: Partitions::default(),
             limit,
         }
     }
@@ -1013,6 +1045,26 @@ mod tests {
             Offset::Offset(o) => Some(o),
             _ => None,
         })
+    }
+
+    #[test]
+    fn partitions_of_a_topic_and_its_redrive_topic_hash_apart_and_equal_keys_alike() {
+        use std::hash::BuildHasher;
+        let hash =
+            |p: &Partition| std::hash::BuildHasherDefault::<PartitionHasher>::default().hash_one(p);
+        let (topic, redrive): (Arc<str>, Arc<str>) = ("orders".into(), "orders.redrive.g".into());
+        let mut seen = std::collections::HashSet::new();
+        for name in [&topic, &redrive] {
+            for partition in 0..256 {
+                assert!(
+                    seen.insert(hash(&(Arc::clone(name), partition))),
+                    "{name}/{partition} collides"
+                );
+            }
+        }
+        // A key made apart from the map's (as a revoke's list is) hashes as the map's does.
+        let copy: Arc<str> = Arc::from(&*topic);
+        assert_eq!(hash(&(copy, 3)), hash(&(topic, 3)));
     }
 
     #[tokio::test(start_paused = true)]
