@@ -12,6 +12,9 @@
 //! `unkeyed` runs that backlog alone).
 
 mod common;
+#[path = "../../../benches/common/stage.rs"]
+#[allow(dead_code)] // The timed stages are the broker benches'.
+mod stage;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +27,7 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use common::hand_rolled_read;
+use stage::median;
 
 const BATCH: usize = 100;
 
@@ -124,11 +128,6 @@ async fn busbar_drain(bus: &Bus, topic: &str, n: usize) -> f64 {
         .await
         .expect("shutdown");
     rate
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn main() {

@@ -35,17 +35,11 @@ use rdkafka::{ClientConfig, Message};
 use serde::{Deserialize, Serialize};
 
 use common::hand_rolled_read;
-use stage::{env, Stage};
+use stage::{env, median, Stage};
 
 /// Messages per timed run: `BUSBAR_BENCH_MESSAGES`, default 50,000 (a multiple of [`BATCH`]).
 fn n() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("BUSBAR_BENCH_MESSAGES")
-            .ok()
-            .and_then(|n| n.parse::<usize>().ok())
-            .map_or(50_000, |n| n.max(BATCH) / BATCH * BATCH)
-    })
+    env("BUSBAR_BENCH_MESSAGES", 50_000).max(BATCH) / BATCH * BATCH
 }
 const BATCH: usize = 100;
 
@@ -57,10 +51,7 @@ fn bytes() -> usize {
 /// Concurrent publishers, each with one batch in flight: `BUSBAR_BENCH_PUBLISHERS`, default 1
 /// (latency-bound); 8 makes publishing throughput-bound.
 fn publishers() -> usize {
-    std::env::var("BUSBAR_BENCH_PUBLISHERS")
-        .ok()
-        .and_then(|p| p.parse::<usize>().ok())
-        .map_or(1, |p| p.clamp(1, n() / BATCH))
+    env("BUSBAR_BENCH_PUBLISHERS", 1).clamp(1, n() / BATCH)
 }
 
 /// The batch numbers publisher `p` of [`publishers`] sends.
@@ -273,20 +264,12 @@ async fn busbar(run: &str) -> (Stage, Stage) {
     (publish, end_to_end)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let rounds: usize = std::env::var("BUSBAR_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
+    let rounds = env("BUSBAR_BENCH_ROUNDS", 5);
     // The clients to run, by name, comma-separated; all four when unset.
     let only: Option<Vec<usize>> = std::env::var("BUSBAR_BENCH_ONLY").ok().map(|names| {
         names

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 #[path = "../../../benches/common/stage.rs"]
 mod stage;
-use stage::{env, Stage};
+use stage::{env, median, Stage};
 
 const BATCH: usize = 100;
 
@@ -335,20 +335,12 @@ async fn busbar(run: &str, regime: Regime) -> (Stage, Stage) {
     (publish, end_to_end)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let rounds: usize = std::env::var("BUSBAR_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
+    let rounds = env("BUSBAR_BENCH_ROUNDS", 5);
     runtime.block_on(async {
         println!(
             "RabbitMQ, {} x {} B of JSON, persistent, quorum queue, confirms per batch of {BATCH}, prefetch {PREFETCH}, busbar at concurrency {}, median of {rounds} rounds\n",
