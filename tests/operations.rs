@@ -200,6 +200,36 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
+/// Deliveries already waiting when a subscription starts are taken in one pass, without a
+/// wait between them: the probe sees them too (the time is read once for the pass).
+#[tokio::test]
+async fn a_probe_sees_deliveries_that_were_waiting() {
+    let bus = Bus::memory();
+    let first = bus
+        .subscribe::<Ping>("waiting", "g")
+        .start(|_: Envelope<Ping>, _: Context| async { Ok::<_, HandlerError>(()) })
+        .await
+        .expect("subscribe");
+    first
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+    for _ in 0..3 {
+        bus.publish("waiting", Ping).await.expect("publish");
+    }
+    let sub = bus
+        .subscribe::<Ping>("waiting", "g")
+        .start(|_: Envelope<Ping>, _: Context| async { Ok::<_, HandlerError>(()) })
+        .await
+        .expect("subscribe");
+    wait_until("the waiting deliveries are handled", || {
+        sub.stats().handled == 3
+    })
+    .await;
+    let since = sub.health().since_last_delivery().expect("a delivery");
+    assert!(since < Duration::from_secs(10), "{since:?}");
+}
+
 #[tokio::test]
 async fn a_probe_sees_deliveries_and_a_closed_bus() {
     let bus = Bus::memory();
