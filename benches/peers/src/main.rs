@@ -8,7 +8,10 @@
 //! What each carries differs, and the table says so: busbar writes and reads a CloudEvents
 //! envelope (id, type, source, time, correlation, traceparent) and runs its retry,
 //! dead-letter and per-key bookkeeping; mq-bridge gives each message an id and nothing else
-//! here; omniqueue and the bare channel move only the JSON bytes.
+//! here; omniqueue and the bare channel move only the JSON bytes. mq-bridge runs a second
+//! time carrying busbar's own messages (the same JSON, and the CloudEvents attributes made by
+//! busbar's envelope as mq-bridge's metadata); its consumer still reads only the JSON, where
+//! busbar's reads the attributes back into an envelope.
 //!
 //! With `BUSBAR_BENCH_BROKER=rabbitmq`, the same on RabbitMQ (127.0.0.1:5672, or
 //! `BUSBAR_RABBITMQ_URL`): busbar's RabbitMQ transport against mq-bridge's AMQP endpoint, with
@@ -193,8 +196,8 @@ async fn busbar_run(
     run
 }
 
-async fn mq_bridge(n: usize, round: usize) -> Run {
-    let topic = format!("peers-{round}-{}", std::process::id());
+async fn mq_bridge(n: usize, round: usize, cloudevents: bool) -> Run {
+    let topic = format!("peers-{round}-{cloudevents}-{}", std::process::id());
     let config = MemoryConfig {
         topic: topic.clone(),
         capacity: Some(n / BATCH + 10),
@@ -202,7 +205,7 @@ async fn mq_bridge(n: usize, round: usize) -> Run {
     };
     let publisher = MemoryPublisher::new(&config).expect("publisher");
     let consumer = MemoryConsumer::new(&config).expect("consumer");
-    mq_bridge_run(n, publisher, consumer, false).await
+    mq_bridge_run(n, publisher, consumer, cloudevents).await
 }
 
 /// mq-bridge, through its leanest API: batches of 100 sent, received, decoded and acked. With
@@ -247,8 +250,11 @@ async fn mq_bridge_run(
         // busbar's envelope takes the event by value.
         let mut events = events.into_iter();
         loop {
-            let messages: Vec<CanonicalMessage> =
-                events.by_ref().take(BATCH).map(cloudevents_message).collect();
+            let messages: Vec<CanonicalMessage> = events
+                .by_ref()
+                .take(BATCH)
+                .map(cloudevents_message)
+                .collect();
             if messages.is_empty() {
                 break;
             }
@@ -401,6 +407,7 @@ fn main() {
             "busbar, concurrency 1",
             "busbar, concurrency 8",
             "mq-bridge memory endpoint",
+            "mq-bridge memory endpoint, busbar's CloudEvents headers",
             "omniqueue in-memory",
             "tokio channel + serde_json",
         ]
@@ -426,8 +433,9 @@ fn main() {
                     (true, _) => mq_bridge_rabbitmq(n, round, true).await,
                     (false, 0) => busbar(n, 1).await,
                     (false, 1) => busbar(n, 8).await,
-                    (false, 2) => mq_bridge(n, round).await,
-                    (false, 3) => omniqueue(n).await,
+                    (false, 2) => mq_bridge(n, round, false).await,
+                    (false, 3) => mq_bridge(n, round, true).await,
+                    (false, 4) => omniqueue(n).await,
                     (false, _) => channel(n).await,
                 }
             });
