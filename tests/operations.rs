@@ -200,16 +200,20 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
+/// A subscription of group `g` to `topic` whose handler takes every ping.
+async fn ping_subscription(bus: &Bus, topic: &str) -> busbar::Subscription {
+    bus.subscribe::<Ping>(topic, "g")
+        .start(|_: Envelope<Ping>, _: Context| async { Ok::<_, HandlerError>(()) })
+        .await
+        .expect("subscribe")
+}
+
 /// Deliveries already waiting when a subscription starts are taken in one pass, without a
 /// wait between them: the probe sees them too (the time is read once for the pass).
 #[tokio::test]
 async fn a_probe_sees_deliveries_that_were_waiting() {
     let bus = Bus::memory();
-    let first = bus
-        .subscribe::<Ping>("waiting", "g")
-        .start(|_: Envelope<Ping>, _: Context| async { Ok::<_, HandlerError>(()) })
-        .await
-        .expect("subscribe");
+    let first = ping_subscription(&bus, "waiting").await;
     first
         .shutdown(Duration::from_secs(5))
         .await
@@ -217,11 +221,7 @@ async fn a_probe_sees_deliveries_that_were_waiting() {
     for _ in 0..3 {
         bus.publish("waiting", Ping).await.expect("publish");
     }
-    let sub = bus
-        .subscribe::<Ping>("waiting", "g")
-        .start(|_: Envelope<Ping>, _: Context| async { Ok::<_, HandlerError>(()) })
-        .await
-        .expect("subscribe");
+    let sub = ping_subscription(&bus, "waiting").await;
     wait_until("the waiting deliveries are handled", || {
         sub.stats().handled == 3
     })
@@ -233,11 +233,7 @@ async fn a_probe_sees_deliveries_that_were_waiting() {
 #[tokio::test]
 async fn a_probe_sees_deliveries_and_a_closed_bus() {
     let bus = Bus::memory();
-    let sub = bus
-        .subscribe::<Ping>("pings", "g")
-        .start(|_: Envelope<Ping>, _: Context| async { Ok::<_, HandlerError>(()) })
-        .await
-        .expect("subscribe");
+    let sub = ping_subscription(&bus, "pings").await;
     let before = sub.health();
     assert!(before.is_ready() && before.is_live(), "{before:?}");
     assert_eq!(before.last_delivery, None);
