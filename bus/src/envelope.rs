@@ -7,6 +7,8 @@
 //! Adapters rename these to their broker's binding (AMQP `cloudEvents:` application properties,
 //! SQS message attributes), so a service using any CloudEvents SDK reads busbar's events.
 
+use std::cell::Cell;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -699,29 +701,49 @@ fn put_hex(out: &mut [u8], value: u128) {
     }
 }
 
+/// The first and the last Unix second [`rfc3339`] writes itself: years 0 to 9999, the ones
+/// RFC 3339's four digits hold (chrono writes the others).
+const WRITTEN_SECONDS: std::ops::RangeInclusive<i64> = -62_167_219_200..=253_402_300_799;
+
+thread_local! {
+    /// The date and time to the second that [`rfc3339`] last wrote on this thread, by its Unix
+    /// second: the events of a batch share it, and working it out is most of the writing.
+    static WRITTEN_SECOND: Cell<(i64, [u8; 19])> = const { Cell::new((i64::MIN, [0; 19])) };
+    /// The date and time to the second that [`utc_time`] last read on this thread, and its
+    /// value; the bytes are never all zero once a time was read, so the first look misses.
+    static READ_SECOND: Cell<([u8; 19], chrono::NaiveDateTime)> =
+        const { Cell::new(([0; 19], chrono::NaiveDateTime::MIN)) };
+}
+
 /// `time` in RFC 3339, as chrono's `to_rfc3339_opts(SecondsFormat::AutoSi, true)` writes it
 /// (`2026-11-30T06:45:00.123Z`: 0, 3, 6 or 9 fraction digits, whichever is exact), written
-/// into a buffer directly: chrono's formatter costs about 900 instructions per publish.
+/// into a buffer directly: chrono's formatter costs about 900 instructions per publish. The
+/// date and time to the second are written once per second and thread, then copied.
 pub(crate) fn rfc3339(time: &DateTime<Utc>) -> Text {
     use chrono::{Datelike, Timelike};
-    let date = time.date_naive();
-    let year = date.year();
-    if !(0..=9999).contains(&year) {
+    let second = time.timestamp();
+    let nanos = time.timestamp_subsec_nanos();
+    // A leap second (chrono keeps it as nanoseconds past 1e9) and a year of more or fewer
+    // than four digits are chrono's to write.
+    if nanos >= 1_000_000_000 || !WRITTEN_SECONDS.contains(&second) {
         return time.to_rfc3339_opts(SecondsFormat::AutoSi, true).into();
     }
-    let clock = time.time();
-    // chrono keeps a leap second as nanoseconds past 1e9; its formatter writes second 60.
-    let (second, nanos) = match clock.nanosecond() {
-        leap @ 1_000_000_000.. => (60, leap - 1_000_000_000),
-        nanos => (clock.second(), nanos),
-    };
     let mut buf = *b"0000-00-00T00:00:00.000000000Z";
-    put_digits(&mut buf[0..4], year.unsigned_abs());
-    put_digits(&mut buf[5..7], date.month());
-    put_digits(&mut buf[8..10], date.day());
-    put_digits(&mut buf[11..13], clock.hour());
-    put_digits(&mut buf[14..16], clock.minute());
-    put_digits(&mut buf[17..19], second);
+    match WRITTEN_SECOND.try_with(Cell::get) {
+        Ok((written, prefix)) if written == second => buf[..19].copy_from_slice(&prefix),
+        _ => {
+            let (date, clock) = (time.date_naive(), time.time());
+            put_digits(&mut buf[0..4], date.year().unsigned_abs());
+            put_digits(&mut buf[5..7], date.month());
+            put_digits(&mut buf[8..10], date.day());
+            put_digits(&mut buf[11..13], clock.hour());
+            put_digits(&mut buf[14..16], clock.minute());
+            put_digits(&mut buf[17..19], clock.second());
+            let mut prefix = [0; 19];
+            prefix.copy_from_slice(&buf[..19]);
+            let _ = WRITTEN_SECOND.try_with(|written| written.set((second, prefix)));
+        }
+    }
     let end = match nanos {
         0 => 19,
         n if n % 1_000_000 == 0 => {
@@ -743,8 +765,9 @@ pub(crate) fn rfc3339(time: &DateTime<Utc>) -> Text {
 
 /// Reads a time in the form busbar writes (UTC, `Z`, no fraction or one of 3, 6 or 9 digits)
 /// at fixed offsets; `None` for any other form (chrono's parser reads those), including a leap
-/// second. About 100 instructions where chrono's parser takes about 800.
+/// second. The date and time to the second are worked out once per second and thread.
 fn utc_time(text: &str) -> Option<DateTime<Utc>> {
+    use chrono::Timelike;
     let b = text.as_bytes();
     let fraction = match b.len() {
         20 => 0,
@@ -762,15 +785,27 @@ fn utc_time(text: &str) -> Option<DateTime<Utc>> {
                 .then(|| value * 10 + u32::from(digit - b'0'))
         })
     };
-    let second = number(&b[17..19])?;
-    if second > 59 {
-        return None;
-    }
     let nanos = number(&b[20..20 + fraction])? * 10u32.pow((9 - fraction) as u32);
-    let year = i32::try_from(number(&b[0..4])?).ok()?;
-    chrono::NaiveDate::from_ymd_opt(year, number(&b[5..7])?, number(&b[8..10])?)?
-        .and_hms_nano_opt(number(&b[11..13])?, number(&b[14..16])?, second, nanos)
-        .map(|time| time.and_utc())
+    let at_second = match READ_SECOND.try_with(Cell::get) {
+        Ok((read, at_second)) if read == b[..19] => at_second,
+        _ => {
+            let second = number(&b[17..19])?;
+            if second > 59 {
+                return None;
+            }
+            let year = i32::try_from(number(&b[0..4])?).ok()?;
+            let at_second =
+                chrono::NaiveDate::from_ymd_opt(year, number(&b[5..7])?, number(&b[8..10])?)?
+                    .and_hms_opt(number(&b[11..13])?, number(&b[14..16])?, second)?;
+            let mut read = [0; 19];
+            read.copy_from_slice(&b[..19]);
+            let _ = READ_SECOND.try_with(|last| last.set((read, at_second)));
+            at_second
+        }
+    };
+    // (On the naive time: `DateTime::with_nanosecond` maps through the time zone, ~200
+    // instructions.)
+    at_second.with_nanosecond(nanos).map(|time| time.and_utc())
 }
 
 /// Writes `value`'s lowest decimal digits into `out`, zero-padded to its length.
@@ -848,6 +883,56 @@ mod tests {
                     "{written} left to chrono"
                 ),
             }
+        }
+    }
+
+    #[test]
+    fn times_of_the_same_and_of_other_seconds_write_and_read_as_chrono_does() {
+        use chrono::TimeZone;
+        // Each second's date and time are kept once per thread: times in one second, then
+        // in the next, then back, across a day, a year and a leap day, each written and read
+        // as chrono writes and reads it.
+        let starts = [
+            Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 58).unwrap(),
+            Utc.with_ymd_and_hms(2028, 2, 28, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).unwrap(),
+        ];
+        for start in starts {
+            let mut times = Vec::new();
+            for step in 0..12 {
+                times.push(start + chrono::Duration::milliseconds(step * 300));
+            }
+            times.push(start);
+            times.push(start + chrono::Duration::seconds(86_400 * 366));
+            times.push(start + chrono::Duration::nanoseconds(7));
+            for time in times {
+                let written = rfc3339(&time);
+                assert_eq!(
+                    written,
+                    time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                    "{time:?}"
+                );
+                assert_eq!(utc_time(&written), Some(time), "{written}");
+            }
+        }
+        // The first and last seconds written in place, and the ones beyond, left to chrono.
+        for second in [
+            *WRITTEN_SECONDS.start() - 1,
+            *WRITTEN_SECONDS.start(),
+            *WRITTEN_SECONDS.end(),
+            *WRITTEN_SECONDS.end() + 1,
+        ] {
+            let time = Utc.timestamp_opt(second, 0).unwrap();
+            assert_eq!(
+                rfc3339(&time),
+                time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+            let year = chrono::Datelike::year(&time);
+            assert_eq!(
+                WRITTEN_SECONDS.contains(&second),
+                (0..=9999).contains(&year),
+                "{time:?}"
+            );
         }
     }
 
