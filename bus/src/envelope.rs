@@ -828,6 +828,17 @@ fn decode_error(message: &Message, what: String) -> Error {
 mod tests {
     use super::*;
 
+    /// `time` as [`rfc3339`] writes it, checked against what chrono writes.
+    fn written_as_chrono_writes(time: &DateTime<Utc>) -> Text {
+        let written = rfc3339(time);
+        assert_eq!(
+            written,
+            time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            "{time:?}"
+        );
+        written
+    }
+
     #[test]
     fn rfc3339_writes_what_chrono_writes() {
         use chrono::TimeZone;
@@ -867,12 +878,7 @@ mod tests {
                 .map(|t| t.and_utc()),
         );
         for time in times {
-            let written = rfc3339(&time);
-            assert_eq!(
-                written,
-                time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-                "{time:?}"
-            );
+            let written = written_as_chrono_writes(&time);
             // Read back, by the fast reader where it takes the form, as chrono reads it.
             let chrono = DateTime::parse_from_rfc3339(&written).map(|t| t.with_timezone(&Utc));
             match utc_time(&written) {
@@ -906,12 +912,7 @@ mod tests {
             times.push(start + chrono::Duration::seconds(86_400 * 366));
             times.push(start + chrono::Duration::nanoseconds(7));
             for time in times {
-                let written = rfc3339(&time);
-                assert_eq!(
-                    written,
-                    time.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-                    "{time:?}"
-                );
+                let written = written_as_chrono_writes(&time);
                 assert_eq!(utc_time(&written), Some(time), "{written}");
             }
         }
@@ -923,10 +924,7 @@ mod tests {
             *WRITTEN_SECONDS.end() + 1,
         ] {
             let time = Utc.timestamp_opt(second, 0).unwrap();
-            assert_eq!(
-                rfc3339(&time),
-                time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-            );
+            written_as_chrono_writes(&time);
             let year = chrono::Datelike::year(&time);
             assert_eq!(
                 WRITTEN_SECONDS.contains(&second),
