@@ -27,7 +27,7 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use common::hand_rolled_read;
-use stage::median;
+use stage::{env, median};
 
 const BATCH: usize = 100;
 
@@ -131,10 +131,7 @@ async fn busbar_drain(bus: &Bus, topic: &str, n: usize) -> f64 {
 }
 
 fn main() {
-    let n: usize = std::env::var("BUSBAR_BENCH_MESSAGES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .map_or(20_000, |n: usize| n.max(BATCH) / BATCH * BATCH);
+    let n = env("BUSBAR_BENCH_MESSAGES", 20_000).max(BATCH) / BATCH * BATCH;
     let url = std::env::var("BUSBAR_KAFKA_URL")
         .unwrap_or_else(|_| "kafka://127.0.0.1:9092?session_timeout_ms=6000".into());
     let brokers = url
@@ -151,10 +148,7 @@ fn main() {
             .await
             .expect("connect");
         let bus = Bus::new(transport);
-        let rounds: usize = std::env::var("BUSBAR_BENCH_ROUNDS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(5);
+        let rounds = env("BUSBAR_BENCH_ROUNDS", 5);
         let only = std::env::var("BUSBAR_BENCH_ONLY").ok();
         println!("| backlog of {n} x 1 KiB, median of {rounds} | busbar | hand-rolled rdkafka | busbar/raw |");
         println!("|---|---|---|---|");
