@@ -3,7 +3,8 @@
 //! (`{seq, data}` as JSON) published in batches of 100 (omniqueue and the channel send one by
 //! one: they have no batch send), each decoded by one consumer with a no-op handler and
 //! acknowledged. Reports each one's median rate over the rounds and the process's CPU time per
-//! message (user + system, `getrusage`), which a busy machine disturbs less than the rate.
+//! message (user + system: the process's CPU clock), which a busy machine disturbs less than
+//! the rate.
 //!
 //! What each carries differs, and the table says so: busbar writes and reads a CloudEvents
 //! envelope (id, type, source, time, correlation, traceparent) and runs its retry,
@@ -47,6 +48,11 @@ use omniqueue::backends::InMemoryBackend;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+#[path = "../../common/stage.rs"]
+#[allow(dead_code)] // The timed stages are the broker benches'.
+mod stage;
+use stage::{cpu, env, median};
+
 /// With `--features mimalloc`, every client allocates through mimalloc: with the system
 /// allocator, memory allocated on one thread and freed on another makes the threads wait on
 /// its arena locks.
@@ -66,13 +72,6 @@ impl Event for Blob {
     const TYPE: &'static str = "bench.blob.v1";
 }
 
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
-
 fn events(n: usize) -> Vec<Blob> {
     let data = "x".repeat(env("BUSBAR_BENCH_BYTES", 1000));
     (0..n as u64)
@@ -81,18 +80,6 @@ fn events(n: usize) -> Vec<Blob> {
             data: data.clone(),
         })
         .collect()
-}
-
-/// The process's user + system CPU time.
-fn cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// One timed run: (messages per second, CPU µs per message).
@@ -375,11 +362,6 @@ async fn mq_bridge_rabbitmq(n: usize, round: usize, cloudevents: bool) -> Run {
     let publisher = AmqpPublisher::new(&config).await.expect("publisher");
     let consumer = AmqpConsumer::new(&config).await.expect("consumer");
     mq_bridge_run(n, publisher, consumer, cloudevents).await
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() {
