@@ -1,4 +1,10 @@
-//! One AMQP connection that reconnects with backoff, and the channels made from it.
+//! The transport's two AMQP connections, one to publish on and one to consume on, each
+//! reconnecting with backoff, and the channels made from them.
+//!
+//! Two, as RabbitMQ advises: while a resource alarm lasts (memory or disk), RabbitMQ stops
+//! reading from every connection that publishes, and lapin then sends nothing on it either.
+//! Acks sent on that connection would wait too, so the consumers that drain the queues (and so
+//! clear the alarm) would stall behind the publishers. On their own connection they go on.
 //!
 //! busbar owns reconnection instead of lapin's automatic recovery, so what happens on a lost
 //! connection is explicit: publishes waiting for confirms are sent again on the new connection
@@ -7,29 +13,80 @@
 //! the broker.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use busbar_core::{ConnectionState, Error, ErrorKind, Result};
+use futures::StreamExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::OwnedTLSConfig;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties, Event};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::RabbitConfig;
 
+/// Which of the transport's connections (see the module's documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Publishing channels (in confirm mode) and the exchange's declaration before a publish.
+    Publish,
+    /// Consumers, and what manages queues: declares, dead letters, depths.
+    Consume,
+}
+
+impl Role {
+    /// The connection's name, as RabbitMQ's management UI and `rabbitmqctl` show it.
+    fn connection_name(self) -> &'static str {
+        match self {
+            Role::Publish => "busbar publish",
+            Role::Consume => "busbar consume",
+        }
+    }
+}
+
+/// One connection and what probes read of it.
+#[derive(Default)]
+struct Link {
+    current: Mutex<Option<Arc<Connection>>>,
+    /// Set once it is first opened: the consuming connection opens with the first consumer or
+    /// declare, and until then it is no part of the transport's health.
+    opened: AtomicBool,
+    /// What probes read: the live connection and since when it is lost, kept apart from
+    /// `current` so reading it never waits on a reconnect.
+    seen: std::sync::Mutex<Seen>,
+}
+
+impl Link {
+    /// Since when, and why, this connection is lost; `None` while it is connected (or was
+    /// never opened).
+    fn lost(&self) -> Option<(SystemTime, String)> {
+        if !self.opened.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut seen = self.seen.lock().ok()?;
+        if seen.live.as_ref().is_some_and(|c| c.status().connected()) {
+            return None;
+        }
+        Some(
+            seen.lost
+                .get_or_insert_with(|| (SystemTime::now(), LOST.to_owned()))
+                .clone(),
+        )
+    }
+}
+
 pub(crate) struct Connector {
     pub(crate) config: RabbitConfig,
-    current: Mutex<Option<Arc<Connection>>>,
+    publishing: Link,
+    consuming: Link,
     /// Confirming channels for publishing, taken in turn: RabbitMQ handles each channel's
     /// publishes one after another, so concurrent publishes on one channel queue up.
     publishers: Vec<Mutex<Option<Channel>>>,
     next_publisher: AtomicUsize,
     closed: AtomicBool,
-    /// What probes read: the live connection and since when it is lost, kept apart from
-    /// `current` so reading it never waits on a reconnect.
-    seen: std::sync::Mutex<Seen>,
+    /// Itself, for the tasks that reconnect a lost connection (see [`Connector::watch`]).
+    me: Weak<Connector>,
 }
 
 #[derive(Default)]
@@ -42,50 +99,108 @@ struct Seen {
 const LOST: &str = "the connection to RabbitMQ was lost; reconnecting";
 
 impl Connector {
-    pub(crate) fn new(config: RabbitConfig) -> Self {
+    pub(crate) fn new(config: RabbitConfig) -> Arc<Self> {
         let publishers = (0..config.publish_channels.max(1))
             .map(|_| Mutex::new(None))
             .collect();
-        Connector {
+        Arc::new_cyclic(|me| Connector {
             config,
-            current: Mutex::new(None),
+            publishing: Link::default(),
+            consuming: Link::default(),
             publishers,
             next_publisher: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
-            seen: std::sync::Mutex::new(Seen::default()),
+            me: me.clone(),
+        })
+    }
+
+    fn link(&self, role: Role) -> &Link {
+        match role {
+            Role::Publish => &self.publishing,
+            Role::Consume => &self.consuming,
         }
     }
 
-    /// The connection as a probe sees it: connected, or reconnecting since the loss was first
-    /// seen, with the last attempt's error.
+    /// The connections as a probe sees them: connected, or reconnecting since the first loss
+    /// still unrepaired was seen, with its last attempt's error.
     pub(crate) fn state(&self) -> ConnectionState {
         if self.is_closed() {
             return ConnectionState::Closed;
         }
-        let Ok(mut seen) = self.seen.lock() else {
-            return ConnectionState::Connected;
-        };
-        if seen.live.as_ref().is_some_and(|c| c.status().connected()) {
-            return ConnectionState::Connected;
+        let lost = [&self.publishing, &self.consuming]
+            .into_iter()
+            .filter_map(Link::lost)
+            .min_by_key(|(since, _)| *since);
+        match lost {
+            Some((since, error)) => ConnectionState::Reconnecting { since, error },
+            None => ConnectionState::Connected,
         }
-        let (since, error) = seen
-            .lost
-            .get_or_insert_with(|| (SystemTime::now(), LOST.to_owned()))
-            .clone();
-        ConnectionState::Reconnecting { since, error }
     }
 
-    fn connected(&self, connection: &Arc<Connection>) {
-        if let Ok(mut seen) = self.seen.lock() {
+    fn connected(&self, role: Role, connection: &Arc<Connection>) {
+        let link = self.link(role);
+        link.opened.store(true, Ordering::Release);
+        if let Ok(mut seen) = link.seen.lock() {
             *seen = Seen {
                 live: Some(Arc::clone(connection)),
                 lost: None,
             };
         }
+        self.watch(role, connection);
     }
 
-    fn attempt_failed(&self, error: &Error) {
-        if let Ok(mut seen) = self.seen.lock() {
+    /// Follows `connection`'s events: logs the broker blocking and unblocking it (a resource
+    /// alarm), and reconnects once it is lost, so that probes see the broker back without
+    /// waiting for the next publish or consumer to need the connection.
+    fn watch(&self, role: Role, connection: &Arc<Connection>) {
+        let events = connection.events_listener();
+        let watched = Arc::downgrade(connection);
+        let me = self.me.clone();
+        let name = role.connection_name();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => tracing::warn!(
+                        connection = name,
+                        %reason,
+                        "RabbitMQ blocked the connection (a resource alarm): publishes wait \
+                         until the alarm clears"
+                    ),
+                    Event::ConnectionUnblocked => {
+                        tracing::info!(connection = name, "RabbitMQ unblocked the connection");
+                    }
+                    // A channel's error comes here too: only the connection's own ends it.
+                    Event::Error(_)
+                        if !watched.upgrade().is_some_and(|c| c.status().connected()) =>
+                    {
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            Connector::revive(&me, role).await;
+        });
+    }
+
+    /// Reconnects `role`'s connection until it is back, the transport is closed (or dropped),
+    /// or an attempt fails in a way no retry mends (which probes then report).
+    async fn revive(me: &Weak<Connector>, role: Role) {
+        loop {
+            let Some(connector) = me.upgrade() else {
+                return;
+            };
+            // Windows as long as a publish waits, so the lock is let go between them.
+            let deadline = Instant::now() + connector.config.publish_timeout;
+            match connector.connection(role, deadline).await {
+                Err(e) if e.is_retryable() && !connector.is_closed() => continue,
+                _ => return,
+            }
+        }
+    }
+
+    fn attempt_failed(&self, role: Role, error: &Error) {
+        if let Ok(mut seen) = self.link(role).seen.lock() {
             let since = seen
                 .lost
                 .as_ref()
@@ -108,33 +223,28 @@ impl Connector {
     }
 
     /// Opens a new AMQP connection (TLS with the extra CA when configured).
-    async fn open(&self) -> lapin::Result<Connection> {
+    async fn open(&self, role: Role) -> lapin::Result<Connection> {
+        let properties =
+            ConnectionProperties::default().with_connection_name(role.connection_name().into());
         match &self.config.tls_ca_pem {
-            None => {
-                Connection::connect(&self.config.lapin_uri, ConnectionProperties::default()).await
-            }
+            None => Connection::connect(&self.config.lapin_uri, properties).await,
             Some(pem) => {
                 let tls = OwnedTLSConfig {
                     identity: None,
                     cert_chain: Some(pem.clone()),
                 };
                 let runtime = lapin::runtime::default_runtime()?;
-                Connection::connect_with_config(
-                    &self.config.lapin_uri,
-                    ConnectionProperties::default(),
-                    tls,
-                    runtime,
-                )
-                .await
+                Connection::connect_with_config(&self.config.lapin_uri, properties, tls, runtime)
+                    .await
             }
         }
     }
 
     /// One connection attempt, bounded by `connect_timeout`, its failure classified: a refused
     /// login, an unknown vhost or TLS spoken to a plain port cannot be fixed by retrying.
-    async fn open_bounded(&self) -> Result<Connection> {
+    async fn open_bounded(&self, role: Role) -> Result<Connection> {
         let limit = self.config.connect_timeout;
-        match tokio::time::timeout(limit, self.open()).await {
+        match tokio::time::timeout(limit, self.open(role)).await {
             Ok(Ok(connection)) => Ok(connection),
             Ok(Err(e)) => Err(self.connect_failure(e)),
             Err(_) => Err(Error::new(
@@ -184,19 +294,31 @@ impl Connector {
         }
     }
 
-    /// Connects once, without retrying: for the first connection, so a wrong URL or a broker
-    /// that is down fails fast.
+    /// Opens the publishing connection once, without retrying, so a wrong URL or a broker
+    /// that is down fails fast. (The consuming one opens when first needed: a service that
+    /// only publishes holds one connection.)
     pub(crate) async fn connect_once(&self) -> Result<Arc<Connection>> {
-        let connection = self.open_bounded().await?;
-        let connection = Arc::new(connection);
-        *self.current.lock().await = Some(Arc::clone(&connection));
-        self.connected(&connection);
+        let connection = Arc::new(self.open_bounded(Role::Publish).await?);
+        *self.publishing.current.lock().await = Some(Arc::clone(&connection));
+        self.connected(Role::Publish, &connection);
         Ok(connection)
     }
 
-    /// The live connection, reconnecting with backoff until `deadline` if it was lost.
-    pub(crate) async fn connection(&self, deadline: Instant) -> Result<Arc<Connection>> {
-        let mut current = self.current.lock().await;
+    /// `role`'s live connection, (re)connecting with backoff until `deadline` if there is
+    /// none.
+    async fn connection(&self, role: Role, deadline: Instant) -> Result<Arc<Connection>> {
+        // Another task may be reconnecting: wait for it, but not beyond our own deadline.
+        let Ok(mut current) =
+            tokio::time::timeout_at(deadline, self.link(role).current.lock()).await
+        else {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "connect",
+                "RabbitMQ was not reachable again before the deadline (`publish_timeout_ms`)",
+            )
+            .with_resource(self.config.url.to_string())
+            .with_retryable(true));
+        };
         if let Some(connection) = current.as_ref() {
             if connection.status().connected() {
                 return Ok(Arc::clone(connection));
@@ -205,16 +327,16 @@ impl Connector {
         let mut pause = Duration::from_millis(50);
         loop {
             self.ensure_open("connect")?;
-            match self.open_bounded().await {
+            match self.open_bounded(role).await {
                 Ok(connection) => {
-                    tracing::info!(url = %self.config.url, "connected to RabbitMQ");
+                    tracing::info!(url = %self.config.url, connection = role.connection_name(), "connected to RabbitMQ");
                     let connection = Arc::new(connection);
                     *current = Some(Arc::clone(&connection));
-                    self.connected(&connection);
+                    self.connected(role, &connection);
                     return Ok(connection);
                 }
                 Err(e) if e.is_retryable() && Instant::now() + pause < deadline => {
-                    self.attempt_failed(&e);
+                    self.attempt_failed(role, &e);
                     // Up to half of each wait taken off at random: instances that lost the
                     // broker together do not all come back in the same instant.
                     let wait = pause.mul_f64(1.0 - 0.5 * fastrand::f64());
@@ -223,17 +345,22 @@ impl Connector {
                     pause = (pause * 2).min(self.config.reconnect_max);
                 }
                 Err(e) => {
-                    self.attempt_failed(&e);
+                    self.attempt_failed(role, &e);
                     return Err(e);
                 }
             }
         }
     }
 
-    /// A new channel on the live connection.
+    /// A new channel on the consuming connection, for consumers and what manages queues.
     pub(crate) async fn channel(&self, deadline: Instant) -> Result<Channel> {
+        self.channel_on(Role::Consume, deadline).await
+    }
+
+    /// A new channel on `role`'s connection.
+    pub(crate) async fn channel_on(&self, role: Role, deadline: Instant) -> Result<Channel> {
         loop {
-            let connection = self.connection(deadline).await?;
+            let connection = self.connection(role, deadline).await?;
             // A broker that accepts the connection but never answers must not hang us.
             let opened = match tokio::time::timeout_at(deadline, connection.create_channel()).await
             {
@@ -290,7 +417,7 @@ impl Connector {
                 return Ok(channel.clone());
             }
         }
-        let channel = self.channel(deadline).await?;
+        let channel = self.channel_on(Role::Publish, deadline).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -306,10 +433,12 @@ impl Connector {
                 let _ = channel.close(200, "busbar transport closed".into()).await;
             }
         }
-        if let Some(connection) = self.current.lock().await.take() {
-            let _ = connection
-                .close(200, "busbar transport closed".into())
-                .await;
+        for link in [&self.publishing, &self.consuming] {
+            if let Some(connection) = link.current.lock().await.take() {
+                let _ = connection
+                    .close(200, "busbar transport closed".into())
+                    .await;
+            }
         }
     }
 

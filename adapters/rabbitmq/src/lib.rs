@@ -55,7 +55,7 @@ use publisher::{not_published, send_confirmed, Outgoing};
 use topology::Declared;
 
 pub(crate) struct Inner {
-    pub(crate) connector: Connector,
+    pub(crate) connector: Arc<Connector>,
     pub(crate) declared: Declared,
 }
 

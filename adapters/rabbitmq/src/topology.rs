@@ -19,7 +19,7 @@ use lapin::{Channel, ExchangeKind};
 use tokio::time::Instant;
 
 use crate::config::QueueType;
-use crate::connection::Connector;
+use crate::connection::{Connector, Role};
 
 /// What was already declared through this transport (declarations are durable).
 #[derive(Default)]
@@ -128,7 +128,7 @@ pub(crate) async fn ensure_exchange(
     if declared.contains(&connector.config.exchange) {
         return Ok(());
     }
-    let channel = connector.channel(deadline).await?;
+    let channel = connector.channel_on(Role::Publish, deadline).await?;
     let result = declare_exchange(connector, declared, &channel).await;
     let _ = channel.close(200, "declared".into()).await;
     result

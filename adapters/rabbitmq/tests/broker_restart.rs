@@ -1,6 +1,7 @@
 //! RabbitMQ restarted twice (`rabbitmqctl stop_app` / `start_app`) while 10,000 messages are
 //! published and consumed (Watermill's reconnect scenario): publishers and consumers recover by
-//! themselves and every message is accounted for (published = handled + dead-lettered).
+//! themselves and every message is accounted for (published = handled + dead-lettered). A
+//! second bus that only connected, and neither publishes nor consumes, is ready again too.
 //!
 //! It restarts the shared local broker, so it lives alone in this test binary (cargo runs test
 //! binaries one after another) and is skipped unless brokers are required or
@@ -58,6 +59,12 @@ async fn broker_restart_mid_run_loses_nothing() {
                 .with_max_backoff(Duration::from_millis(500)),
         )
         .build();
+    // Needs nothing after connecting: its probe must still see the broker back.
+    let idle = Bus::new(
+        RabbitTransport::connect(&url.parse().unwrap())
+            .await
+            .expect("RabbitMQ reachable"),
+    );
     let (topic, group) = (unique("restart"), unique("g"));
     bus.declare(&topic, &group).await.unwrap();
     let handled = Arc::new(Mutex::new(HashMap::<busbar_core::Text, u32>::new()));
@@ -121,7 +128,7 @@ async fn broker_restart_mid_run_loses_nothing() {
         rabbitmqctl(&["stop_app"]);
         // The probes see the outage: not ready (reconnecting), yet live.
         wait_health("not ready during the outage", || {
-            !bus.health().is_ready() && !sub.health().is_ready()
+            !bus.health().is_ready() && !sub.health().is_ready() && !idle.health().is_ready()
         })
         .await;
         let (during, sub_during) = (bus.health(), sub.health());
@@ -137,7 +144,7 @@ async fn broker_restart_mid_run_loses_nothing() {
         rabbitmqctl(&["start_app"]);
         rabbitmqctl(&["await_startup"]);
         wait_health("ready again after the restart", || {
-            bus.health().is_ready() && sub.health().is_ready()
+            bus.health().is_ready() && sub.health().is_ready() && idle.health().is_ready()
         })
         .await;
         let recovered = sub.health();
