@@ -61,7 +61,10 @@ pub(crate) struct Inner {
 
 /// The RabbitMQ transport (`amqp://`, `amqps://`).
 ///
-/// On a lost connection it reconnects with backoff (up to `reconnect_max_ms` between tries):
+/// It publishes on one connection and consumes on another (opened by the first consumer or
+/// declare), so that consumers go on acking, and so draining queues, while a resource alarm
+/// blocks the publishers. A lost connection is reconnected at once, with backoff (up to
+/// `reconnect_max_ms` between tries), whether or not anything needs it then:
 /// a publish waiting for confirms sends the unconfirmed messages again on the new connection
 /// and returns `Ok` only once all are confirmed, or a `Connection` error naming the ids that
 /// were not confirmed by `publish_timeout_ms`. Consumers open a new channel and consume again;
