@@ -193,7 +193,13 @@ impl Connector {
             // Windows as long as a publish waits, so the lock is let go between them.
             let deadline = Instant::now() + connector.config.publish_timeout;
             match connector.connection(role, deadline).await {
-                Err(e) if e.is_retryable() && !connector.is_closed() => continue,
+                Err(e) if e.is_retryable() && !connector.is_closed() => {
+                    // The window's last attempt failed: not straight into the next (a window
+                    // shorter than the first pause would have no pause at all).
+                    let pause = connector.config.reconnect_max;
+                    drop(connector);
+                    tokio::time::sleep(pause.mul_f64(1.0 - 0.5 * fastrand::f64())).await;
+                }
                 _ => return,
             }
         }
