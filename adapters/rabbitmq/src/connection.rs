@@ -55,9 +55,17 @@ struct Link {
     /// What probes read: the live connection and since when it is lost, kept apart from
     /// `current` so reading it never waits on a reconnect.
     seen: std::sync::Mutex<Seen>,
+    /// Why RabbitMQ blocked the connection, while it does (a resource alarm).
+    blocked: std::sync::Mutex<Option<String>>,
 }
 
 impl Link {
+    fn set_blocked(&self, reason: Option<String>) {
+        if let Ok(mut blocked) = self.blocked.lock() {
+            *blocked = reason;
+        }
+    }
+
     /// Since when, and why, this connection is lost; `None` while it is connected (or was
     /// never opened).
     fn lost(&self) -> Option<(SystemTime, String)> {
@@ -157,18 +165,27 @@ impl Connector {
         let watched = Arc::downgrade(connection);
         let me = self.me.clone();
         let name = role.connection_name();
+        let mark_blocked = move |me: &Weak<Connector>, reason: Option<String>| {
+            if let Some(connector) = me.upgrade() {
+                connector.link(role).set_blocked(reason);
+            }
+        };
         tokio::spawn(async move {
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
                 match event {
-                    Event::ConnectionBlocked(reason) => tracing::warn!(
-                        connection = name,
-                        %reason,
-                        "RabbitMQ blocked the connection (a resource alarm): publishes wait \
-                         until the alarm clears"
-                    ),
+                    Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(
+                            connection = name,
+                            %reason,
+                            "RabbitMQ blocked the connection (a resource alarm): publishes wait \
+                             until the alarm clears"
+                        );
+                        mark_blocked(&me, Some(reason));
+                    }
                     Event::ConnectionUnblocked => {
                         tracing::info!(connection = name, "RabbitMQ unblocked the connection");
+                        mark_blocked(&me, None);
                     }
                     // A channel's error comes here too: only the connection's own ends it.
                     Event::Error(_)
@@ -179,6 +196,7 @@ impl Connector {
                     _ => {}
                 }
             }
+            mark_blocked(&me, None);
             Connector::revive(&me, role).await;
         });
     }
@@ -213,6 +231,11 @@ impl Connector {
                 .map_or_else(SystemTime::now, |(since, _)| *since);
             seen.lost = Some((since, error.to_string()));
         }
+    }
+
+    /// Why RabbitMQ blocks the publishing connection, while it does.
+    pub(crate) fn publishing_blocked(&self) -> Option<String> {
+        self.publishing.blocked.lock().ok()?.clone()
     }
 
     pub(crate) fn is_closed(&self) -> bool {

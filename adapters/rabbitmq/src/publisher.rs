@@ -125,11 +125,15 @@ pub(crate) async fn send_confirmed(
         let mut nacked = Vec::new();
         let Ok(results) = tokio::time::timeout_at(deadline, join_all(confirms)).await else {
             let ids: Vec<&str> = pending.iter().map(|o| o.id()).collect();
+            // The likeliest cause, and what to fix, when RabbitMQ said so.
+            let blocked = connector.publishing_blocked().map_or_else(String::new, |reason| {
+                format!(" RabbitMQ blocks publishing while a resource alarm lasts ({reason}): free memory or disk on the broker (`rabbitmq-diagnostics alarms` names it).")
+            });
             return Err(Error::new(
                 ErrorKind::Timeout,
                 operation,
                 format!(
-                    "RabbitMQ confirmed none of {} messages within {:?}; they may or may not be published (at-least-once: send again): {}",
+                    "RabbitMQ confirmed none of {} messages within {:?}; they may or may not be published (at-least-once: send again): {}.{blocked}",
                     pending.len(),
                     connector.config.publish_timeout,
                     ids.join(", ")

@@ -118,6 +118,12 @@ async fn consumers_drain_the_queue_while_an_alarm_blocks_publishing() {
     let published = blocked.await.unwrap();
     let error = published.expect_err("a publish during the alarm is not confirmed");
     assert!(error.is_retryable(), "{error}");
+    // It says why, and what to fix.
+    assert!(error.to_string().contains("resource alarm"), "{error}");
+    assert!(
+        error.to_string().contains("rabbitmq-diagnostics alarms"),
+        "{error}"
+    );
     drop(alarm);
 
     // The alarm cleared: publishing works again, and nothing was lost meanwhile. The publish
