@@ -49,11 +49,9 @@ impl Role {
 #[derive(Default)]
 struct Link {
     current: Mutex<Option<Arc<Connection>>>,
-    /// Set once it is first opened: the consuming connection opens with the first consumer or
-    /// declare, and until then it is no part of the transport's health.
-    opened: AtomicBool,
-    /// What probes read: the live connection and since when it is lost, kept apart from
-    /// `current` so reading it never waits on a reconnect.
+    /// What probes read: the live connection (none until first opened: the consuming one
+    /// opens with the first consumer or declare, and is no part of health before) and since
+    /// when it is lost, kept apart from `current` so reading it never waits on a reconnect.
     seen: std::sync::Mutex<Seen>,
     /// Why RabbitMQ blocked the connection, while it does (a resource alarm).
     blocked: std::sync::Mutex<Option<String>>,
@@ -69,11 +67,8 @@ impl Link {
     /// Since when, and why, this connection is lost; `None` while it is connected (or was
     /// never opened).
     fn lost(&self) -> Option<(SystemTime, String)> {
-        if !self.opened.load(Ordering::Acquire) {
-            return None;
-        }
         let mut seen = self.seen.lock().ok()?;
-        if seen.live.as_ref().is_some_and(|c| c.status().connected()) {
+        if seen.live.as_ref().is_none_or(|c| c.status().connected()) {
             return None;
         }
         Some(
@@ -147,7 +142,6 @@ impl Connector {
 
     fn connected(&self, role: Role, connection: &Arc<Connection>) {
         let link = self.link(role);
-        link.opened.store(true, Ordering::Release);
         if let Ok(mut seen) = link.seen.lock() {
             *seen = Seen {
                 live: Some(Arc::clone(connection)),
