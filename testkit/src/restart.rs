@@ -77,12 +77,23 @@ pub fn broker_script(service: &str) {
 /// `scripts/local-brokers.sh rabbitmq` starts it) and panics when it fails; e.g.
 /// `["stop_app"]`, `["start_app"]`, `["await_startup"]` to restart the broker under a test.
 pub fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("rabbitmqctl")
+    rabbitmqctl_output(args);
+}
+
+/// Runs `rabbitmqctl <args>` as [`rabbitmqctl`] does and returns what it printed, e.g.
+/// `["list_connections", "--quiet", "--no-table-headers", "state"]`.
+pub fn rabbitmqctl_output(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
         .args(args)
         .env("RABBITMQ_NODENAME", "rabbit@localhost")
-        .status()
+        .output()
         .expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// How many messages the durable-restart run publishes, with the broker restarted partway.

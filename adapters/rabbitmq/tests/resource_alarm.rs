@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use busbar_core::{Bus, Context, Envelope, Event, HandlerError};
 use busbar_rabbitmq::RabbitTransport;
-use busbar_testkit::conformance::unique;
-use busbar_testkit::restart::rabbitmqctl;
+use busbar_testkit::conformance::{unique, wait_for};
+use busbar_testkit::restart::{rabbitmqctl, rabbitmqctl_output};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,23 +50,9 @@ impl Drop for Alarm {
 
 /// Whether the broker holds a connection it blocked (one that published during the alarm).
 fn a_connection_is_blocked() -> bool {
-    let listed = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "--quiet", "--no-table-headers", "state"])
-        .env("RABBITMQ_NODENAME", "rabbit@localhost")
-        .output()
-        .expect("rabbitmqctl runs");
-    String::from_utf8_lossy(&listed.stdout)
+    rabbitmqctl_output(&["list_connections", "--quiet", "--no-table-headers", "state"])
         .lines()
         .any(|state| state.trim() == "blocked")
-}
-
-/// Waits until `condition` holds, at most 20 s.
-async fn wait_for(what: &str, condition: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
