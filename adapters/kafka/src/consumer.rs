@@ -14,7 +14,7 @@
 //!   broker's group naming the departed member as its leader (Tansu does), so that no later
 //!   member of the group is ever assigned anything.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -39,7 +39,10 @@ type Partition = (Arc<str>, i32);
 #[derive(Default)]
 struct PartitionState {
     in_flight: Held,
-    parked: BTreeSet<i64>,
+    /// The held offsets not being handled: waiting behind their key, or for a retry.
+    parked: Held,
+    /// Keys whose message waits for a retry (`KeyQueue::stalled`).
+    stalled_keys: usize,
     next: i64,
     committed: i64,
     /// Keys with a message handed out (or waiting for its retry), and the later messages of
@@ -81,14 +84,16 @@ impl PartitionState {
     }
 }
 
-/// The offsets of one partition's messages that are held (received, not finished), in order.
+/// Offsets of one partition's messages, in order: those held (received, not finished), or
+/// those of them parked.
 ///
 /// A partition's records arrive in offset order, so a received offset goes at the back, and
-/// the handlers finish them roughly in order, so a finished one leaves near the front (or,
-/// behind an offset held back by retries, near the back): cheaper per record than a `BTreeSet`
-/// (an allocation per node, a rebalancing walk per insert and removal). Only held offsets are
-/// kept, so memory stays bounded by the held limit whatever finishes first. An offset that
-/// arrives out of order (not expected from librdkafka) still takes its place.
+/// the handlers finish them roughly in order (and a key's waiting messages are handed out in
+/// order), so one leaves near the front (or, behind an offset held back by retries, near the
+/// back): cheaper per record than a `BTreeSet` (an allocation per node, a rebalancing walk
+/// per insert and removal). Only held offsets are kept, so memory stays bounded by the held
+/// limit whatever finishes first. An offset that arrives out of order (not expected from
+/// librdkafka) still takes its place.
 #[derive(Default)]
 struct Held(VecDeque<i64>);
 
@@ -277,7 +282,7 @@ impl Tracker {
         if state.in_flight.remove(offset) {
             state.held_bytes = state.held_bytes.saturating_sub(message.payload.len());
         }
-        state.parked.remove(&offset);
+        state.parked.remove(offset);
         let mut finished = Finished::default();
         if state.paused && state.under_half(&self.limit) {
             state.paused = false;
@@ -292,6 +297,7 @@ impl Tracker {
                     } else if queue.stalled {
                         // (Not expected: a stalled key's message is handed out again first.)
                         queue.stalled = false;
+                        state.stalled_keys = state.stalled_keys.saturating_sub(1);
                         self.queued += queue.waiting.len();
                     } else {
                         self.queued = self.queued.saturating_sub(1);
@@ -316,33 +322,33 @@ impl Tracker {
                 .and_then(|key| state.keys.get_mut(key));
             if let Some(queue) = queue.filter(|queue| !queue.stalled) {
                 queue.stalled = true;
+                state.stalled_keys += 1;
                 self.queued = self.queued.saturating_sub(queue.waiting.len());
             }
         }
         self.room_made()
     }
 
-    fn owns(&self, partition: &Partition, offset: i64) -> bool {
-        self.partitions
-            .get(partition)
-            .is_some_and(|s| s.in_flight.contains(offset))
-    }
-
     /// Takes a parked message out to be handled (busy again; the messages behind its key count
     /// as read ahead again); false when its partition was revoked meanwhile: the new owner
     /// reads it again.
     fn unpark(&mut self, partition: &Partition, message: &Message, offset: i64) -> bool {
-        if !self.owns(partition, offset) {
+        let Some(state) = self
+            .partitions
+            .get_mut(partition)
+            .filter(|state| state.in_flight.contains(offset))
+        else {
             return false;
-        }
-        if let Some(state) = self.partitions.get_mut(partition) {
-            state.parked.remove(&offset);
+        };
+        state.parked.remove(offset);
+        if state.stalled_keys > 0 {
             let queue = message
                 .key
                 .as_deref()
                 .and_then(|key| state.keys.get_mut(key));
             if let Some(queue) = queue.filter(|queue| queue.stalled) {
                 queue.stalled = false;
+                state.stalled_keys = state.stalled_keys.saturating_sub(1);
                 self.queued += queue.waiting.len();
             }
         }
