@@ -66,6 +66,26 @@ struct KeyQueue {
 }
 
 impl PartitionState {
+    /// Marks `key` (when it has messages waiting or handed out) stalled in retries, or no
+    /// longer; returns by how much that changed the messages waiting behind keys not stalled.
+    fn set_stalled(&mut self, key: Option<&str>, stalled: bool) -> isize {
+        let Some(queue) = key.and_then(|key| self.keys.get_mut(key)) else {
+            return 0;
+        };
+        if queue.stalled == stalled {
+            return 0;
+        }
+        queue.stalled = stalled;
+        let waiting = queue.waiting.len() as isize;
+        if stalled {
+            self.stalled_keys += 1;
+            -waiting
+        } else {
+            self.stalled_keys = self.stalled_keys.saturating_sub(1);
+            waiting
+        }
+    }
+
     /// Messages waiting behind a key that is not stalled.
     fn queued(&self) -> usize {
         self.keys
@@ -289,21 +309,21 @@ impl Tracker {
             finished.resume_from = Some(state.next);
         }
         if let Some(key) = message.key.as_deref() {
-            match state.keys.get_mut(key) {
-                Some(queue) => {
-                    finished.next = queue.waiting.pop_front();
-                    if finished.next.is_none() {
-                        state.keys.remove(key);
-                    } else if queue.stalled {
-                        // (Not expected: a stalled key's message is handed out again first.)
-                        queue.stalled = false;
-                        state.stalled_keys = state.stalled_keys.saturating_sub(1);
-                        self.queued += queue.waiting.len();
-                    } else {
-                        self.queued = self.queued.saturating_sub(1);
-                    }
+            if state.stalled_keys > 0 {
+                // (A stalled key's message is handed out again before it finishes; should one
+                // not be, its key is not stalled any more.)
+                let unstalled = state.set_stalled(Some(key), false);
+                self.queued = self.queued.saturating_add_signed(unstalled);
+            }
+            finished.next = state
+                .keys
+                .get_mut(key)
+                .and_then(|queue| queue.waiting.pop_front());
+            match finished.next {
+                Some(_) => self.queued = self.queued.saturating_sub(1),
+                None => {
+                    state.keys.remove(key);
                 }
-                None => finished.next = None,
             }
         }
         finished.room = self.room_made();
@@ -316,15 +336,8 @@ impl Tracker {
     fn retrying(&mut self, partition: &Partition, message: &Message, offset: i64) -> bool {
         if let Some(state) = self.partitions.get_mut(partition) {
             state.parked.insert(offset);
-            let queue = message
-                .key
-                .as_deref()
-                .and_then(|key| state.keys.get_mut(key));
-            if let Some(queue) = queue.filter(|queue| !queue.stalled) {
-                queue.stalled = true;
-                state.stalled_keys += 1;
-                self.queued = self.queued.saturating_sub(queue.waiting.len());
-            }
+            let stalled = state.set_stalled(message.key.as_deref(), true);
+            self.queued = self.queued.saturating_add_signed(stalled);
         }
         self.room_made()
     }
@@ -342,15 +355,8 @@ impl Tracker {
         };
         state.parked.remove(offset);
         if state.stalled_keys > 0 {
-            let queue = message
-                .key
-                .as_deref()
-                .and_then(|key| state.keys.get_mut(key));
-            if let Some(queue) = queue.filter(|queue| queue.stalled) {
-                queue.stalled = false;
-                state.stalled_keys = state.stalled_keys.saturating_sub(1);
-                self.queued += queue.waiting.len();
-            }
+            let unstalled = state.set_stalled(message.key.as_deref(), false);
+            self.queued = self.queued.saturating_add_signed(unstalled);
         }
         true
     }
